@@ -1,0 +1,499 @@
+"""Property tests of xml_ref.py against independent references (float64 formulas, torch.distributions,
+hand-written gradient routing). Full-size nets only for shapes and parameter counts; tiny widths and
+inputs for everything that trains. Run: python -m pytest -q test_xml_ref.py"""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch.distributions import Categorical, kl_divergence
+
+import xml_ref as X
+
+HERE = Path(__file__).resolve().parent
+FAST = settings(max_examples=25, deadline=None)
+
+
+def tiny(name, width=4, num_classes=10, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return X.build(name, num_classes, width).to(dtype)
+
+
+# ------------------------------------------------------------------------------ models and splitter
+SPEC_TABLE = [  # SPEC §2: (net, cut, up-half, down-half with FC, feature at the cut)
+    ('res18', 'layer2', 675_392, 10_544_740, (128, 16, 16)),
+    ('res34', 'layer2', 1_340_224, 19_988_068, (128, 16, 16)),
+    ('res18', 'layer3', 2_775_104, 8_445_028, (256, 8, 8)),
+    ('mbv1', 'layer3', 135_040, 3_180_388, (256, 8, 8)),
+]
+
+
+@pytest.mark.parametrize('name,cut,n_up,n_down,shape', SPEC_TABLE)
+def test_parameter_counts_and_cut_shapes_match_spec(name, cut, n_up, n_down, shape):
+    model = X.build(name, 100)
+    up, down = X.split(model, cut)
+    assert (X.num_params(up), X.num_params(down)) == (n_up, n_down)
+    assert X.num_params(up) + X.num_params(down) == X.num_params(model)
+    assert X.cut_shape(model, cut) == shape
+
+
+def test_mobilenet_meets_the_resnets_at_layer2():  # SPEC §2: all three nets meet at 128×16×16 too
+    shapes = {n: X.cut_shape(X.build(n, 100), 'layer2') for n in X.MODELS}
+    assert set(shapes.values()) == {(128, 16, 16)}
+
+
+def test_mobilenet_pointwise_convs_have_bias_depthwise_and_stem_do_not():
+    convs = [m for m in X.build('mbv1', 100).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].bias is None
+    for conv in convs[1:]:
+        assert (conv.bias is not None) == (conv.kernel_size == (1, 1))
+
+
+@FAST
+@given(a=st.sampled_from(list(X.MODELS)), b=st.sampled_from(list(X.MODELS)),
+       cut=st.sampled_from(['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'layer5']),
+       batch=st.integers(1, 3), size=st.sampled_from([8, 12, 16, 32]))
+def test_split_shapes_chain_and_incompatible_cuts_raise(a, b, cut, batch, size):
+    models = [tiny(a), tiny(b, seed=1)]
+    for m in models:
+        m.eval()
+    if any(cut not in X.cut_names(m) for m in models):
+        with pytest.raises(ValueError, match='unknown cut'):
+            X.check_cut(models, [a, b], cut, size)
+        return
+    x = torch.randn(batch, 3, size, size, dtype=torch.float64)
+    feats = [X.split(m, cut)[0](x) for m in models]
+    if feats[0].shape != feats[1].shape:  # only the stems of resnet (width) and mbv1 (width/2) differ
+        assert cut == 'stem' and 'mbv1' in (a, b) and a != b
+        with pytest.raises(ValueError) as err:
+            X.check_cut(models, [a, b], cut, size)
+        for f in feats:  # the message names both shapes
+            assert '×'.join(map(str, f.shape[1:])) in str(err.value)
+        return
+    assert X.check_cut(models, [a, b], cut, size) == tuple(feats[0].shape[1:])
+    for m, f in zip(models, feats):  # down(up(x)) == model(x), and each down-half reads the other's feature
+        up, down = X.split(m, cut)
+        assert torch.equal(down(up(x)), m(x))
+        for g in feats:
+            assert down(g).shape == (batch, 10)
+
+
+def test_split_shares_the_model_modules():
+    model = tiny('res18')
+    up, down = X.split(model, 'layer2')
+    assert {id(p) for p in up.parameters()} | {id(p) for p in down.parameters()} == {id(p) for p in model.parameters()}
+    with pytest.raises(ValueError, match='unknown cut'):
+        X.split(model, 'head')
+
+
+def test_default_cuts_are_the_decks():
+    assert X.default_cut(['res18', 'res34']) == 'layer2'
+    assert X.default_cut(['res18', 'mbv1']) == 'layer3'
+
+
+# ----------------------------------------------------------------------------------------- losses
+logits_st = st.integers(0, 10_000).map(lambda s: torch.randn(4, 7, generator=torch.Generator().manual_seed(s),
+                                                             dtype=torch.float64) * 3)
+
+
+def ref_kl(t, s, T=1.0):
+    return kl_divergence(Categorical(logits=t.double() / T), Categorical(logits=s.double() / T)).mean() * T * T
+
+
+@FAST
+@given(t=logits_st, s=logits_st, T=st.sampled_from([0.5, 1.0, 2.0, 4.0]))
+def test_kl_matches_torch_distributions_and_is_never_negative(t, s, T):
+    value = X.kl_div(t, s, T)
+    assert value >= 0
+    torch.testing.assert_close(value, ref_kl(t, s, T), rtol=1e-10, atol=1e-12)
+    assert X.kl_div(t, t.clone(), T).abs() < 1e-12
+
+
+def test_kl_temperature_scaling_is_T_squared():
+    t, s = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    for T in (2.0, 4.0):  # T² × KL of the softened distributions, computed by hand
+        p, q = F.softmax(t / T, 1), F.softmax(s / T, 1)
+        torch.testing.assert_close(X.kl_div(t, s, T), T * T * (p * (p / q).log()).sum(1).mean())
+
+
+def test_kl_target_is_detached():
+    t = torch.randn(4, 5, requires_grad=True)
+    s = torch.randn(4, 5, requires_grad=True)
+    X.kl_div(t, s).backward()
+    assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+
+
+@FAST
+@given(z1=logits_st, z2=logits_st, seed=st.integers(0, 100))
+def test_dml_pair_loss_is_symmetric_under_swapping_the_nets(z1, z2, seed):
+    y = torch.randint(7, (4,), generator=torch.Generator().manual_seed(seed))
+    l1, l2 = X.dml_loss(z1, [z2], y), X.dml_loss(z2, [z1], y)
+    torch.testing.assert_close(l1, F.cross_entropy(z1, y) + ref_kl(z2, z1))
+    torch.testing.assert_close((X.dml_loss(z2, [z1], y), X.dml_loss(z1, [z2], y)), (l2, l1))
+
+
+def test_xml_loss_sum_and_mean_and_kd_and_l2_formulas():
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    target = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(5, (6,), generator=g)
+    terms = [F.cross_entropy(z, y) + ref_kl(target, z) for z in zs]
+    torch.testing.assert_close(X.xml_loss(zs, [target], y, 'sum'), sum(terms))
+    torch.testing.assert_close(X.xml_loss(zs, [target], y, 'mean'), sum(terms) / 3)
+    torch.testing.assert_close(X.kd_loss(zs[0], target, y, T=4.0), F.cross_entropy(zs[0], y) + ref_kl(target, zs[0], 4.0))
+    a, b = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(X.feature_l2(a, b), ((a - b) ** 2).sum() / a.numel())
+    torch.testing.assert_close(X.hint_loss(a, b), ((a - b) ** 2).sum() / a.numel())
+
+
+# ------------------------------------------------------------------------------- gradient routing
+NAMES, CUT = ('res18', 'mbv1'), 'layer3'
+
+
+def pair_setup(seed=0):
+    models = [tiny(n, seed=seed + i) for i, n in enumerate(NAMES)]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(10, (6,), generator=g)
+    return models, x, y
+
+
+def halves(models):
+    return [list(X.split(m, CUT)) for m in models]
+
+
+def ref_term(z, target, y):
+    return F.cross_entropy(z, y) + ref_kl(target, z)
+
+
+# Which terms reach which half, written out from SPEC §3 for the pair (net indices 0, 1):
+# half (net, part) ← [(path, owner)]: L_owner's term on that path, with every other half fixed.
+XML_ROUTES = {(0, 0): [((0, 0), 0), ((0, 1), 0)],   # up_1   ← L_1 on z_11, z_12 (through a fixed down_2)
+              (0, 1): [((0, 0), 0), ((1, 0), 0)],   # down_1 ← L_1 on z_11, z_21 (on a fixed up_2 feature)
+              (1, 0): [((1, 1), 1), ((1, 0), 1)],   # up_2   ← L_2 on z_22, z_21
+              (1, 1): [((1, 1), 1), ((0, 1), 1)]}   # down_2 ← L_2 on z_22, z_12
+DML_ROUTES = {h: [r for r in routes if r[0][0] == r[0][1]] for h, routes in XML_ROUTES.items()}
+
+
+def reference_grads(models, x, y, routes):
+    """For each half alone: grad of the terms SPEC routes to it, every other half frozen (fresh copies)."""
+    grads = {}
+    for (net, part), terms in routes.items():
+        ms = copy.deepcopy(models)
+        hs = halves(ms)
+        for m in ms:
+            m.requires_grad_(False)
+        hs[net][part].requires_grad_(True)
+        z = {(a, b): hs[b][1](hs[a][0](x)) for a in range(2) for b in range(2)}
+        loss = sum(ref_term(z[path], z[(1 - owner, 1 - owner)], y) for path, owner in terms)
+        grads[(net, part)] = torch.autograd.grad(loss, list(hs[net][part].parameters()))
+    return grads
+
+
+def step_grads(models, x, y, method):
+    """The gradients train_step leaves on each half (plain SGD with lr 0 applies nothing)."""
+    hs = halves(models)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
+    X.train_step(hs, opts, x, y, method, 'simultaneous')
+    return {(n, p): [q.grad for q in hs[n][p].parameters()] for n in range(2) for p in range(2)}
+
+
+@pytest.mark.parametrize('method,routes', [('xml', XML_ROUTES), ('dml', DML_ROUTES)])
+def test_each_path_trains_exactly_the_halves_spec_names(method, routes):
+    models, x, y = pair_setup()
+    for m in models:
+        m.train()
+    expected = reference_grads(models, x, y, routes)
+    got = step_grads(models, x, y, method)
+    for half in routes:
+        for g, e in zip(got[half], expected[half]):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_summing_the_losses_into_one_backward_would_route_wrongly():
+    """The routing test can fail: one backward of L_1 + L_2 also trains down_2 on L_1's crossed term."""
+    models, x, y = pair_setup()
+    expected = reference_grads(models, x, y, XML_ROUTES)
+    hs = halves(models)
+    out = X.run_paths(hs, x, X.all_paths(2, 2))
+    L = X.net_losses('xml', out, y, [0, 1])
+    (L[0] + L[1]).backward()
+    naive = [p.grad for p in hs[1][1].parameters()]
+    assert max((n - e).abs().max() for n, e in zip(naive, expected[(1, 1)])) > 1e-6
+
+
+def test_loss_of_one_net_gives_the_other_net_no_gradient():
+    models, x, y = pair_setup()
+    hs = halves(models)
+    opts = [torch.optim.SGD(models[0].parameters(), lr=0.0), None]  # only net 1 is trained
+    X.train_step(hs, opts, x, y, 'xml')
+    assert all(p.grad is None for p in models[1].parameters())
+    assert all(p.grad is not None for p in models[0].parameters())
+
+
+def sgd_reference_step(models, x, y, routes, lr, sequential):
+    """Plain SGD, each net on its own L_i with the other net frozen: simultaneous takes both gradients at the
+    old weights; sequential steps net 1, then takes net 2's gradient with net 1's new weights."""
+    ms = copy.deepcopy(models)
+    of_net = lambda n: {h: r for h, r in routes.items() if h[0] == n}
+
+    def apply(grads):
+        for (n, part), gs in grads.items():
+            for p, g in zip(X.split(ms[n], CUT)[part].parameters(), gs):
+                p.data -= lr * g
+
+    grads = reference_grads(ms, x, y, of_net(0))
+    if sequential:
+        apply(grads)
+        apply(reference_grads(ms, x, y, of_net(1)))
+    else:
+        grads.update(reference_grads(ms, x, y, of_net(1)))
+        apply(grads)
+    return ms
+
+
+@pytest.mark.parametrize('update', X.UPDATES)
+@pytest.mark.parametrize('method,routes', [('xml', XML_ROUTES), ('dml', DML_ROUTES)])
+def test_both_update_orders_equal_each_net_stepped_on_its_own_loss(method, routes, update):
+    models, x, y = pair_setup(seed=3)
+    for m in models:
+        m.train()
+    expected = sgd_reference_step(models, x, y, routes, 0.1, update == 'sequential')
+    hs = halves(models)
+    X.train_step(hs, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models], x, y, method, update)
+    for m, e in zip(models, expected):
+        for (name, p), q in zip(m.named_parameters(), e.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize('update', X.UPDATES)
+@pytest.mark.parametrize('method', ['xml', 'dml'])
+def test_batchnorm_statistics_updated_once_per_distinct_input(method, update):
+    """up_a sees x once; down_b sees each up-half's feature it reads once (xml: f_1 then f_2; dml: its own)."""
+    models, x, y = pair_setup(seed=5)
+    ref = copy.deepcopy(models)
+    hs_ref = halves(ref)
+    feats = [hs_ref[a][0](x) for a in range(2)]  # train mode: the ups see x once
+    for b in range(2):
+        for a in (range(2) if method == 'xml' else [b]):
+            hs_ref[b][1](feats[a].detach())
+    hs = halves(models)
+    X.train_step(hs, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models], x, y, method, update)
+    for m, r in zip(models, ref):
+        for (name, buf), rbuf in zip(m.named_buffers(), r.buffers()):
+            torch.testing.assert_close(buf, rbuf, rtol=1e-12, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------- training on synthetic
+def fixed_batch(size=16, n=32):
+    data = X.synthetic_data(n, 8, num_classes=10, size=size, seed=1)
+    mean, std = X.channel_stats(data.train_x)
+    return X.normalize(data.train_x, mean, std), data.train_y
+
+
+@pytest.mark.parametrize('method,update', [('independent', 'simultaneous'), ('dml', 'simultaneous'),
+                                           ('dml', 'sequential'), ('xml', 'simultaneous'), ('xml', 'sequential'),
+                                           ('xml+l2', 'simultaneous'), ('kd', 'simultaneous'), ('hint', 'simultaneous')])
+def test_every_method_trains_and_its_loss_falls(method, update):
+    torch.manual_seed(0)
+    models = [X.build(n, 10, 8) for n in NAMES]
+    hs = halves(models)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    kw = {}
+    if method == 'kd':  # net 1 (res18) teaches, frozen in eval mode
+        models[0].eval().requires_grad_(False)
+        opts[0] = None
+    if method == 'hint':
+        kw['regressor'] = X.regressor(X.cut_shape(models[0], CUT)[0])
+        models[0].eval().requires_grad_(False)
+        opts = [None, torch.optim.SGD(list(hs[1][0].parameters()) + list(kw['regressor'].parameters()), lr=0.05,
+                                      momentum=0.9)]
+    x, y = fixed_batch()
+    history = [X.train_step(hs, opts, x, y, method, update, **kw) for _ in range(25)]
+    for i in history[0]:
+        first, last = history[0][i].item(), sum(h[i].item() for h in history[-3:]) / 3
+        assert last < 0.6 * first, (method, i, first, last)
+
+
+# ------------------------------------------------------------------------------ data and evaluation
+def test_channel_stats_are_exact():
+    x = X.synthetic_data(64, 8).train_x
+    mean, std = X.channel_stats(x)
+    ref = x.double().div(255).reshape(-1, 3)
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), ref.mean(0))
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), ref.std(0, unbiased=False))
+
+
+def test_normalize_matches_torchvision_to_tensor_then_normalize():
+    import torchvision.transforms.functional as TF
+    x = X.synthetic_data(4, 4).train_x
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ours = X.normalize(x, mean, std)
+    ref = torch.stack([TF.normalize(TF.to_tensor(im.numpy()), mean, std) for im in x])
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ours.is_contiguous()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), n=st.integers(1, 40), size=st.sampled_from([8, 32]))
+def test_augment_crops_within_padding_flips_and_never_mixes_images(seed, n, size):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8)
+    out = X.augment(x, generator=g)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = F.pad(x, (0, 0, 4, 4, 4, 4))
+    for k in range(n):  # each output is exactly one crop (offsets 0..8), maybe flipped, of its own image
+        matches = [(i, j, f) for i in range(9) for j in range(9) for f in (False, True)
+                   if torch.equal(out[k], (lambda c: c.flip(1) if f else c)(padded[k, i:i + size, j:j + size]))]
+        assert matches, k
+
+
+def test_augment_flips_about_half_and_offsets_cover_the_padding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(32).repeat(4000, 32, 1).unsqueeze(-1).to(torch.uint8).expand(-1, -1, -1, 3).contiguous()
+    out = X.augment(x, generator=g)[:, 16, :, 0].long()  # a row of column indices, shifted and maybe reversed
+    flipped = out[:, 20] < out[:, 10]
+    assert 0.45 < flipped.float().mean() < 0.55
+    first = torch.where(flipped, out[:, 31], out[:, 0])  # the column index the crop starts at, minus the padding
+    assert set(first[first > 0].tolist()) | {0} == set(range(0, 5))  # offsets −4..4 all occur (−4..0 show 0 pad)
+
+
+def test_evaluate_cross_matrix_is_up_a_then_down_b():
+    models, _, _ = pair_setup()
+    models = [m.float() for m in models]
+    data = X.synthetic_data(16, 40, size=16)
+    mean, std = X.channel_stats(data.train_x)
+    hs = halves(models)
+    result = X.evaluate(hs, data.test_x, data.test_y, mean, std, batch_size=16)
+    x = X.normalize(data.test_x, mean, std)
+    with torch.no_grad():
+        for m in models:
+            m.eval()
+        f = [hs[a][0](x) for a in range(2)]
+        for a in range(2):
+            for b in range(2):
+                acc = 100 * (hs[b][1](f[a]).argmax(1) == data.test_y).double().mean().item()
+                assert result['cross'][a][b] == pytest.approx(acc)
+        assert result['accuracy'] == [result['cross'][0][0], result['cross'][1][1]]
+        assert result['feature_distance'] == pytest.approx(((f[0] - f[1]) ** 2).mean().item(), rel=1e-5)
+
+
+def test_lr_schedule_is_the_standard_recipe():
+    lrs = [X.lr_at(e, 200, 0.1) for e in range(200)]
+    assert lrs[59] == 0.1 and lrs[60] == pytest.approx(0.02) and lrs[120] == pytest.approx(0.004)
+    assert lrs[159] == pytest.approx(0.004) and lrs[160] == pytest.approx(0.0008)
+    assert X.lr_at(0, 1, 0.1) == 0.1
+
+
+# --------------------------------------------------------------------------------------- the CLI
+TINY = ['--dataset', 'synthetic', '--width', '4', '--device', 'cpu', '--epochs', '1', '--batch-size', '64']
+
+
+def run_cli(args, capsys):
+    try:
+        code = X.main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
+    out = tmp_path / 'xml'
+    code, _ = run_cli(['--pair', 'res18,res34', '--method', 'xml', *TINY, '--bn-recalib', '2', '--out', str(out)], capsys)
+    assert code == 0
+    summary = json.loads((out / 'summary.json').read_text())
+    for key in ('method', 'pair', 'cut', 'epochs', 'batch_size', 'lr', 'seed', 'accuracy', 'best_accuracy', 'cross',
+                'ensemble', 'feature_distance', 'device', 'torch', 'wall_s'):
+        assert key in summary, key
+    assert summary['pair'] == 'res18,res34' and summary['cut'] == 'layer2'
+    assert len(summary['cross']) == 2 and all(len(r) == 2 for r in summary['cross'])
+    assert summary['accuracy'] == [summary['cross'][0][0], summary['cross'][1][1]]
+    assert len(summary['recalib']['cross']) == 2
+    assert len((out / 'metrics.jsonl').read_text().splitlines()) == 1
+    assert (out / 'last.pt').exists() and (out / 'best.pt').exists()
+
+
+def test_cli_kd_and_fitnet_learn_from_a_teacher_checkpoint(tmp_path, capsys):
+    teacher = tmp_path / 'teacher'
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'independent', *TINY, '--out', str(teacher)], capsys)[0] == 0
+    for method in ('kd', 'fitnet'):
+        out = tmp_path / method
+        code, err = run_cli(['--pair', 'res18,mbv1', '--method', method, *TINY, '--teacher', str(teacher / 'last.pt'),
+                             '--out', str(out)], capsys)
+        assert code == 0, err
+        summary = json.loads((out / 'summary.json').read_text())
+        assert summary['student'] == 2 and summary['teacher']['net'] == 1  # res18 is the larger net
+        teacher_acc = json.loads((teacher / 'summary.json').read_text())['accuracy'][0]
+        assert summary['accuracy'][0] == teacher_acc  # the frozen teacher is unchanged
+        stages = [json.loads(l)['stage'] for l in (out / 'metrics.jsonl').read_text().splitlines()]
+        assert stages == (['hint', 'train'] if method == 'fitnet' else ['train'])
+
+
+def test_cli_resume_continues_to_the_same_result(tmp_path, capsys, monkeypatch):
+    args = ['--pair', 'res18,mbv1', '--method', 'xml', *TINY[:-4], '--epochs', '2', '--batch-size', '128']
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    assert run_cli([*args, '--out', str(full)], capsys)[0] == 0
+
+    def stop(*_):  # stop the run after its first checkpoint, as a crash would
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(X, 'progress_line', stop)
+        with pytest.raises(KeyboardInterrupt):
+            X.main([*args, '--out', str(part)])
+    assert torch.load(part / 'last.pt', weights_only=True)['epoch'] == 1 and not (part / 'summary.json').exists()
+    assert run_cli([*args, '--out', str(part)], capsys)[0] == 2  # unfinished: needs --resume or --force
+    assert run_cli([*args, '--out', str(part), '--resume'], capsys)[0] == 0
+    a, b = (json.loads((d / 'summary.json').read_text()) for d in (full, part))
+    assert (a['accuracy'], a['cross'], a['feature_distance']) == (b['accuracy'], b['cross'], b['feature_distance'])
+    wa, wb = (torch.load(d / 'last.pt', weights_only=True)['nets'] for d in (full, part))
+    for sa, sb in zip(wa, wb):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    code, cap = run_cli([*args, '--out', str(part), '--resume', '--lr', '0.2'], capsys)
+    assert code == 2 and 'finished run' in cap.err
+
+
+BAD_INPUTS = [
+    (['--pair', 'res18,vgg16'], 'unknown model'),
+    (['--method', 'distill'], 'invalid choice'),
+    (['--pair', 'res18'], 'two nets'),
+    (['--pair', 'res18,res34,mbv1'], 'two nets'),
+    (['--pair', 'res18,mbv1', '--cut', 'stem'], 'different shapes'),
+    (['--cut', 'layer9'], 'unknown cut'),
+    (['--epochs', '0'], '--epochs must be positive'),
+    (['--batch-size', '-1'], '--batch-size must be positive'),
+    (['--lr', '0'], '--lr must be positive'),
+    (['--epochs', 'many'], 'invalid int'),
+    (['--dataset', 'folder', '--data-dir', '/nonexistent/dir'], 'not a directory'),
+    (['--method', 'kd'], 'needs --teacher'),
+]
+
+
+@pytest.mark.parametrize('args,message', BAD_INPUTS)
+def test_cli_bad_input_is_one_line_and_exit_status_2(args, message, capsys, tmp_path):
+    code, cap = run_cli([*args, '--out', str(tmp_path / 'never')], capsys)
+    assert code == 2
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], cap.err
+    assert not (tmp_path / 'never').exists()
+
+
+def test_cli_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
+    out = tmp_path / 'done'
+    args = ['--pair', 'res18,res34', '--method', 'independent', *TINY, '--out', str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, cap = run_cli(args, capsys)
+    assert code == 2 and 'finished run' in cap.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_cli_as_a_subprocess_exits_2_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / 'xml_ref.py'), '--pair', 'res18,nope'], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and 'unknown model' in r.stderr

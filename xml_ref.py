@@ -1,0 +1,860 @@
+#!/usr/bin/env python3
+"""Xross Mutual Learning (XML): the reference implementation, in one file.
+
+Two classifiers are cut where their feature maps have the same shape, net i = down_i ∘ up_i.
+Deep Mutual Learning (DML) trains both nets together, each with cross-entropy plus a KL term that
+pulls it toward the other's prediction. XML also trains the crossed paths up_1 → down_2 and
+up_2 → down_1, so each up-half must feed both down-halves and each down-half must read both up-halves.
+Notation: z_ab = down_b(up_a(x)); z_11, z_22 are the pure nets, z_12, z_21 the crossed paths.
+
+The file reads top to bottom like a method section:
+    config → data → models → splitter → losses → training step → evaluation → training run → CLI.
+
+    python xml_ref.py --pair res18,res34 --method xml        # CIFAR-100 with the standard recipe
+    python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
+"""
+import argparse
+import concurrent.futures
+import contextlib
+import copy
+import itertools
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------- config
+# The standard CIFAR-100 recipe (the deck names no schedule): SGD, lr 0.1 × 0.2 at epochs 60/120/160 of
+# 200, i.e. at 30/60/80 % of whatever --epochs says; batch 128; random crop with 4 px padding and flip.
+RECIPE = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+              lr_decay=0.2, milestones=(0.3, 0.6, 0.8))
+PAD = 4
+METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2')
+UPDATES = ('simultaneous', 'sequential')
+DATASETS = ('cifar100', 'cifar10', 'folder', 'synthetic')
+
+
+class UsageError(Exception):
+    """Bad input from the user: main() prints it as one line on stderr and exits with status 2."""
+
+
+# ------------------------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    """A classification data set held whole in memory: images uint8 N×H×W×3 (CIFAR's own layout), labels int64."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+
+def synthetic_data(n_train=512, n_test=256, num_classes=10, size=32, seed=0):
+    """A small, learnable stand-in for CIFAR with no download: each class is a smooth random colour
+    pattern, each image its class's pattern plus strong pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=(size, size),
+                             mode='bilinear', align_corners=False)
+
+    def draw(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        x = patterns[y] * 160 + 48 + 48 * torch.randn(n, 3, size, size, generator=g)
+        return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(), y
+
+    (train_x, train_y), (test_x, test_y) = draw(n_train), draw(n_test)
+    return Data(train_x, train_y, test_x, test_y, [f'class{c}' for c in range(num_classes)])
+
+
+def load_cifar(name, data_dir):
+    """CIFAR-10/100 through torchvision: read from data_dir, downloaded there on first use."""
+    import torchvision
+    cls = torchvision.datasets.CIFAR100 if name == 'cifar100' else torchvision.datasets.CIFAR10
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # torchvision's download chatter stays off stdout
+            train, test = (cls(data_dir, train=t, download=True) for t in (True, False))
+    except Exception as e:  # offline, partial or corrupt download: say how to supply a local copy
+        archive = 'cifar-100-python.tar.gz' if name == 'cifar100' else 'cifar-10-python.tar.gz'
+        raise UsageError(f'cannot load {name} from --data-dir {data_dir} ({type(e).__name__}: {e}); offline, put '
+                         f'{archive} (or its extracted folder) into {data_dir}, or use --dataset folder') from None
+    as_tensors = lambda s: (torch.from_numpy(s.data), torch.tensor(s.targets, dtype=torch.int64))
+    return Data(*as_tensors(train), *as_tensors(test), list(train.classes))
+
+
+def load_folder(root):
+    """ImageFolder layout root/train/<class>/<image>, root/test/<class>/<image>. Any image mode is converted
+    to RGB; all images must share one size (the nets take any size, but a batch needs one)."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+    root = Path(root)
+    sets = {}
+    for split in ('train', 'test'):
+        if not (root / split).is_dir():
+            raise UsageError(f'--data-dir {root} has no {split}/ folder: expected {root}/train/<class>/<image> '
+                             f'and {root}/test/<class>/<image>')
+        try:
+            sets[split] = torchvision.datasets.ImageFolder(str(root / split))
+        except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no image files in them
+            raise UsageError(f'{root / split}: {e}') from None
+    if sets['train'].classes != sets['test'].classes:
+        only = sorted(set(sets['train'].classes) ^ set(sets['test'].classes))
+        raise UsageError(f'{root}: train/ and test/ have different classes (in one but not the other: '
+                         f'{", ".join(only) or "same names, different order"}); give both the same class folders')
+
+    def decode(path):
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert('RGB'))
+        except Exception as e:
+            raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace it') from None
+
+    out, first = [], None
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+        for split in ('train', 'test'):
+            paths = [p for p, _ in sets[split].samples]
+            images = list(pool.map(decode, paths, chunksize=256))
+            for path, im in zip(paths, images):
+                if first is None:
+                    first = (path, im.shape)
+                elif im.shape != first[1]:
+                    raise UsageError(f'{path} is {im.shape[1]}×{im.shape[0]} but {first[0]} is '
+                                     f'{first[1][1]}×{first[1][0]}: all images must share one size; resize them')
+            out += [torch.from_numpy(np.stack(images)), torch.tensor(sets[split].targets, dtype=torch.int64)]
+    return Data(*out, list(sets['train'].classes))
+
+
+def load_data(name, data_dir):
+    """The data set named by --dataset."""
+    if name == 'synthetic':
+        return synthetic_data()
+    if name == 'folder':
+        return load_folder(data_dir)
+    return load_cifar(name, data_dir)
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 N×H×W×3 images on the 0..1 scale, exact (from 256-bin histograms)."""
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for c in range(images.shape[-1]):
+        counts = torch.bincount(images[..., c].reshape(-1).cpu(), minlength=256).double()
+        m = (counts * levels).sum() / counts.sum()
+        mean.append(m.item())
+        std.append(((counts * (levels - m) ** 2).sum() / counts.sum()).sqrt().item())
+    return mean, std
+
+
+def augment(images, pad=PAD, generator=None):
+    """torchvision's RandomCrop(size, padding=pad) then RandomHorizontalFlip(), on a uint8 N×H×W×C batch on any
+    device: zero padding, a crop offset uniform in [0, 2·pad] per image and axis, a flip with probability ½,
+    done as one gather."""
+    n, h, w, _ = images.shape
+    dev = images.device
+    padded = F.pad(images, (0, 0, pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    flip = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool()
+    rows = top + torch.arange(h, device=dev)
+    cols = left + torch.where(flip, torch.arange(w - 1, -1, -1, device=dev), torch.arange(w, device=dev))
+    return padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def normalize(images, mean, std):
+    """uint8 N×H×W×3 → float N×3×H×W (contiguous), (x/255 − mean)/std: torchvision's ToTensor then Normalize."""
+    scale = torch.tensor(std, device=images.device).reciprocal().div(255).view(1, -1, 1, 1)
+    shift = -torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * scale * 255
+    return (images.permute(0, 3, 1, 2).float() * scale + shift).contiguous()
+
+
+# ----------------------------------------------------------------------------------------- models
+# CIFAR-style nets (SPEC §2): 3×3 stem with stride 1, no max-pool. Each is an nn.Sequential of named
+# stages, so a cut is a stage name. For all three nets layerK ends at the same shape:
+# layer1 64×32×32, layer2 128×16×16, layer3 256×8×8, layer4 512×4×4 (at width 64).
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()  # identity, or a 1×1 conv + BN where the shape changes
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(blocks, num_classes=100, width=64):
+    """CIFAR ResNet with BasicBlocks: stages of width·(1, 2, 4, 8) channels, `blocks` blocks each."""
+    stages = {'stem': nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())}
+    c_in = width
+    for k, n in enumerate(blocks):
+        c = width * 2 ** k
+        stages[f'layer{k + 1}'] = nn.Sequential(*[BasicBlock(c_in if b == 0 else c, c, 2 if b == 0 and k > 0 else 1)
+                                                  for b in range(n)])
+        c_in = c
+    stages['head'] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+    return nn.Sequential(OrderedDict(stages))
+
+
+def separable(c_in, c_out, stride):
+    """MobileNetV1 block: depthwise 3×3 (no bias) + BN + ReLU, then pointwise 1×1 (with bias, SPEC §2) + BN + ReLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(),
+                         nn.Conv2d(c_in, c_out, 1, bias=True), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+def mobilenet_v1(num_classes=100, width=64):
+    """CIFAR MobileNetV1: 3→32 stem, then 64, 128/2, 128, 256/2, 256, 512/2, 512×5, 1024/2, 1024 (width 64 scales all)."""
+    c = lambda n: max(1, n * width // 64)
+    stages = {'stem': nn.Sequential(nn.Conv2d(3, c(32), 3, 1, 1, bias=False), nn.BatchNorm2d(c(32)), nn.ReLU()),
+              'layer1': separable(c(32), c(64), 1),
+              'layer2': nn.Sequential(separable(c(64), c(128), 2), separable(c(128), c(128), 1)),
+              'layer3': nn.Sequential(separable(c(128), c(256), 2), separable(c(256), c(256), 1)),
+              'layer4': nn.Sequential(separable(c(256), c(512), 2), *[separable(c(512), c(512), 1) for _ in range(5)]),
+              'layer5': nn.Sequential(separable(c(512), c(1024), 2), separable(c(1024), c(1024), 1)),
+              'head': nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c(1024), num_classes))}
+    return nn.Sequential(OrderedDict(stages))
+
+
+MODELS = {'res18': lambda num_classes, width: resnet((2, 2, 2, 2), num_classes, width),
+          'res34': lambda num_classes, width: resnet((3, 4, 6, 3), num_classes, width),
+          'mbv1': mobilenet_v1}
+
+
+def build(name, num_classes=100, width=64):
+    """The net `name` (res18, res34 or mbv1) for `num_classes` classes; width 64 is the published size,
+    smaller widths scale every layer down (for fast tests)."""
+    if name not in MODELS:
+        raise ValueError(f'unknown model {name!r}: choose from {", ".join(MODELS)}')
+    return MODELS[name](num_classes, width)
+
+
+def num_params(module):
+    """Trainable parameters, the count SPEC §2's table gives."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------- splitter
+@contextlib.contextmanager
+def eval_mode(modules):
+    """Inside: every module in eval mode; afterwards each back in the mode it was in."""
+    modes = [(m, m.training) for mod in modules for m in mod.modules()]
+    for mod in modules:
+        mod.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def cut_names(model):
+    """The stages a model can be cut after: every stage but the classifier head."""
+    return list(model._modules)[:-1]
+
+
+def split(model, cut):
+    """(up, down) with down(up(x)) == model(x): the stages up to and including `cut`, and the rest.
+    Both share the model's modules (no copies), so training the halves trains the model."""
+    if cut not in cut_names(model):
+        raise ValueError(f'unknown cut {cut!r}: this model can be cut after {", ".join(cut_names(model))}')
+    k = list(model._modules).index(cut) + 1
+    return model[:k], model[k:]
+
+
+def split_parts(model, cuts):
+    """The model cut after each stage in `cuts` (in order): P = len(cuts) + 1 consecutive parts."""
+    names = list(model._modules)
+    for cut in cuts:
+        if cut not in cut_names(model):
+            raise ValueError(f'unknown cut {cut!r}: this model can be cut after {", ".join(cut_names(model))}')
+    ends = [names.index(c) + 1 for c in cuts]
+    if ends != sorted(set(ends)):
+        raise ValueError(f'cuts {", ".join(cuts)} must be distinct and in the order of the stages')
+    bounds = [0] + ends + [len(names)]
+    return [model[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def default_cut(names):
+    """The deck's cut: after stage 3 (256×8×8) for a pair with MobileNetV1, after stage 2 (128×16×16) otherwise."""
+    return 'layer3' if 'mbv1' in names else 'layer2'
+
+
+@torch.no_grad()
+def cut_shape(model, cut, image_size=32):
+    """C×H×W of the feature up(x) at `cut` for one image_size×image_size input."""
+    up, _ = split(model, cut)
+    p = next(model.parameters())
+    with eval_mode([up]):
+        return tuple(up(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).shape[1:])
+
+
+def check_cut(models, names, cut, image_size=32):
+    """The common feature shape of all nets at `cut`; a ValueError naming every shape where they differ."""
+    shapes = [cut_shape(m, cut, image_size) for m in models]
+    if len(set(shapes)) > 1:
+        found = ', '.join(f'{n} {"×".join(map(str, s))}' for n, s in zip(names, shapes))
+        raise ValueError(f'cut {cut!r} gives up-halves of different shapes ({found}); choose a cut where they agree')
+    return shapes[0]
+
+
+# ----------------------------------------------------------------------------------------- losses
+# Pure functions of logits and features. The target of every KL term is detached (SPEC §1). Under bf16
+# autocast, log_softmax, cross_entropy and mse_loss compute in fp32; in fp64 they stay fp64 (the tests).
+def kl_div(target_logits, logits, T=1.0):
+    """KL(t‖s) = T² · mean_batch Σ_c softmax(t/T)·(log softmax(t/T) − log softmax(s/T)), t detached."""
+    log_t = F.log_softmax(target_logits.detach() / T, dim=1)  # log_softmax runs in fp32 under bf16 autocast
+    log_s = F.log_softmax(logits / T, dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(1).mean() * T * T
+
+
+def kd_loss(logits, teacher_logits, labels, T=4.0):
+    """Knowledge distillation (Hinton et al. 2015): CE(z_s, y) + KL(z_t‖z_s) at temperature T."""
+    return F.cross_entropy(logits, labels) + kl_div(teacher_logits, logits, T)
+
+
+def hint_loss(regressed, teacher_feature):
+    """FitNet hint (Romero et al. 2015): mean((r(up_s(x)) − up_t(x))²), the teacher feature detached."""
+    return F.mse_loss(regressed, teacher_feature.detach())
+
+
+def dml_loss(logits, others, labels, T=1.0):
+    """Deep Mutual Learning: CE(z_i, y) + mean_j KL(z_j‖z_i) over the other nets' logits `others`."""
+    return F.cross_entropy(logits, labels) + sum(kl_div(t, logits, T) for t in others) / len(others)
+
+
+def xml_loss(path_logits, others, labels, weights='sum', T=1.0):
+    """XML: L_i = Σ_p [CE(z_p, y) + mean_j KL(z_jj‖z_p)] over the paths p holding a part of net i ('mean': ÷ #paths)."""
+    total = sum(dml_loss(z, others, labels, T) for z in path_logits)
+    return total / len(path_logits) if weights == 'mean' else total
+
+
+def feature_l2(feature, other_feature):
+    """The XML+L2 term: mean((up_i(x) − up_j(x))²), the other net's feature detached."""
+    return F.mse_loss(feature, other_feature.detach())
+
+
+def regressor(channels):
+    """FitNet's regressor from the student's to the teacher's up-half feature (same shape here): 3×3 conv + BN."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+
+
+# ---------------------------------------------------------------------------------- training step
+# K nets, each cut into P parts: parts[i][k] is part k of net i (for a pair, parts[i] = [up_i, down_i]).
+# A path is a tuple of net indices, one per part: path (a, b) runs up_a then down_b, so z_ab = out[(a, b)].
+def pure_paths(K, P):
+    """The K unbroken nets (i, i, …, i)."""
+    return [(i,) * P for i in range(K)]
+
+
+def all_paths(K, P):
+    """All K^P paths, pure and crossed."""
+    return list(itertools.product(range(K), repeat=P))
+
+
+def run_paths(parts, x, paths):
+    """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared prefix is
+    run once, so each part sees each distinct input once per forward and its BatchNorm running statistics are
+    updated once per distinct input (SPEC §3), however many paths go through it."""
+    out = {(): x}
+    for path in paths:
+        for k in range(1, len(path) + 1):
+            if path[:k] not in out:
+                out[path[:k]] = parts[path[k - 1]][k - 1](out[path[:k - 1]])
+    return out
+
+
+def step_paths(method, K, P):
+    """The paths one training step runs: every path for XML, the pure nets otherwise, the first parts for
+    FitNet's hint stage."""
+    if method == 'hint':
+        return [(i,) for i in range(K)]
+    return all_paths(K, P) if method in ('xml', 'xml+l2') else pure_paths(K, P)
+
+
+def net_losses(method, out, labels, trained, *, path_weights='sum', T=1.0, l2_weight=1.0, regressor=None):
+    """{i: L_i} for each trained net i, from the outputs `out` of run_paths (SPEC §3)."""
+    K = len({p[0] for p in out if p})
+    P = max(len(p) for p in out)
+    pure = pure_paths(K, P)
+    losses = {}
+    for i in trained:
+        others = [out[pure[j]] for j in range(K) if j != i]
+        if method == 'independent':
+            losses[i] = F.cross_entropy(out[pure[i]], labels)
+        elif method == 'kd':  # the other net is the frozen teacher
+            losses[i] = kd_loss(out[pure[i]], others[0], labels, T)
+        elif method == 'hint':  # FitNet stage 1: only the student's first part and the regressor learn
+            losses[i] = hint_loss(regressor(out[(i,)]), out[(1 - i,)])
+        elif method == 'dml':
+            losses[i] = dml_loss(out[pure[i]], others, labels, T)
+        else:  # xml, xml+l2: every path that holds a part of net i, pulled toward the other nets' pure predictions
+            mine = [z for p, z in out.items() if len(p) == P and i in p]
+            losses[i] = xml_loss(mine, others, labels, path_weights, T)
+            if method == 'xml+l2':
+                losses[i] = losses[i] + l2_weight * sum(feature_l2(out[(i,) * c], out[(j,) * c])
+                                                        for c in range(1, P) for j in range(K) if j != i) / (K - 1)
+    return losses
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(modules):
+    """Inside: BatchNorm layers in train mode still normalise with batch statistics but leave their running
+    statistics alone (for a repeated forward of inputs they have already seen this step)."""
+    bns = [m for mod in modules for m in mod.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+def optimizer_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group['params']]
+
+
+def train_step(parts, optimizers, x, labels, method, update='simultaneous', **loss_kw):
+    """One optimisation step of every trained net (optimizers[i] is None for a frozen net); returns {i: L_i}.
+
+    Gradient routing (SPEC §3): each L_i is differentiated with respect to net i's parameters only
+    (backward(inputs=...)), so in the crossed path z_12, L_1 trains up_1 through a fixed down_2 and L_2 trains
+    down_2 on a fixed up_1 feature. One backward of L_1 + L_2 would be wrong: it would train down_2 on L_1 too.
+    simultaneous: one forward, every net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1,
+    the paths run again, net 2 stepped on L_2, and so on; the repeated forwards do not update BN statistics."""
+    K, P = len(parts), len(parts[0])
+    trained = [i for i, opt in enumerate(optimizers) if opt is not None]
+    paths = step_paths(method, K, P)
+    every_part = [part for net in parts for part in net]
+    losses = {}
+    if update == 'simultaneous':
+        out = run_paths(parts, x, paths)
+        L = net_losses(method, out, labels, trained, **loss_kw)
+        for n, i in enumerate(trained):
+            optimizers[i].zero_grad(set_to_none=True)
+            L[i].backward(inputs=optimizer_params(optimizers[i]), retain_graph=n + 1 < len(trained))
+        for i in trained:
+            optimizers[i].step()
+            losses[i] = L[i].detach()
+        return losses
+    for n, i in enumerate(trained):
+        with frozen_bn_stats(every_part) if n else contextlib.nullcontext():
+            out = run_paths(parts, x, paths)
+        L = net_losses(method, out, labels, [i], **loss_kw)[i]
+        optimizers[i].zero_grad(set_to_none=True)
+        L.backward(inputs=optimizer_params(optimizers[i]))
+        optimizers[i].step()
+        losses[i] = L.detach()
+    return losses
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def path_name(path):
+    """'1-2' for the 0-based path (0, 1): up-half of net 1, then down-half of net 2."""
+    return '-'.join(str(i + 1) for i in path)
+
+
+@torch.no_grad()
+def evaluate(parts, images, labels, mean, std, batch_size=500):
+    """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of the ensemble
+    of the pure nets (mean of softmax), and the half-feature distance mean((up_i(x) − up_j(x))²) averaged over
+    net pairs and cuts, on uint8 images N×H×W×3."""
+    K, P = len(parts), len(parts[0])
+    paths = all_paths(K, P)
+    dev = next(parts[0][0].parameters()).device
+    correct = {p: 0 for p in paths}
+    correct_ensemble, sq_dist, n_dist = 0, 0.0, 0
+    with eval_mode([part for net in parts for part in net]):
+        for s in range(0, len(images), batch_size):
+            x = normalize(images[s:s + batch_size].to(dev), mean, std)
+            y = labels[s:s + batch_size].to(dev)
+            out = run_paths(parts, x, paths)
+            for p in paths:
+                correct[p] += (out[p].argmax(1) == y).sum().item()
+            probs = sum(F.softmax(out[p].float(), 1) for p in pure_paths(K, P)) / K
+            correct_ensemble += (probs.argmax(1) == y).sum().item()
+            for c in range(1, P):
+                for i, j in itertools.combinations(range(K), 2):
+                    sq_dist += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum().item()
+                    n_dist += out[(i,) * c].numel()
+    acc = {p: 100.0 * correct[p] / len(images) for p in paths}
+    result = {'accuracy': [acc[p] for p in pure_paths(K, P)],
+              'paths': {path_name(p): a for p, a in acc.items()},
+              'ensemble': 100.0 * correct_ensemble / len(images),
+              'feature_distance': sq_dist / max(n_dist, 1)}
+    if P == 2:  # cross[a][b]: up-half of net a+1 → down-half of net b+1
+        result['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
+    return result
+
+
+@torch.no_grad()
+def recalibrate_bn(modules, batches):
+    """Re-estimate the BatchNorm running statistics of `modules` (one path's parts, applied in order) as the
+    plain average over `batches` of the statistics of the features this path itself produces."""
+    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average instead of an exponential one
+    for mod in modules:
+        mod.train()
+    for x in batches:
+        for mod in modules:
+            x = mod(x)
+    for mod in modules:
+        mod.eval()
+
+
+def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500):
+    """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies of its
+    parts, so the trained statistics stay untouched)."""
+    K, P = len(parts), len(parts[0])
+    acc = {}
+    for path in all_paths(K, P):
+        copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]
+        recalibrate_bn(copies, batches)
+        # the copies form a one-net model whose only path is this one
+        acc[path] = evaluate([copies], images, labels, mean, std, batch_size)['accuracy'][0]
+    result = {'accuracy': [acc[p] for p in pure_paths(K, P)], 'paths': {path_name(p): a for p, a in acc.items()}}
+    if P == 2:
+        result['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
+    return result
+
+
+# ----------------------------------------------------------------------------------- training run
+def lr_at(epoch, epochs, lr):
+    """The step schedule: lr × 0.2 at 30, 60 and 80 % of the epochs (60, 120, 160 of 200)."""
+    drops = sum(epoch >= max(1, round(f * epochs)) for f in RECIPE['milestones'])
+    return lr * RECIPE['lr_decay'] ** drops
+
+
+def write_atomic(path, write):
+    """write(file) into a temporary file, fsync, rename over `path`: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + '\n').encode()))
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UsageError(f'cannot read checkpoint {path} ({type(e).__name__}: {e})') from None
+
+
+def load_net(path, name, model):
+    """Load into `model` the weights of the (first) net called `name` in a checkpoint this script wrote."""
+    ckpt = load_checkpoint(path)
+    names = ckpt.get('config', {}).get('nets', []) if isinstance(ckpt, dict) else []
+    if name not in names:
+        raise UsageError(f'{path} holds the nets {", ".join(names) or "(none)"}, not {name}; give a checkpoint '
+                         f'(last.pt or best.pt) of a run that trained {name}')
+    try:
+        model.load_state_dict(ckpt['nets'][names.index(name)])
+    except RuntimeError as e:  # another width or number of classes
+        raise UsageError(f'{path}: its {name} does not fit this run ({str(e).splitlines()[1].strip()}); '
+                         f'train the teacher with the same --dataset and --width') from None
+
+
+def device_name(dev):
+    return torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'
+
+
+def format_duration(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def progress_line(rec, total_epochs, seconds_left):
+    """One line per epoch: losses, top-1 of each net and of the cross pairings, lr, speed, time left."""
+    fmt = lambda xs: ' '.join('-' if x is None else f'{x:.3f}' for x in xs)
+    line = (f'epoch {rec["epoch"]:>{len(str(total_epochs))}}/{total_epochs} {rec["stage"]:<5} '
+            f'loss {fmt(rec["loss"])}  top1 {" ".join(f"{a:.2f}" for a in rec["accuracy"])}')
+    if 'cross' in rec:
+        line += '  cross ' + ' | '.join(' '.join(f'{a:.2f}' for a in row) for row in rec['cross'])
+    return (line + f'  ens {rec["ensemble"]:.2f}  dist {rec["feature_distance"]:.4f}  lr {rec["lr"]:.4g}  '
+            f'{rec["img_per_s"]:,.0f} img/s  left {format_duration(seconds_left)}')
+
+
+# What a resumed run must share with the checkpoint it resumes.
+RESUME_KEYS = ('nets', 'cut', 'method', 'update', 'path_weights', 'temperature', 'l2_weight', 'hint_epochs', 'epochs',
+               'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width', 'bn_recalib')
+
+
+def train(cfg):
+    """Train the nets of `cfg` (a validated configuration, see parse_args) with its method, evaluating after every
+    epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into cfg.out and returns the summary."""
+    out, dev = Path(cfg.out), torch.device(cfg.device)
+    data = load_data(cfg.dataset, cfg.data_dir)
+    if cfg.batch_size > len(data.train_x):
+        raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / '.write-test', 'w'):
+            pass
+        os.remove(out / '.write-test')
+    except OSError as e:
+        raise UsageError(f'--out {out} cannot be written ({e.strerror}); choose another directory') from None
+    if cfg.force:
+        for name in ('summary.json', 'last.pt', 'best.pt', 'metrics.jsonl'):
+            (out / name).unlink(missing_ok=True)
+
+    mean, std = channel_stats(data.train_x)
+    train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
+    test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
+    torch.manual_seed(cfg.seed)
+    models = [build(n, data.num_classes, cfg.width).to(dev) for n in cfg.nets]
+    feature = check_cut(models, cfg.nets, cfg.cut, data.train_x.shape[1])
+    parts = [list(split(m, cfg.cut)) for m in models]
+    K = len(models)
+
+    # kd and fitnet: the larger net is the frozen teacher (eval mode throughout), the other the student.
+    frozen, student, reg = set(), None, None
+    if cfg.method in ('kd', 'fitnet'):
+        teacher = max(range(K), key=lambda i: num_params(models[i]))
+        student = 1 - teacher
+        load_net(cfg.teacher, cfg.nets[teacher], models[teacher])
+        frozen = {teacher}
+        for p in models[teacher].parameters():
+            p.requires_grad_(False)
+    sgd = lambda params: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizers = [None if i in frozen else sgd(models[i].parameters()) for i in range(K)]
+    hint_optimizers = []
+    if cfg.method == 'fitnet':  # stage 1 trains the student's up-half and the regressor only
+        reg = regressor(feature[0]).to(dev)
+        hint_optimizers = [None] * K
+        hint_optimizers[student] = sgd(list(parts[student][0].parameters()) + list(reg.parameters()))
+    loss_kw = dict(path_weights=cfg.path_weights, T=cfg.temperature, l2_weight=cfg.l2_weight, regressor=reg)
+
+    gen = torch.Generator(dev).manual_seed(cfg.seed)  # data order and augmentation
+    history, start, wall_before = [], 0, 0.0
+    best = {'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0}
+    if cfg.resume:
+        ckpt = load_checkpoint(out / 'last.pt')
+        for m, state in zip(models, ckpt['nets']):
+            m.load_state_dict(state)
+        for opt, state in zip(optimizers + hint_optimizers, ckpt['optimizers']):
+            if opt is not None:
+                opt.load_state_dict(state)
+        if reg is not None:
+            reg.load_state_dict(ckpt['regressor'])
+        gen.set_state(ckpt['rng']['data'])
+        torch.set_rng_state(ckpt['rng']['torch'])
+        history, start, wall_before, best = ckpt['history'], ckpt['epoch'], ckpt['wall_s'], ckpt['best']
+        print(f'resuming {out} after epoch {start}', file=sys.stderr)
+
+    H, E = cfg.hint_epochs, cfg.epochs
+    n_steps = len(train_x) // cfg.batch_size  # the last partial batch is dropped; the order changes every epoch
+    t_run = time.time()
+    for epoch in range(start, H + E):
+        hint = epoch < H
+        method = 'hint' if hint else 'kd' if cfg.method == 'fitnet' else cfg.method
+        opts = hint_optimizers if hint else optimizers
+        lr = lr_at(epoch if hint else epoch - H, H if hint else E, cfg.lr)
+        for opt in opts:
+            for group in (opt.param_groups if opt else []):
+                group['lr'] = lr
+        for i, m in enumerate(models):
+            m.train(i not in frozen)
+        t0 = time.time()
+        loss_sum = [torch.zeros((), device=dev) if opt else None for opt in opts]
+        perm = torch.randperm(len(train_x), device=dev, generator=gen)
+        for s in range(n_steps):
+            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            x = normalize(augment(train_x[idx], generator=gen), mean, std)
+            for i, loss in train_step(parts, opts, x, train_y[idx], method, cfg.update, **loss_kw).items():
+                loss_sum[i] += loss  # stays on the device: no host synchronisation inside the epoch
+        losses = [None if s is None else s.item() / n_steps for s in loss_sum]
+        if any(l is not None and not math.isfinite(l) for l in losses):
+            raise FloatingPointError(f'epoch {epoch + 1}: mean loss {losses} is not finite; last.pt holds the '
+                                     f'last good epoch ({epoch})')
+        train_s = time.time() - t0
+        rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr, 'loss': losses,
+               **evaluate(parts, test_x, test_y, mean, std)}
+        if cfg.bn_recalib:
+            g = torch.Generator(dev).manual_seed(cfg.seed + 1)  # the same training batches every epoch
+            batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=dev,
+                                                               generator=g)], generator=g), mean, std)
+                       for _ in range(cfg.bn_recalib)]
+            rec['recalib'] = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches)
+        rec.update(img_per_s=n_steps * cfg.batch_size / train_s, epoch_s=time.time() - t0)
+        history.append(rec)
+
+        trained = [i for i in range(K) if i not in frozen]
+        for i in range(K):
+            if rec['accuracy'][i] > best['accuracy'][i]:
+                best['accuracy'][i], best['epoch'][i] = rec['accuracy'][i], epoch + 1
+        state = {'config': vars(cfg), 'epoch': epoch + 1, 'nets': [m.state_dict() for m in models],
+                 'optimizers': [opt.state_dict() if opt else None for opt in optimizers + hint_optimizers],
+                 'regressor': reg.state_dict() if reg is not None else None,
+                 'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
+                 'history': history, 'best': best, 'wall_s': wall_before + time.time() - t_run}
+        mean_acc = sum(rec['accuracy'][i] for i in trained) / len(trained)
+        if mean_acc > best['mean']:  # best.pt: the epoch with the best mean top-1 of the trained nets
+            best['mean'] = mean_acc
+            write_atomic(out / 'best.pt', lambda f: torch.save(state, f))
+        write_atomic(out / 'last.pt', lambda f: torch.save(state, f))
+        write_atomic(out / 'metrics.jsonl', lambda f: f.write(''.join(json.dumps(r) + '\n' for r in history).encode()))
+        done = epoch + 1 - start
+        print(progress_line(rec, H + E, (time.time() - t_run) / done * (H + E - epoch - 1)), flush=True)
+
+    last = history[-1]
+    summary = {'method': cfg.method, 'pair': ','.join(cfg.nets), 'nets': cfg.nets, 'cut': cfg.cut,
+               'feature_shape': list(feature), 'update': cfg.update, 'path_weights': cfg.path_weights,
+               'temperature': cfg.temperature, 'l2_weight': cfg.l2_weight,
+               'teacher': None if student is None else {'net': 2 - student, 'checkpoint': cfg.teacher},
+               'student': None if student is None else student + 1, 'hint_epochs': H, 'epochs': E,
+               'batch_size': cfg.batch_size, 'lr': cfg.lr, 'momentum': cfg.momentum, 'weight_decay': cfg.weight_decay,
+               'seed': cfg.seed, 'dataset': cfg.dataset, 'width': cfg.width, 'bn_recalib': cfg.bn_recalib,
+               'params': [{'up': num_params(p[0]), 'down': num_params(p[1])} for p in parts],
+               'accuracy': last['accuracy'], 'best_accuracy': best['accuracy'], 'best_epoch': best['epoch'],
+               'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
+               'feature_distance': last['feature_distance'], 'recalib': last.get('recalib'),
+               'device': device_name(dev), 'torch': torch.__version__,
+               'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_before + time.time() - t_run,
+               'command': 'python xml_ref.py ' + ' '.join(map(shlex.quote, cfg.argv))}
+    write_json(out / 'summary.json', summary)
+    return summary
+
+
+# -------------------------------------------------------------------------------------------- CLI
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def parse_args(argv=None):
+    """Parse and check the command line: a UsageError for anything that would fail later."""
+    p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--pair', default='res18,res34', help=f'net 1,net 2, from {", ".join(MODELS)}')
+    p.add_argument('--method', choices=METHODS, default='xml')
+    p.add_argument('--cut', help='stage both nets are cut after, layer1..layer4 (default: layer3 with mbv1, else '
+                                 'layer2, the deck\'s cuts)')
+    p.add_argument('--update', choices=UPDATES, default='simultaneous', help='order of the nets\' updates')
+    p.add_argument('--path-weights', choices=('sum', 'mean'), default='sum', help='xml: sum or mean over paths')
+    p.add_argument('--temperature', type=float, help='KL temperature (default: 4 for kd and fitnet, 1 otherwise)')
+    p.add_argument('--l2-weight', type=float, default=1.0, help='λ of the xml+l2 feature term')
+    p.add_argument('--teacher', help='kd, fitnet: a last.pt or best.pt of an earlier run that trained the teacher '
+                                     '(the larger net of the pair)')
+    p.add_argument('--hint-epochs', type=int, help='fitnet: epochs of stage 1 (default: epochs/10, at least 1)')
+    p.add_argument('--epochs', type=int, default=RECIPE['epochs'])
+    p.add_argument('--batch-size', type=int, default=RECIPE['batch_size'])
+    p.add_argument('--lr', type=float, default=RECIPE['lr'])
+    p.add_argument('--momentum', type=float, default=RECIPE['momentum'])
+    p.add_argument('--weight-decay', type=float, default=RECIPE['weight_decay'])
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
+    p.add_argument('--dataset', choices=DATASETS, default='cifar100')
+    p.add_argument('--data-dir', default='data', help='cifar*: where it is or is downloaded to; folder: the root '
+                                                      'holding train/<class>/ and test/<class>/')
+    p.add_argument('--width', type=int, default=64, help='channels of the first stage (64: the published nets)')
+    p.add_argument('--bn-recalib', type=int, default=0, metavar='N',
+                   help='also evaluate each path with its BatchNorm statistics re-estimated on N training batches')
+    p.add_argument('--out', help='output directory (default: runs/<pair>_<method>_<cut>_seed<seed>)')
+    p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
+    p.add_argument('--force', action='store_true', help='overwrite a run already in --out')
+    cfg = p.parse_args(argv)
+    cfg.argv = list(sys.argv[1:] if argv is None else argv)  # for the summary's 'command'
+
+    cfg.nets = cfg.pair.split(',')
+    if len(cfg.nets) != 2 or not all(cfg.nets):
+        raise UsageError(f'--pair takes two nets joined by a comma, like res18,res34; got {cfg.pair!r}')
+    for name in cfg.nets:
+        if name not in MODELS:
+            raise UsageError(f'unknown model {name!r} in --pair: choose from {", ".join(MODELS)}')
+    for flag in ('epochs', 'batch_size', 'lr', 'width'):
+        if not getattr(cfg, flag) > 0:
+            raise UsageError(f'--{flag.replace("_", "-")} must be positive, got {getattr(cfg, flag)}')
+    for flag in ('momentum', 'weight_decay', 'l2_weight', 'bn_recalib'):
+        if getattr(cfg, flag) < 0:
+            raise UsageError(f'--{flag.replace("_", "-")} must not be negative, got {getattr(cfg, flag)}')
+    if cfg.temperature is None:
+        cfg.temperature = 4.0 if cfg.method in ('kd', 'fitnet') else 1.0
+    if not cfg.temperature > 0:
+        raise UsageError(f'--temperature must be positive, got {cfg.temperature}')
+    if cfg.hint_epochs is None:
+        cfg.hint_epochs = max(1, cfg.epochs // 10) if cfg.method == 'fitnet' else 0
+    elif cfg.method != 'fitnet' or cfg.hint_epochs < 1:
+        raise UsageError('--hint-epochs goes with --method fitnet and must be at least 1')
+    if cfg.method in ('kd', 'fitnet'):
+        if not cfg.teacher or not Path(cfg.teacher).is_file():
+            raise UsageError(f'--method {cfg.method} needs --teacher PATH, a checkpoint of a trained teacher '
+                             f'(got {cfg.teacher}); train one first, e.g. --method independent')
+    elif cfg.teacher:
+        raise UsageError('--teacher goes with --method kd or fitnet')
+    cfg.cut = cfg.cut or default_cut(cfg.nets)
+    try:  # full-size nets on the CPU: cheap, and before anything is loaded or written
+        check_cut([build(n, 10, cfg.width) for n in cfg.nets], cfg.nets, cfg.cut)
+    except ValueError as e:
+        raise UsageError(f'--cut: {e}') from None
+    if cfg.dataset == 'folder' and not Path(cfg.data_dir).is_dir():
+        raise UsageError(f'--data-dir {cfg.data_dir} is not a directory; --dataset folder needs '
+                         f'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
+    cfg.device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(cfg.device)
+    except RuntimeError:
+        raise UsageError(f'--device {cfg.device!r} is not a device; use cuda, cuda:N or cpu') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {cfg.device}: no CUDA GPU is visible; use --device cpu')
+    cfg.out = cfg.out or f'runs/{cfg.nets[0]}-{cfg.nets[1]}_{cfg.method}_{cfg.cut}_seed{cfg.seed}'
+    out = Path(cfg.out)
+    if cfg.resume and cfg.force:
+        raise UsageError('--resume and --force contradict each other: pick one')
+    if cfg.resume:
+        if (out / 'summary.json').exists():
+            raise UsageError(f'--out {out} holds a finished run: nothing to resume')
+        if not (out / 'last.pt').exists():
+            raise UsageError(f'--resume: {out}/last.pt does not exist; start the run without --resume')
+        saved = load_checkpoint(out / 'last.pt').get('config', {})
+        differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+        if differ:
+            k = differ[0]
+            raise UsageError(f'--resume: {out}/last.pt was written with {k}={saved.get(k)!r}, not {getattr(cfg, k)!r}; '
+                             f'resume with the same settings or use another --out')
+    elif not cfg.force:
+        if (out / 'summary.json').exists():
+            raise UsageError(f'--out {out} already holds a finished run; use --force to overwrite it or another --out')
+        if (out / 'last.pt').exists():
+            raise UsageError(f'--out {out} holds an unfinished run; --resume continues it, --force starts over')
+    return cfg
+
+
+def main(argv=None):
+    try:
+        summary = train(parse_args(argv))
+    except UsageError as e:
+        print(f'xml_ref.py: error: {e}', file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy', 'best_accuracy', 'cross',
+                                              'ensemble', 'feature_distance', 'wall_s')}))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
