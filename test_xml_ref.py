@@ -1,8 +1,10 @@
 """Property tests of xml_ref.py against independent references (float64 formulas, torch.distributions,
 hand-written gradient routing). Full-size nets only for shapes and parameter counts; tiny widths and
 inputs for everything that trains. Run: python -m pytest -q test_xml_ref.py"""
+import argparse
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -320,6 +322,74 @@ def test_every_method_trains_and_its_loss_falls(method, update):
         assert last < 0.6 * first, (method, i, first, last)
 
 
+# ---------------------------------------------------------------------------------- the fast path
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+def run_steps(fast, steps=3, device='cpu', graph=False, bf16=False, width=8, size=16):
+    """Train the pair for a few steps through TrainStep (fast: fused SGD with a tensor lr) or train_step."""
+    data = X.synthetic_data(96, 8, size=size, seed=2)
+    mean, std = X.channel_stats(data.train_x)
+    cfg = argparse.Namespace(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    models = [tiny(n, width=width, seed=i, dtype=torch.float32).to(device) for i, n in enumerate(NAMES)]
+    hs = halves(models)
+    opts = [X.sgd(m.parameters(), cfg, fused=fast) for m in models]
+    g = torch.Generator().manual_seed(0)
+    batches = [(X.augment(data.train_x[i * 32:(i + 1) * 32], generator=g), data.train_y[i * 32:(i + 1) * 32])
+               for i in range(steps)]
+    if fast:
+        step = X.TrainStep(hs, opts, 'xml', 'simultaneous', {}, mean, std, (32, size, size, 3), graph=graph, bf16=bf16)
+        for opt in opts:
+            for group in opt.param_groups:
+                group['lr'] = torch.tensor(0.05, device=device)
+        for images, labels in batches:
+            step(images.to(device), labels.to(device))
+        sums = [step.loss_sum[i].item() for i in range(2)]
+    else:
+        sums = [0.0, 0.0]
+        for images, labels in batches:
+            losses = X.train_step(hs, opts, X.normalize(images, mean, std).to(device), labels.to(device), 'xml')
+            sums = [s + losses[i].item() for i, s in enumerate(sums)]
+    return sums, models
+
+
+def test_fast_step_computes_what_the_plain_step_computes():
+    """fp32, same inputs: TrainStep (normalising inside, fused SGD reading its lr from a tensor, losses summed on
+    the device) leaves the same losses, gradients and weights as train_step with the plain SGD."""
+    (plain_sums, plain), (fast_sums, fast) = run_steps(False), run_steps(True)
+    assert fast_sums == pytest.approx(plain_sums, rel=1e-5)
+    for a, b in zip(plain, fast):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+        for (name, p), q in zip(a.named_buffers(), b.buffers()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@CUDA
+def test_cuda_graph_step_computes_what_the_eager_step_computes():
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    (eager_sums, eager), (graph_sums, graphed) = (run_steps(True, 8, 'cuda', graph=g, width=16, size=32)
+                                                  for g in (False, True))
+    assert graph_sums == pytest.approx(eager_sums, rel=1e-4)
+    for a, b in zip(eager, graphed):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(q.float(), p.float(), rtol=1e-3, atol=1e-4, msg=name)
+    bf16_sums, _ = run_steps(True, 8, 'cuda', graph=True, bf16=True, width=16, size=32)
+    assert bf16_sums == pytest.approx(eager_sums, rel=0.05)  # bf16 changes the numbers a little, not the method
+
+
+@CUDA
+def test_cli_fast_path_trains_on_cuda(tmp_path, capsys):
+    args = ['--pair', 'res18,mbv1', '--method', 'xml', '--dataset', 'synthetic', '--width', '16', '--epochs', '3',
+            '--batch-size', '64', '--fast', 'on', '--bn-recalib', '2']
+    assert run_cli([*args, '--out', str(tmp_path / 'a')], capsys)[0] == 0
+    summary = json.loads((tmp_path / 'a' / 'summary.json').read_text())
+    assert summary['fast'] == 'on' and summary['device'] != 'cpu'
+    losses = [json.loads(l)['loss'] for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(x) for l in losses for x in l)
+
+
 # ------------------------------------------------------------------------------ data and evaluation
 def test_channel_stats_are_exact():
     x = X.synthetic_data(64, 8).train_x
@@ -497,3 +567,62 @@ def test_cli_as_a_subprocess_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / 'xml_ref.py'), '--pair', 'res18,nope'], capture_output=True,
                        text=True, cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and 'unknown model' in r.stderr
+
+
+# ------------------------------------------------------------------ interpolation, report, reproduce
+def test_interpolation_at_0_and_1_reproduces_the_cross_matrix():
+    models, _, _ = pair_setup(seed=4)
+    models = [m.float() for m in models]
+    data = X.synthetic_data(16, 64, size=16, seed=3)
+    mean, std = X.channel_stats(data.train_x)
+    hs = halves(models)
+    cross = X.evaluate(hs, data.test_x, data.test_y, mean, std, batch_size=32)['cross']
+    rows = {r['alpha']: r for r in X.interpolation(hs, data.test_x, data.test_y, mean, std, X.ALPHAS, batch_size=32)}
+    assert len(X.ALPHAS) == 31 and X.ALPHAS[0] == -1.0 and X.ALPHAS[-1] == 2.0 and 0.5 in rows
+    for a, up in ((1.0, 0), (0.0, 1)):  # a = 1: up_1's feature; a = 0: up_2's
+        assert [rows[a]['down1'], rows[a]['down2']] == pytest.approx(cross[up])
+
+
+def resnet_macs(blocks, classes=100, width=64):
+    """Multiply-adds of a CIFAR ResNet forward, counted by hand from its architecture."""
+    macs, c_in, size = 3 * width * 9 * 32 * 32, width, 32
+    for k, n in enumerate(blocks):
+        c, size = width * 2 ** k, size // (2 if k else 1)
+        macs += c_in * c * 9 * size ** 2 + c * c * 9 * size ** 2 + (c_in * c * size ** 2 if c_in != c else 0)
+        macs += (n - 1) * 2 * c * c * 9 * size ** 2
+        c_in = c
+    return macs + c_in * classes
+
+
+def test_step_flops_match_a_hand_count():
+    models = [X.build(n, 100) for n in ('res18', 'res34')]
+    parts = [list(X.split(m, 'layer2')) for m in models]
+    fwd = [X.forward_flops(m, torch.zeros(1, 3, 32, 32))[0] for m in models]
+    assert fwd == [2 * resnet_macs((2, 2, 2, 2)), 2 * resnet_macs((3, 4, 6, 3))]
+    assert X.step_flops(parts, 'dml') == 3 * sum(fwd)
+    up = [X.forward_flops(p[0], torch.zeros(1, 3, 32, 32))[0] for p in parts]
+    assert X.step_flops(parts, 'xml') == 3 * (up[0] + up[1] + 2 * (fwd[0] - up[0]) + 2 * (fwd[1] - up[1]))
+    assert X.step_flops(parts, 'xml') / 1e9 == pytest.approx(15.8, rel=0.01)  # issue 3's figure
+
+
+def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
+    env = {**__import__('os').environ, 'PYTHON': sys.executable}
+    r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs'),
+                        '--results', str(tmp_path / 'results')], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / 'results' / 'RESULTS.md').read_text()
+    results = json.loads((tmp_path / 'results' / 'results.json').read_text())
+    names = {f'{p}_{m}' for p in ('res18-mbv1', 'res18-res34') for m in ('independent', 'dml', 'xml', 'xml+l2', 'kd',
+                                                                           'fitnet')}
+    assert set(results['runs']) == names
+    for pair in ('res18,mbv1', 'res18,res34'):
+        assert f'## {pair}' in md
+    for name in ('res18-mbv1_xml', 'res18-res34_xml'):
+        run = results['runs'][name]
+        by_alpha = {row['alpha']: row for row in run['interpolation']}
+        assert [by_alpha[1.0]['down1'], by_alpha[1.0]['down2']] == pytest.approx(run['cross'][0], abs=0.006)
+        assert [by_alpha[0.0]['down1'], by_alpha[0.0]['down2']] == pytest.approx(run['cross'][1], abs=0.006)
+    # a second call finds every run finished and only rewrites the table
+    r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs'),
+                        '--results', str(tmp_path / 'results')], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.count('finished, skipped') == 12

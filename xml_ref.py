@@ -17,6 +17,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import math
@@ -136,8 +137,9 @@ def load_folder(root):
     return Data(*out, list(sets['train'].classes))
 
 
+@functools.lru_cache(maxsize=1)  # several runs in one process (reproduce drivers) decode the images once
 def load_data(name, data_dir):
-    """The data set named by --dataset."""
+    """The data set named by --dataset (its tensors are shared: treat them as read-only)."""
     if name == 'synthetic':
         return synthetic_data()
     if name == 'folder':
@@ -172,11 +174,12 @@ def augment(images, pad=PAD, generator=None):
     return padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def normalize(images, mean, std):
-    """uint8 N×H×W×3 → float N×3×H×W (contiguous), (x/255 − mean)/std: torchvision's ToTensor then Normalize."""
+def normalize(images, mean, std, memory_format=torch.contiguous_format):
+    """uint8 N×H×W×3 → float N×3×H×W, (x/255 − mean)/std: torchvision's ToTensor then Normalize. The pixels
+    are already in channels_last order, so asking for that layout (the fast one on GPUs) costs no copy."""
     scale = torch.tensor(std, device=images.device).reciprocal().div(255).view(1, -1, 1, 1)
     shift = -torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * scale * 255
-    return (images.permute(0, 3, 1, 2).float() * scale + shift).contiguous()
+    return (images.permute(0, 3, 1, 2).float() * scale + shift).contiguous(memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -465,6 +468,74 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', **lo
     return losses
 
 
+def sgd(params, cfg, fused=False):
+    """The recipe's optimizer; fused (one kernel for all parameters) on the GPU."""
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def set_lr(optimizer, lr):
+    """Set the learning rate, in place where it is a device tensor (read by a captured CUDA graph)."""
+    for group in optimizer.param_groups:
+        if isinstance(group['lr'], torch.Tensor):
+            group['lr'].fill_(lr)
+        else:
+            group['lr'] = lr
+
+
+class TrainStep:
+    """train_step on batches of one shape: normalise the augmented uint8 images, step, sum the losses on the
+    device (loss_sum, so nothing waits for the host). The plain path as it stands; the fast path for the GPU
+    (all three flags on) changes how, not what, it computes:
+    - channels_last: the layout tensor-core convolutions read fastest (normalize() yields it for free);
+    - bf16: autocast for convolutions and matrix products; losses, BatchNorm statistics and weights stay fp32;
+    - graph: after `warmup` real steps, the whole step (the forward of every path, the routed backward passes,
+      the optimizers, the BatchNorm updates) is captured once in a CUDA graph and replayed for every later
+      batch: one launch instead of thousands, which is what bounds these nets at batch 128. The learning
+      rate then lives in a device tensor that set_lr() fills, and optimizers should be fused (one kernel).
+    Every batch must have the shape given here: the training loop drops the last partial batch."""
+
+    def __init__(self, parts, optimizers, method, update, loss_kw, mean, std, batch_shape, *, graph=False,
+                 bf16=False, channels_last=False, warmup=3):
+        self.parts, self.optimizers, self.method, self.update, self.loss_kw = parts, optimizers, method, update, loss_kw
+        self.mean, self.std, self.graph, self.bf16, self.warmup = mean, std, graph, bf16, warmup
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        dev = next(parts[0][0].parameters()).device
+        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=dev)  # the captured step's input
+        self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=dev)
+        self.loss_sum = {i: torch.zeros((), device=dev) for i, opt in enumerate(optimizers) if opt is not None}
+        if graph:  # a replayed graph reads the learning rate from memory, not from Python
+            for opt in optimizers:
+                for group in (opt.param_groups if opt else []):
+                    group['lr'] = torch.tensor(float(group['lr']), device=dev)
+        self.captured, self.calls = None, 0
+
+    def step(self):
+        x = normalize(self.images, self.mean, self.std, self.memory_format)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            losses = train_step(self.parts, self.optimizers, x, self.labels, self.method, self.update, **self.loss_kw)
+        for i, loss in losses.items():
+            self.loss_sum[i] += loss
+
+    def __call__(self, images, labels):
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.calls += 1
+        if not self.graph:
+            return self.step()
+        if self.captured is None and self.calls <= self.warmup:  # real steps; capture wants them on a side stream
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        if self.captured is None:
+            self.captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.captured):
+                self.step()  # recorded, not run
+        self.captured.replay()
+
+
 # ------------------------------------------------------------------------------------- evaluation
 def path_name(path):
     """'1-2' for the 0-based path (0, 1): up-half of net 1, then down-half of net 2."""
@@ -472,33 +543,34 @@ def path_name(path):
 
 
 @torch.no_grad()
-def evaluate(parts, images, labels, mean, std, batch_size=500):
+def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False):
     """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of the ensemble
     of the pure nets (mean of softmax), and the half-feature distance mean((up_i(x) − up_j(x))²) averaged over
-    net pairs and cuts, on uint8 images N×H×W×3."""
+    net pairs and cuts, on uint8 images N×H×W×3. fast: bf16 autocast and channels_last (CUDA)."""
     K, P = len(parts), len(parts[0])
     paths = all_paths(K, P)
     dev = next(parts[0][0].parameters()).device
-    correct = {p: 0 for p in paths}
-    correct_ensemble, sq_dist, n_dist = 0, 0.0, 0
-    with eval_mode([part for net in parts for part in net]):
+    counts = torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64)  # correct per path, then the ensemble
+    sq_dist, n_dist = torch.zeros((), device=dev, dtype=torch.float64), 0
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    with eval_mode([part for net in parts for part in net]), \
+            torch.autocast(dev.type, torch.bfloat16, enabled=fast):
         for s in range(0, len(images), batch_size):
-            x = normalize(images[s:s + batch_size].to(dev), mean, std)
+            x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
             y = labels[s:s + batch_size].to(dev)
             out = run_paths(parts, x, paths)
-            for p in paths:
-                correct[p] += (out[p].argmax(1) == y).sum().item()
             probs = sum(F.softmax(out[p].float(), 1) for p in pure_paths(K, P)) / K
-            correct_ensemble += (probs.argmax(1) == y).sum().item()
+            counts += torch.stack([(z.argmax(1) == y).sum() for z in [out[p] for p in paths] + [probs]])
             for c in range(1, P):
                 for i, j in itertools.combinations(range(K), 2):
-                    sq_dist += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum().item()
+                    sq_dist += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum()
                     n_dist += out[(i,) * c].numel()
-    acc = {p: 100.0 * correct[p] / len(images) for p in paths}
+    counts = counts.tolist()  # one host synchronisation for the whole test set
+    acc = {p: 100.0 * c / len(images) for p, c in zip(paths, counts)}
     result = {'accuracy': [acc[p] for p in pure_paths(K, P)],
               'paths': {path_name(p): a for p, a in acc.items()},
-              'ensemble': 100.0 * correct_ensemble / len(images),
-              'feature_distance': sq_dist / max(n_dist, 1)}
+              'ensemble': 100.0 * counts[-1] / len(images),
+              'feature_distance': sq_dist.item() / max(n_dist, 1)}
     if P == 2:  # cross[a][b]: up-half of net a+1 → down-half of net b+1
         result['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
     return result
@@ -521,7 +593,7 @@ def recalibrate_bn(modules, batches):
         mod.eval()
 
 
-def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500):
+def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False):
     """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies of its
     parts, so the trained statistics stay untouched)."""
     K, P = len(parts), len(parts[0])
@@ -530,11 +602,31 @@ def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=
         copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]
         recalibrate_bn(copies, batches)
         # the copies form a one-net model whose only path is this one
-        acc[path] = evaluate([copies], images, labels, mean, std, batch_size)['accuracy'][0]
+        acc[path] = evaluate([copies], images, labels, mean, std, batch_size, fast)['accuracy'][0]
     result = {'accuracy': [acc[p] for p in pure_paths(K, P)], 'paths': {path_name(p): a for p, a in acc.items()}}
     if P == 2:
         result['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
     return result
+
+
+@torch.no_grad()
+def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast=False):
+    """The deck's up-half study (SPEC §4): top-1 (%) of each down-half b fed h(a) = a·up_1(x) + (1−a)·up_2(x),
+    for each a in alphas; a = 1 gives the cross pairings of up_1, a = 0 those of up_2. Returns
+    [{'alpha': a, 'down1': …, 'down2': …}, …]."""
+    dev = next(parts[0][0].parameters()).device
+    correct = torch.zeros(len(alphas), 2, device=dev, dtype=torch.int64)
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    with eval_mode([part for net in parts for part in net]), torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+        for s in range(0, len(images), batch_size):
+            x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
+            y = labels[s:s + batch_size].to(dev)
+            f1, f2 = parts[0][0](x), parts[1][0](x)
+            for k, a in enumerate(alphas):
+                h = a * f1 + (1 - a) * f2
+                correct[k] += torch.stack([(parts[b][1](h).argmax(1) == y).sum() for b in range(2)])
+    return [{'alpha': a, 'down1': 100.0 * c[0] / len(images), 'down2': 100.0 * c[1] / len(images)}
+            for a, c in zip(alphas, correct.tolist())]
 
 
 # ----------------------------------------------------------------------------------- training run
@@ -626,8 +718,11 @@ def train(cfg):
     mean, std = channel_stats(data.train_x)
     train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
+    fast = cfg.fast == 'on'
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    torch.backends.cudnn.benchmark = fast  # fixed shapes: let cuDNN time its kernels once and keep the fastest
     torch.manual_seed(cfg.seed)
-    models = [build(n, data.num_classes, cfg.width).to(dev) for n in cfg.nets]
+    models = [build(n, data.num_classes, cfg.width).to(dev, memory_format=fmt) for n in cfg.nets]
     feature = check_cut(models, cfg.nets, cfg.cut, data.train_x.shape[1])
     parts = [list(split(m, cfg.cut)) for m in models]
     K = len(models)
@@ -641,13 +736,12 @@ def train(cfg):
         frozen = {teacher}
         for p in models[teacher].parameters():
             p.requires_grad_(False)
-    sgd = lambda params: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    optimizers = [None if i in frozen else sgd(models[i].parameters()) for i in range(K)]
+    optimizers = [None if i in frozen else sgd(models[i].parameters(), cfg, fast) for i in range(K)]
     hint_optimizers = []
     if cfg.method == 'fitnet':  # stage 1 trains the student's up-half and the regressor only
-        reg = regressor(feature[0]).to(dev)
+        reg = regressor(feature[0]).to(dev, memory_format=fmt)
         hint_optimizers = [None] * K
-        hint_optimizers[student] = sgd(list(parts[student][0].parameters()) + list(reg.parameters()))
+        hint_optimizers[student] = sgd(list(parts[student][0].parameters()) + list(reg.parameters()), cfg, fast)
     loss_kw = dict(path_weights=cfg.path_weights, T=cfg.temperature, l2_weight=cfg.l2_weight, regressor=reg)
 
     gen = torch.Generator(dev).manual_seed(cfg.seed)  # data order and augmentation
@@ -669,38 +763,43 @@ def train(cfg):
 
     H, E = cfg.hint_epochs, cfg.epochs
     n_steps = len(train_x) // cfg.batch_size  # the last partial batch is dropped; the order changes every epoch
+    steps = {}  # one TrainStep (one CUDA graph) per stage
     t_run = time.time()
     for epoch in range(start, H + E):
         hint = epoch < H
         method = 'hint' if hint else 'kd' if cfg.method == 'fitnet' else cfg.method
         opts = hint_optimizers if hint else optimizers
+        if method not in steps:
+            steps[method] = TrainStep(parts, opts, method, cfg.update, loss_kw, mean, std,
+                                      (cfg.batch_size, *train_x.shape[1:]), graph=fast, bf16=fast, channels_last=fast)
+        step = steps[method]
         lr = lr_at(epoch if hint else epoch - H, H if hint else E, cfg.lr)
         for opt in opts:
-            for group in (opt.param_groups if opt else []):
-                group['lr'] = lr
+            if opt is not None:
+                set_lr(opt, lr)
         for i, m in enumerate(models):
             m.train(i not in frozen)
+        for total in step.loss_sum.values():
+            total.zero_()
         t0 = time.time()
-        loss_sum = [torch.zeros((), device=dev) if opt else None for opt in opts]
         perm = torch.randperm(len(train_x), device=dev, generator=gen)
         for s in range(n_steps):
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x = normalize(augment(train_x[idx], generator=gen), mean, std)
-            for i, loss in train_step(parts, opts, x, train_y[idx], method, cfg.update, **loss_kw).items():
-                loss_sum[i] += loss  # stays on the device: no host synchronisation inside the epoch
-        losses = [None if s is None else s.item() / n_steps for s in loss_sum]
+            step(augment(train_x[idx], generator=gen), train_y[idx])
+        losses = [step.loss_sum[i].item() / n_steps if i in step.loss_sum else None for i in range(K)]
         if any(l is not None and not math.isfinite(l) for l in losses):
             raise FloatingPointError(f'epoch {epoch + 1}: mean loss {losses} is not finite; last.pt holds the '
                                      f'last good epoch ({epoch})')
         train_s = time.time() - t0
         rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr, 'loss': losses,
-               **evaluate(parts, test_x, test_y, mean, std)}
+               **evaluate(parts, test_x, test_y, mean, std, fast=fast)}
         if cfg.bn_recalib:
             g = torch.Generator(dev).manual_seed(cfg.seed + 1)  # the same training batches every epoch
             batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=dev,
-                                                               generator=g)], generator=g), mean, std)
+                                                               generator=g)], generator=g), mean, std, fmt)
                        for _ in range(cfg.bn_recalib)]
-            rec['recalib'] = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches)
+            with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+                rec['recalib'] = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast)
         rec.update(img_per_s=n_steps * cfg.batch_size / train_s, epoch_s=time.time() - t0)
         history.append(rec)
 
@@ -730,6 +829,7 @@ def train(cfg):
                'student': None if student is None else student + 1, 'hint_epochs': H, 'epochs': E,
                'batch_size': cfg.batch_size, 'lr': cfg.lr, 'momentum': cfg.momentum, 'weight_decay': cfg.weight_decay,
                'seed': cfg.seed, 'dataset': cfg.dataset, 'width': cfg.width, 'bn_recalib': cfg.bn_recalib,
+               'fast': cfg.fast,
                'params': [{'up': num_params(p[0]), 'down': num_params(p[1])} for p in parts],
                'accuracy': last['accuracy'], 'best_accuracy': best['accuracy'], 'best_epoch': best['epoch'],
                'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
@@ -739,6 +839,283 @@ def train(cfg):
                'command': 'python xml_ref.py ' + ' '.join(map(shlex.quote, cfg.argv))}
     write_json(out / 'summary.json', summary)
     return summary
+
+
+# ------------------------------------------------------------------------- interpolation and report
+ALPHAS = [round(-1 + 0.1 * k, 1) for k in range(31)]  # −1.0, −0.9, …, 2.0
+
+
+def interpolate_run(run_dir, device=None):
+    """The interpolation study of a finished pair run: interpolation.csv (and interpolation.png where
+    matplotlib is installed) in run_dir, from its last.pt, on the test set it was evaluated on."""
+    run_dir = Path(run_dir)
+    if not (run_dir / 'last.pt').exists():
+        raise UsageError(f'--interpolate {run_dir}: no last.pt there; give the --out directory of a training run')
+    ckpt = load_checkpoint(run_dir / 'last.pt')
+    cfg = argparse.Namespace(**ckpt['config'])
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    fast = dev.type == 'cuda' and cfg.fast == 'on'  # evaluate as the run did, so a = 0, 1 give its cross matrix
+    data = load_data(cfg.dataset, cfg.data_dir)
+    mean, std = channel_stats(data.train_x)
+    models = [build(n, data.num_classes, cfg.width) for n in cfg.nets]
+    for m, state in zip(models, ckpt['nets']):
+        m.load_state_dict(state)
+        m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
+    torch.backends.cudnn.benchmark = fast
+    rows = interpolation([list(split(m, cfg.cut)) for m in models], data.test_x.to(dev), data.test_y.to(dev),
+                         mean, std, ALPHAS, fast=fast)
+    csv = 'alpha,down1,down2\n' + ''.join(f'{r["alpha"]:.1f},{r["down1"]:.2f},{r["down2"]:.2f}\n' for r in rows)
+    write_atomic(run_dir / 'interpolation.csv', lambda f: f.write(csv.encode()))
+    try:  # the plot is an optional extra
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('matplotlib is not installed: wrote interpolation.csv only', file=sys.stderr)
+        return rows
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for b in (1, 2):
+        ax.plot([r['alpha'] for r in rows], [r[f'down{b}'] for r in rows], marker='.', label=f'down-half of net {b} '
+                f'({cfg.nets[b - 1]})')
+    ax.axvline(0, color='grey', lw=0.5)
+    ax.axvline(1, color='grey', lw=0.5)
+    ax.set(xlabel=f'a   (h = a·up_1(x) + (1−a)·up_2(x); up_1: {cfg.nets[0]}, up_2: {cfg.nets[1]})',
+           ylabel='test top-1 (%)', title=f'{cfg.method} {",".join(cfg.nets)}, epoch {ckpt["epoch"]}')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / 'interpolation.png', dpi=120)
+    plt.close(fig)
+    return rows
+
+
+# SPEC §4: what the deck reports on CIFAR-100 (top-1 %, best model), net order as in the pair.
+DECK = {'res18,mbv1': {'accuracy': {'independent': [74.0, 62.6], 'dml': [74.3, 65.9], 'xml': [73.6, 68.3],
+                                    'xml+l2': [None, 68.5]},
+                       'cross': [[73.20, 72.25], [70.21, 68.89]], 'feature_distance': {'xml': 0.002, 'xml+l2': 0.001}},
+        'res18,res34': {'accuracy': {'independent': [73.9, 75.5], 'dml': [75.7, 76.6], 'xml': [76.6, 77.0]},
+                        'cross': [[76.06, 76.61], [76.25, 76.61]], 'feature_distance': {}}}
+
+
+def report(runs_dir, out_dir):
+    """RESULTS.md and results.json in out_dir from the finished runs <pair>_<method> under runs_dir: our
+    numbers beside the deck's, each run with its command, epochs, device and date."""
+    runs = {}
+    for path in sorted(Path(runs_dir).glob('*/summary.json')):
+        summary = json.loads(path.read_text())
+        interp = path.parent / 'interpolation.csv'
+        if interp.exists():
+            summary['interpolation'] = [dict(zip(('alpha', 'down1', 'down2'), map(float, line.split(','))))
+                                        for line in interp.read_text().splitlines()[1:]]
+        runs[path.parent.name] = summary
+    if not runs:
+        raise UsageError(f'--report {runs_dir}: no finished runs (*/summary.json) there')
+    f1 = lambda x: '–' if x is None else f'{x:.2f}'
+    lines = ['# Results', '', f'Generated by `python xml_ref.py --report {runs_dir}` on {time.strftime("%Y-%m-%d")} '
+             'from the runs below. Top-1 (%) on the test set: last epoch / best epoch; the deck\'s number '
+             '(CIFAR-100, best model) in brackets where it reports one.', '']
+    for pair in dict.fromkeys(s['pair'] for s in runs.values()):
+        mine = {s['method']: s for s in runs.values() if s['pair'] == pair}
+        deck = DECK.get(pair, {'accuracy': {}, 'cross': None, 'feature_distance': {}})
+        nets = next(iter(mine.values()))['nets']
+        lines += [f'## {pair}', '', '| method | ' + ' | '.join(f'net {i + 1}: {n}' for i, n in enumerate(nets)) +
+                  ' | ensemble | feature distance |', '|---' * (len(nets) + 3) + '|']
+        for method in METHODS:
+            if method not in mine:
+                continue
+            s, d = mine[method], deck['accuracy'].get(method, [None] * len(nets))
+            cells = [f'{f1(a)} / {f1(b)}' + (f' [{d[i]}]' if d[i] is not None else '') +
+                     (' (teacher, frozen)' if s.get('teacher') and s['teacher']['net'] == i + 1 else '')
+                     for i, (a, b) in enumerate(zip(s['accuracy'], s['best_accuracy']))]
+            dist = f'{s["feature_distance"]:.4g}' + (f' [{deck["feature_distance"][method]}]'
+                                                     if method in deck['feature_distance'] else '')
+            lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {f1(s["ensemble"])} | {dist} |')
+        lines += ['', 'Cross pairings, last epoch (row: up-half of net a, column: down-half of net b):', '',
+                  '| method | up1→down1 | up2→down1 | up1→down2 | up2→down2 |', '|---|---|---|---|---|']
+        for method in METHODS:
+            if method in mine and mine[method].get('cross'):
+                c = mine[method]['cross']
+                lines.append(f'| {method} | {f1(c[0][0])} | {f1(c[1][0])} | {f1(c[0][1])} | {f1(c[1][1])} |')
+        if deck['cross']:
+            c = deck['cross']
+            lines.append(f'| deck, xml (CIFAR-100) | {c[0][0]} | {c[1][0]} | {c[0][1]} | {c[1][1]} |')
+        for method in ('xml', 'xml+l2'):
+            if 'interpolation' in mine.get(method, {}):
+                rows = [r for r in mine[method]['interpolation'] if round(r['alpha'] * 10) % 5 == 0]
+                lines += ['', f'Interpolation, {method}: top-1 of each down-half fed a·up_1(x) + (1−a)·up_2(x) '
+                          '(every 0.1 in the run\'s interpolation.csv):', '',
+                          '| a | ' + ' | '.join(f'{r["alpha"]:.1f}' for r in rows) + ' |', '|---' * (len(rows) + 1) + '|',
+                          '| down 1 | ' + ' | '.join(f'{r["down1"]:.1f}' for r in rows) + ' |',
+                          '| down 2 | ' + ' | '.join(f'{r["down2"]:.1f}' for r in rows) + ' |']
+        lines.append('')
+    lines += ['## Runs', '', '| run | epochs | dataset | device | torch | date | wall | command |',
+              '|---|---|---|---|---|---|---|---|']
+    for name, s in runs.items():
+        lines.append(f'| {name} | {s["hint_epochs"] + s["epochs"]} | {s["dataset"]} | {s["device"]} | {s["torch"]} | '
+                     f'{s["date"]} | {format_duration(s["wall_s"])} | `{s["command"]}` |')
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / 'RESULTS.md', lambda f: f.write(('\n'.join(lines) + '\n').encode()))
+    write_json(out_dir / 'results.json', {'deck': DECK, 'runs': runs})
+    return runs
+
+
+# -------------------------------------------------------------------------------------- benchmark
+def forward_flops(module, x):
+    """(FLOPs of one forward of `module` on x, its output): 2 × the multiply-adds of its convolutions and
+    linear layers, counted from their shapes (BatchNorm, ReLU and pooling are left out)."""
+    total = 0
+
+    def count(m, _, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total += 2 * out.numel() * m.in_features
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        out = module(x)
+    for h in hooks:
+        h.remove()
+    return total, out
+
+
+def step_flops(parts, method, image_size=32):
+    """Analytic FLOPs per image of one simultaneous training step: 3 × the forward FLOPs of every part run
+    (forward, gradient of its input, gradient of its weights; the routed backward passes split these two
+    gradients between the nets' losses but do each once)."""
+    p = next(parts[0][0].parameters())
+    out, total = {(): torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)}, 0
+    with eval_mode([part for net in parts for part in net]):
+        for path in step_paths(method, len(parts), len(parts[0])):
+            for k in range(1, len(path) + 1):
+                if path[:k] not in out:
+                    flops, out[path[:k]] = forward_flops(parts[path[k - 1]][k - 1], out[path[:k - 1]])
+                    total += flops
+    return 3 * total
+
+
+def matmul_tflops(dev, n=8192, repeats=10):
+    """The measured bf16 matrix-product rate (TFLOP/s): the ceiling the step's FLOP rate is compared with."""
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(dev)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e12
+
+
+class PILImages(torch.utils.data.Dataset):
+    """The usual loop's data: one PIL image per item through torchvision transforms, in DataLoader workers."""
+
+    def __init__(self, images, labels, mean, std):
+        import torchvision.transforms as T
+        self.images, self.labels = images.numpy(), labels.tolist()
+        self.transform = T.Compose([T.RandomCrop(images.shape[1], padding=PAD), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def bench_loop(loop, pair, method, batch, data, dev, steps, warmup=6):
+    """Images per second of training `pair` with `method` at `batch`, in steady state (after `warmup` steps).
+    usual: DataLoader + PIL transforms in worker processes, fp32 eager train_step. ours: the data on the GPU,
+    TrainStep with bf16, channels_last, fused SGD and the CUDA graph. ours-eager: the same without the graph."""
+    cfg = argparse.Namespace(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    mean, std = channel_stats(data.train_x)
+    ours = loop.startswith('ours')
+    fmt = torch.channels_last if ours else torch.contiguous_format
+    torch.manual_seed(0)
+    models = [build(n, data.num_classes).to(dev, memory_format=fmt) for n in pair]
+    parts = [list(split(m, default_cut(pair))) for m in models]
+    opts = [sgd(m.parameters(), cfg, fused=ours) for m in models]
+    if not ours:
+        loader = torch.utils.data.DataLoader(PILImages(data.train_x, data.train_y, mean, std), batch_size=batch,
+                                             shuffle=True, drop_last=True, num_workers=min(8, os.cpu_count() or 1),
+                                             pin_memory=True, persistent_workers=True)
+        batches = itertools.chain.from_iterable(itertools.repeat(loader))
+        run = lambda: train_step(parts, opts, *(t.to(dev, non_blocking=True) for t in next(batches)), method)
+    else:
+        images, labels = data.train_x.to(dev), data.train_y.to(dev)
+        step = TrainStep(parts, opts, method, 'simultaneous', {}, mean, std, (batch, *images.shape[1:]),
+                         graph=loop == 'ours', bf16=True, channels_last=True)
+        gen = torch.Generator(dev).manual_seed(0)
+
+        def run():
+            idx = torch.randint(len(images), (batch,), device=dev, generator=gen)
+            step(augment(images[idx], generator=gen), labels[idx])
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        run()
+    torch.cuda.synchronize(dev)
+    return steps * batch / (time.perf_counter() - t), step_flops(parts, method)
+
+
+def bench(out_dir, device='cuda'):
+    """The speed benchmark of the README: the usual loop against ours on one GPU; writes bench.json and
+    bench.md into out_dir after every row, so an interrupted benchmark keeps what it measured."""
+    if not torch.cuda.is_available():
+        raise UsageError('--bench measures the CUDA training loop and needs a GPU')
+    dev = torch.device(device)
+    torch.backends.cudnn.benchmark = True  # both loops: fixed shapes, cuDNN picks its fastest kernels once
+    data = synthetic_data(50_000, 0, num_classes=100)  # CIFAR-100-shaped; speed does not depend on the pixels
+    peak = matmul_tflops(dev)
+    stamp = {'device': device_name(dev), 'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d')}
+    print(f'{stamp["device"]}, torch {stamp["torch"]}: bf16 matmul {peak:.0f} TFLOP/s', flush=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, eager = [], []
+    configs = [(pair, method, batch, loop) for pair in (['res18', 'res34'], ['res18', 'mbv1'])
+               for method in ('independent', 'dml', 'xml') for batch in (128, 512) for loop in ('usual', 'ours')]
+    configs += [(['res18', 'res34'], 'xml', batch, 'ours-eager') for batch in (128, 512)]  # what the graph buys
+    for pair, method, batch, loop in configs:
+        steps = max(10, 4_000 // batch) if loop == 'usual' else max(20, 12_000 // batch)
+        img_per_s, flops = bench_loop(loop, pair, method, batch, data, dev, steps)
+        row = {'loop': loop, 'method': method, 'pair': ','.join(pair), 'batch': batch, 'img_per_s': img_per_s,
+               'gflop_per_img': flops / 1e9, 'flop_fraction': img_per_s * flops / (peak * 1e12),
+               'matmul_tflops': peak, **stamp}
+        (eager if loop == 'ours-eager' else rows).append(row)
+        print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()
+                       if k not in stamp), flush=True)
+        torch.cuda.empty_cache()
+        write_json(out_dir / 'bench.json', rows)
+        write_atomic(out_dir / 'bench.md', lambda f: f.write(bench_table(rows, eager, peak, stamp).encode()))
+    return rows
+
+
+def bench_table(rows, eager, peak, stamp):
+    """bench.md: one line per pair, method and batch, the usual loop beside ours."""
+    lines = ['# Training speed: the usual loop and ours', '',
+             f'{stamp["device"]}, torch {stamp["torch"]}, {stamp["date"]}; `python xml_ref.py --bench`. Measured bf16 '
+             f'matmul rate: {peak:.0f} TFLOP/s (8192³ products). Synthetic CIFAR-100-shaped data (50,000 uint8 32×32 '
+             'images), simultaneous updates, the deck\'s cuts, cudnn.benchmark on for both loops. usual: torchvision '
+             'DataLoader (8 workers, PIL RandomCrop/Flip/ToTensor/Normalize, pinned memory), fp32 eager step. '
+             'ours: uint8 data on the GPU, crop/flip on tensors, bf16 autocast, channels_last, fused SGD, the whole '
+             'step in a CUDA graph. GFLOP/img: the analytic step count (3 × the forward multiply-adds × 2 of every '
+             'part run); FLOP fraction: img/s × GFLOP/img over the measured matmul rate.', '',
+             '| pair | method | batch | usual img/s | ours img/s | speed-up | GFLOP/img | ours FLOP fraction |',
+             '|---|---|---|---|---|---|---|---|']
+    usual = {(r['pair'], r['method'], r['batch']): r for r in rows if r['loop'] == 'usual'}
+    for r in rows:
+        u = usual.get((r['pair'], r['method'], r['batch']))
+        if r['loop'] == 'ours' and u:
+            lines.append(f'| {r["pair"]} | {r["method"]} | {r["batch"]} | {u["img_per_s"]:,.0f} | {r["img_per_s"]:,.0f} '
+                         f'| {r["img_per_s"] / u["img_per_s"]:.1f}× | {r["gflop_per_img"]:.1f} | '
+                         f'{100 * r["flop_fraction"]:.1f} % |')
+    if eager:
+        lines += ['', 'Without the CUDA graph (the same step run eagerly), xml on res18,res34: ' +
+                  ', '.join(f'{r["img_per_s"]:,.0f} img/s at batch {r["batch"]}' for r in eager) + '.']
+    return '\n'.join(lines) + '\n'
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -773,11 +1150,21 @@ def parse_args(argv=None):
     p.add_argument('--data-dir', default='data', help='cifar*: where it is or is downloaded to; folder: the root '
                                                       'holding train/<class>/ and test/<class>/')
     p.add_argument('--width', type=int, default=64, help='channels of the first stage (64: the published nets)')
+    p.add_argument('--fast', choices=('auto', 'on', 'off'), default='auto',
+                   help='the GPU path: bf16, channels_last, fused SGD, the step in a CUDA graph (auto: on with CUDA); '
+                        'off: the plain fp32 eager loop it is tested against')
     p.add_argument('--bn-recalib', type=int, default=0, metavar='N',
                    help='also evaluate each path with its BatchNorm statistics re-estimated on N training batches')
     p.add_argument('--out', help='output directory (default: runs/<pair>_<method>_<cut>_seed<seed>)')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
     p.add_argument('--force', action='store_true', help='overwrite a run already in --out')
+    p.add_argument('--bench', action='store_true', help='measure the training speed of the usual loop and ours on '
+                                                        'the GPU; writes bench.json and bench.md into --out '
+                                                        '(default results/)')
+    p.add_argument('--interpolate', metavar='RUN_DIR', help='the interpolation study of a finished pair run: '
+                                                            'writes interpolation.csv (and .png) into RUN_DIR')
+    p.add_argument('--report', metavar='RUNS_DIR', help='RESULTS.md and results.json in --out (default results/) '
+                                                        'from the finished runs in RUNS_DIR')
     cfg = p.parse_args(argv)
     cfg.argv = list(sys.argv[1:] if argv is None else argv)  # for the summary's 'command'
 
@@ -822,6 +1209,12 @@ def parse_args(argv=None):
         raise UsageError(f'--device {cfg.device!r} is not a device; use cuda, cuda:N or cpu') from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f'--device {cfg.device}: no CUDA GPU is visible; use --device cpu')
+    if cfg.fast == 'on' and dev.type != 'cuda':
+        raise UsageError('--fast on needs a CUDA device (CUDA graphs, bf16); use --fast off on the CPU')
+    cfg.fast = 'on' if cfg.fast == 'auto' and dev.type == 'cuda' else 'off' if cfg.fast == 'auto' else cfg.fast
+    if cfg.bench or cfg.interpolate or cfg.report:
+        cfg.out = cfg.out or 'results'
+        return cfg
     cfg.out = cfg.out or f'runs/{cfg.nets[0]}-{cfg.nets[1]}_{cfg.method}_{cfg.cut}_seed{cfg.seed}'
     out = Path(cfg.out)
     if cfg.resume and cfg.force:
@@ -847,7 +1240,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     try:
-        summary = train(parse_args(argv))
+        cfg = parse_args(argv)
+        if cfg.bench:
+            bench(cfg.out, cfg.device)
+            return 0
+        if cfg.interpolate:
+            interpolate_run(cfg.interpolate, cfg.device)
+            return 0
+        if cfg.report:
+            report(cfg.report, cfg.out)
+            return 0
+        summary = train(cfg)
     except UsageError as e:
         print(f'xml_ref.py: error: {e}', file=sys.stderr)
         return 2

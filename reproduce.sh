@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Regenerate the deck's experiments and results/RESULTS.md + results/results.json.
+#
+#   bash reproduce.sh                          # CIFAR-100, 200 epochs (the full table; needs a GPU and days)
+#   bash reproduce.sh --dataset cifar10 --epochs 30
+#   bash reproduce.sh --dataset folder DIR     # any ImageFolder data set (DIR/train, DIR/test)
+#   bash reproduce.sh --quick                  # pipeline check: synthetic data, 1 epoch, width 8 (minutes, CPU)
+#
+# Options: --dataset cifar100|cifar10|synthetic|folder DIR, --epochs N, --quick, --runs DIR (the run
+# directories, default runs/reproduce-<dataset>), --results DIR (default results), and anything after
+# `--` is passed to every training run (e.g. -- --batch-size 256 --device cuda:1).
+# Runs: both pairs (res18,mbv1 and res18,res34) × independent, dml, xml, xml+l2, then kd and fitnet with
+# the pair's independently trained larger net as teacher; the interpolation study of every xml run.
+# Resumable: a finished run (its summary.json exists) is skipped, an interrupted one resumes from last.pt.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+dataset=cifar100 data_dir=data epochs=200 runs='' results=results extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dataset) dataset=$2; shift 2
+               if [ "$dataset" = folder ]; then data_dir=${1:?--dataset folder needs a directory}; shift; fi ;;
+    --epochs) epochs=$2; shift 2 ;;
+    --quick) dataset=synthetic epochs=1 extra+=(--width 8); shift ;;
+    --runs) runs=$2; shift 2 ;;
+    --results) results=$2; shift 2 ;;
+    --) shift; extra+=("$@"); break ;;
+    *) echo "reproduce.sh: unknown option $1 (see the comment at the top of reproduce.sh)" >&2; exit 2 ;;
+  esac
+done
+runs=${runs:-runs/reproduce-$dataset}
+common=(--dataset "$dataset" --data-dir "$data_dir" --epochs "$epochs" "${extra[@]}")
+
+train() {  # train NAME ARGS...: one run in $runs/NAME, skipped when finished, resumed when interrupted
+  local dir=$runs/$1; shift
+  if [ -f "$dir/summary.json" ]; then echo "== $dir: finished, skipped"; return; fi
+  local resume=(); [ -f "$dir/last.pt" ] && resume=(--resume)
+  echo "== $dir"
+  "$PY" xml_ref.py "$@" "${common[@]}" --out "$dir" "${resume[@]}"
+}
+
+for pair in res18,mbv1 res18,res34; do
+  name=${pair/,/-}
+  for method in independent dml xml xml+l2; do
+    train "${name}_$method" --pair "$pair" --method "$method"
+  done
+  for method in kd fitnet; do  # the teacher: the larger net of the independent run
+    train "${name}_$method" --pair "$pair" --method "$method" --teacher "$runs/${name}_independent/last.pt"
+  done
+  for method in xml xml+l2; do
+    [ -f "$runs/${name}_$method/interpolation.csv" ] || "$PY" xml_ref.py --interpolate "$runs/${name}_$method"
+  done
+done
+"$PY" xml_ref.py --report "$runs" --out "$results"
+echo "wrote $results/RESULTS.md and $results/results.json"
