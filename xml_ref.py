@@ -14,7 +14,6 @@ The file reads top to bottom like a method section:
     python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
 """
 import argparse
-import concurrent.futures
 import contextlib
 import copy
 import functools
@@ -115,25 +114,24 @@ def load_folder(root):
         raise UsageError(f'{root}: train/ and test/ have different classes (in one but not the other: '
                          f'{", ".join(only) or "same names, different order"}); give both the same class folders')
 
-    def decode(path):
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert('RGB'))
-        except Exception as e:
-            raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace it') from None
-
+    # One process, one image at a time: about 0.2 ms per CIFAR JPEG. Threads only queue on the GIL (seen:
+    # slower with 2 and with 16 threads), and a process pool would burden every caller with its start method.
     out, first = [], None
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
-        for split in ('train', 'test'):
-            paths = [p for p, _ in sets[split].samples]
-            images = list(pool.map(decode, paths, chunksize=256))
-            for path, im in zip(paths, images):
-                if first is None:
-                    first = (path, im.shape)
-                elif im.shape != first[1]:
-                    raise UsageError(f'{path} is {im.shape[1]}×{im.shape[0]} but {first[0]} is '
-                                     f'{first[1][1]}×{first[1][0]}: all images must share one size; resize them')
-            out += [torch.from_numpy(np.stack(images)), torch.tensor(sets[split].targets, dtype=torch.int64)]
+    for split in ('train', 'test'):
+        images = []
+        for path, _ in sets[split].samples:
+            try:
+                with Image.open(path) as im:
+                    images.append(np.asarray(im.convert('RGB')))
+            except Exception as e:
+                raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace it') from None
+            if first is None:
+                first = (path, images[-1].shape)
+            elif images[-1].shape != first[1]:
+                h, w = images[-1].shape[:2]
+                raise UsageError(f'{path} is {w}×{h} but {first[0]} is {first[1][1]}×{first[1][0]}: all images '
+                                 f'must share one size; resize them')
+        out += [torch.from_numpy(np.stack(images)), torch.tensor(sets[split].targets, dtype=torch.int64)]
     return Data(*out, list(sets['train'].classes))
 
 
@@ -177,8 +175,9 @@ def augment(images, pad=PAD, generator=None):
 def normalize(images, mean, std, memory_format=torch.contiguous_format):
     """uint8 N×H×W×3 → float N×3×H×W, (x/255 − mean)/std: torchvision's ToTensor then Normalize. The pixels
     are already in channels_last order, so asking for that layout (the fast one on GPUs) costs no copy."""
-    scale = torch.tensor(std, device=images.device).reciprocal().div(255).view(1, -1, 1, 1)
-    shift = -torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * scale * 255
+    # as_tensor copies nothing when mean and std already live on the device (inside a CUDA graph capture)
+    scale = torch.as_tensor(std, dtype=torch.float32, device=images.device).reciprocal().div(255).view(1, -1, 1, 1)
+    shift = -torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale * 255
     return (images.permute(0, 3, 1, 2).float() * scale + shift).contiguous(memory_format=memory_format)
 
 
@@ -497,9 +496,10 @@ class TrainStep:
     def __init__(self, parts, optimizers, method, update, loss_kw, mean, std, batch_shape, *, graph=False,
                  bf16=False, channels_last=False, warmup=3):
         self.parts, self.optimizers, self.method, self.update, self.loss_kw = parts, optimizers, method, update, loss_kw
-        self.mean, self.std, self.graph, self.bf16, self.warmup = mean, std, graph, bf16, warmup
+        self.graph, self.bf16, self.warmup = graph, bf16, warmup
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dev = next(parts[0][0].parameters()).device
+        self.mean, self.std = torch.tensor(mean, device=dev), torch.tensor(std, device=dev)
         self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=dev)  # the captured step's input
         self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=dev)
         self.loss_sum = {i: torch.zeros((), device=dev) for i, opt in enumerate(optimizers) if opt is not None}
@@ -896,9 +896,10 @@ DECK = {'res18,mbv1': {'accuracy': {'independent': [74.0, 62.6], 'dml': [74.3, 6
                         'cross': [[76.06, 76.61], [76.25, 76.61]], 'feature_distance': {}}}
 
 
-def report(runs_dir, out_dir):
-    """RESULTS.md and results.json in out_dir from the finished runs <pair>_<method> under runs_dir: our
-    numbers beside the deck's, each run with its command, epochs, device and date."""
+def report(runs_dir, out_dir, name='RESULTS'):
+    """<name>.md and <name>.json (RESULTS.md and results.json by default) in out_dir from the finished runs
+    under runs_dir, grouped by pair and schedule: our numbers beside the deck's, each run with its command,
+    epochs, device and date."""
     runs = {}
     for path in sorted(Path(runs_dir).glob('*/summary.json')):
         summary = json.loads(path.read_text())
@@ -911,17 +912,21 @@ def report(runs_dir, out_dir):
         raise UsageError(f'--report {runs_dir}: no finished runs (*/summary.json) there')
     f1 = lambda x: '–' if x is None else f'{x:.2f}'
     lines = ['# Results', '', f'Generated by `python xml_ref.py --report {runs_dir}` on {time.strftime("%Y-%m-%d")} '
-             'from the runs below. Top-1 (%) on the test set: last epoch / best epoch; the deck\'s number '
-             '(CIFAR-100, best model) in brackets where it reports one.', '']
-    for pair in dict.fromkeys(s['pair'] for s in runs.values()):
-        mine = {s['method']: s for s in runs.values() if s['pair'] == pair}
-        deck = DECK.get(pair, {'accuracy': {}, 'cross': None, 'feature_distance': {}})
+             'from the runs below. Top-1 (%) on the test set: last epoch / best epoch; for CIFAR-100 runs the '
+             'deck\'s number (best model) in brackets where it reports one.', '']
+    groups = dict.fromkeys((s['pair'], s['epochs']) for s in runs.values())  # compare methods on one schedule
+    for pair, epochs in groups:
+        mine = {s['method'] + ('' if s['path_weights'] == 'sum' or 'xml' not in s['method'] else ' (mean)'): s
+                for s in runs.values() if s['pair'] == pair and s['epochs'] == epochs}
+        on_cifar100 = all(s['dataset'] == 'cifar100' for s in mine.values())  # the deck's numbers are CIFAR-100's
+        deck = DECK.get(pair) if on_cifar100 else None
+        deck = deck or {'accuracy': {}, 'cross': None, 'feature_distance': {}}
         nets = next(iter(mine.values()))['nets']
-        lines += [f'## {pair}', '', '| method | ' + ' | '.join(f'net {i + 1}: {n}' for i, n in enumerate(nets)) +
+        title = f'## {pair}' + (f', {epochs} epochs' if len(groups) > len({p for p, _ in groups}) else '')
+        lines += [title, '', '| method | ' + ' | '.join(f'net {i + 1}: {n}' for i, n in enumerate(nets)) +
                   ' | ensemble | feature distance |', '|---' * (len(nets) + 3) + '|']
-        for method in METHODS:
-            if method not in mine:
-                continue
+        methods = [m for m in METHODS for m in (m, m + ' (mean)') if m in mine]
+        for method in methods:
             s, d = mine[method], deck['accuracy'].get(method, [None] * len(nets))
             cells = [f'{f1(a)} / {f1(b)}' + (f' [{d[i]}]' if d[i] is not None else '') +
                      (' (teacher, frozen)' if s.get('teacher') and s['teacher']['net'] == i + 1 else '')
@@ -931,8 +936,8 @@ def report(runs_dir, out_dir):
             lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {f1(s["ensemble"])} | {dist} |')
         lines += ['', 'Cross pairings, last epoch (row: up-half of net a, column: down-half of net b):', '',
                   '| method | up1→down1 | up2→down1 | up1→down2 | up2→down2 |', '|---|---|---|---|---|']
-        for method in METHODS:
-            if method in mine and mine[method].get('cross'):
+        for method in methods:
+            if mine[method].get('cross'):
                 c = mine[method]['cross']
                 lines.append(f'| {method} | {f1(c[0][0])} | {f1(c[1][0])} | {f1(c[0][1])} | {f1(c[1][1])} |')
         if deck['cross']:
@@ -947,15 +952,16 @@ def report(runs_dir, out_dir):
                           '| down 1 | ' + ' | '.join(f'{r["down1"]:.1f}' for r in rows) + ' |',
                           '| down 2 | ' + ' | '.join(f'{r["down2"]:.1f}' for r in rows) + ' |']
         lines.append('')
-    lines += ['## Runs', '', '| run | epochs | dataset | device | torch | date | wall | command |',
-              '|---|---|---|---|---|---|---|---|']
-    for name, s in runs.items():
-        lines.append(f'| {name} | {s["hint_epochs"] + s["epochs"]} | {s["dataset"]} | {s["device"]} | {s["torch"]} | '
-                     f'{s["date"]} | {format_duration(s["wall_s"])} | `{s["command"]}` |')
+    lines += ['## Runs', '', 'fast: on = bf16 + CUDA graph (TrainStep), off = the plain fp32 loop.', '',
+              '| run | epochs | dataset | fast | device | torch | date | wall | command |',
+              '|---|---|---|---|---|---|---|---|---|']
+    for run, s in runs.items():
+        lines.append(f'| {run} | {s["hint_epochs"] + s["epochs"]} | {s["dataset"]} | {s.get("fast", "off")} | '
+                     f'{s["device"]} | {s["torch"]} | {s["date"]} | {format_duration(s["wall_s"])} | `{s["command"]}` |')
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / 'RESULTS.md', lambda f: f.write(('\n'.join(lines) + '\n').encode()))
-    write_json(out_dir / 'results.json', {'deck': DECK, 'runs': runs})
+    write_atomic(out_dir / f'{name}.md', lambda f: f.write(('\n'.join(lines) + '\n').encode()))
+    write_json(out_dir / f'{"results" if name == "RESULTS" else name}.json', {'deck': DECK, 'runs': runs})
     return runs
 
 
@@ -1076,7 +1082,7 @@ def bench(out_dir, device='cuda'):
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, eager = [], []
     configs = [(pair, method, batch, loop) for pair in (['res18', 'res34'], ['res18', 'mbv1'])
-               for method in ('independent', 'dml', 'xml') for batch in (128, 512) for loop in ('usual', 'ours')]
+               for method in ('xml', 'dml', 'independent') for batch in (128, 512) for loop in ('usual', 'ours')]
     configs += [(['res18', 'res34'], 'xml', batch, 'ours-eager') for batch in (128, 512)]  # what the graph buys
     for pair, method, batch, loop in configs:
         steps = max(10, 4_000 // batch) if loop == 'usual' else max(20, 12_000 // batch)
@@ -1165,6 +1171,8 @@ def parse_args(argv=None):
                                                             'writes interpolation.csv (and .png) into RUN_DIR')
     p.add_argument('--report', metavar='RUNS_DIR', help='RESULTS.md and results.json in --out (default results/) '
                                                         'from the finished runs in RUNS_DIR')
+    p.add_argument('--report-name', default='RESULTS', metavar='NAME', help='--report: write NAME.md and NAME.json '
+                                                                           'instead')
     cfg = p.parse_args(argv)
     cfg.argv = list(sys.argv[1:] if argv is None else argv)  # for the summary's 'command'
 
@@ -1248,7 +1256,7 @@ def main(argv=None):
             interpolate_run(cfg.interpolate, cfg.device)
             return 0
         if cfg.report:
-            report(cfg.report, cfg.out)
+            report(cfg.report, cfg.out, cfg.report_name)
             return 0
         summary = train(cfg)
     except UsageError as e:
