@@ -547,6 +547,11 @@ BAD_INPUTS = [
     (['--epochs', 'many'], 'invalid int'),
     (['--dataset', 'folder', '--data-dir', '/nonexistent/dir'], 'not a directory'),
     (['--method', 'kd'], 'needs --teacher'),
+    (['--nets', 'res18,res34,mbv1', '--method', 'kd'], 'defined for a pair'),
+    (['--nets', 'res18,res34,mbv1', '--cuts', 'layer2,layer3', '--paths-per-step', '30'], '--paths-per-step'),
+    (['--cuts', 'layer3,layer2'], 'order of the stages'),
+    (['--method', 'xml', '--freeze', '2'], 'needs --init2'),
+    (['--cut', 'layer2', '--cuts', 'layer2'], 'not both'),
 ]
 
 
@@ -632,3 +637,142 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
     r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs'),
                         '--results', str(tmp_path / 'results')], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.count('finished, skipped') == 12
+
+
+# ----------------------------------------------------------------- K nets × P parts, beyond the deck
+THREE, CUTS = ('res18', 'res34', 'mbv1'), ('layer2', 'layer3')
+
+
+def three_nets(seed=0):
+    models = [tiny(n, seed=seed + i) for i, n in enumerate(THREE)]
+    return models, [X.split_parts(m, CUTS) for m in models]
+
+
+def test_k_nets_p_parts_have_k_to_the_p_paths_whose_shapes_chain():
+    models, parts = three_nets()
+    paths = X.all_paths(3, 3)
+    assert len(paths) == 27 and len(set(paths)) == 27 and len(X.pure_paths(3, 3)) == 3
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = X.run_paths(parts, x, paths)
+    assert all(out[p].shape == (2, 10) for p in paths)
+    assert len(out) == 1 + 3 + 9 + 27  # every prefix run once
+    for p in X.pure_paths(3, 3):  # a pure path is the whole net
+        torch.testing.assert_close(out[p], models[p[0]](x))
+
+
+def test_sampled_paths_reach_every_crossed_path():
+    rng = __import__('random').Random(0)
+    crossed = {p for p in X.all_paths(3, 3) if len(set(p)) > 1}
+    seen = set()
+    for _ in range(200):
+        paths = X.step_paths('xml', 3, 3, paths_per_step=4, rng=rng)
+        assert paths[:3] == X.pure_paths(3, 3) and len(set(paths[3:])) == 4 and set(paths[3:]) <= crossed
+        seen |= set(paths[3:])
+    assert seen == crossed
+
+
+def test_k_net_xml_loss_and_routing_match_a_reference():
+    """L_i = Σ_{p ∋ i} [CE(z_p) + mean_{j≠i} KL(z_jjj‖z_p)], differentiated w.r.t. net i's parts only."""
+    models, parts = three_nets(seed=7)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(10, (4,), generator=g)
+    for m in models:
+        m.train()
+    expected = []
+    for i in range(3):
+        ms = copy.deepcopy(models)
+        ps = [X.split_parts(m, CUTS) for m in ms]
+        for j, m in enumerate(ms):
+            m.requires_grad_(j == i)
+        z = {p: ps[p[2]][2](ps[p[1]][1](ps[p[0]][0](x))) for p in X.all_paths(3, 3)}
+        loss = sum(F.cross_entropy(z[p], y) + sum(ref_kl(z[(j,) * 3], z[p]) for j in range(3) if j != i) / 2
+                   for p in z if i in p)
+        expected.append(torch.autograd.grad(loss, list(ms[i].parameters())))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
+    X.train_step(parts, opts, x, y, 'xml')
+    for m, e in zip(models, expected):
+        for (name, p), q in zip(m.named_parameters(), e):
+            torch.testing.assert_close(p.grad, q, rtol=1e-9, atol=1e-12, msg=name)
+    for m in models:
+        m.zero_grad(set_to_none=True)
+    X.train_step(parts, [opts[0], None, None], x, y, 'xml')  # only net 1 learns: the others get nothing
+    assert all(p.grad is None for m in models[1:] for p in m.parameters())
+
+
+def test_cli_pair_as_k_nets_equals_the_pair_run(tmp_path, capsys):
+    common = ['--method', 'xml', *TINY]
+    assert run_cli(['--pair', 'res18,mbv1', '--cut', 'layer3', *common, '--out', str(tmp_path / 'a')], capsys)[0] == 0
+    assert run_cli(['--nets', 'res18,mbv1', '--cuts', 'layer3', *common, '--out', str(tmp_path / 'b')], capsys)[0] == 0
+    a, b = (json.loads((tmp_path / d / 'summary.json').read_text()) for d in 'ab')
+    assert (a['accuracy'], a['cross'], a['feature_distance']) == (b['accuracy'], b['cross'], b['feature_distance'])
+
+
+def test_cli_three_nets_three_parts_reports_every_path_with_its_cost(tmp_path, capsys):
+    out = tmp_path / 'k3'
+    code, cap = run_cli(['--nets', ','.join(THREE), '--cuts', ','.join(CUTS), '--method', 'xml', '--paths-per-step',
+                         '5', *TINY, '--out', str(out)], capsys)
+    assert code == 0, cap.err
+    summary = json.loads((out / 'summary.json').read_text())
+    rows = summary['path_costs']
+    assert len(rows) == 27 and len(summary['paths']) == 27 and len(summary['accuracy']) == 3
+    assert [r['gflops'] for r in rows] == sorted(r['gflops'] for r in rows)
+    dominated = lambda r: any(q['gflops'] <= r['gflops'] and q['accuracy'] >= r['accuracy'] and
+                              (q['gflops'] < r['gflops'] or q['accuracy'] > r['accuracy']) for q in rows)
+    assert all(r['pareto'] == (not dominated(r)) for r in rows) and any(r['pareto'] for r in rows)
+    by_name = {r['path']: r for r in rows}
+    for i, name in enumerate(THREE):  # a pure path costs what its net costs
+        assert by_name['-'.join([str(i + 1)] * 3)]['params'] == X.num_params(X.build(name, 10, 4))
+        assert all(r['latency_ms_b1'] > 0 and r['latency_ms_b128'] > 0 for r in rows)
+    assert 'Pareto' in cap.out
+
+
+def test_teacher_student_xml_leaves_the_frozen_net_untouched(tmp_path, capsys):
+    teacher = tmp_path / 'teacher'
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'independent', *TINY, '--out', str(teacher)], capsys)[0] == 0
+    out = tmp_path / 'ts'
+    code, cap = run_cli(['--pair', 'res18,mbv1', '--method', 'xml', '--freeze', '2', '--init2', str(teacher / 'last.pt'),
+                         *TINY, '--out', str(out)], capsys)
+    assert code == 0, cap.err
+    before = torch.load(teacher / 'last.pt', weights_only=True)['nets']
+    after = torch.load(out / 'last.pt', weights_only=True)['nets']
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])  # parameters and BN statistics
+    assert any(not torch.equal(before[0][k], after[0][k]) for k in before[0])  # net 1 (fresh) did learn
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['frozen'] == [2] and summary['accuracy'][1] == json.loads(
+        (teacher / 'summary.json').read_text())['accuracy'][1]
+
+
+def test_adversarial_loss_formulas():
+    bce = lambda z, t: -(t * torch.log(torch.sigmoid(z)) + (1 - t) * torch.log(1 - torch.sigmoid(z))).mean()
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(X.synthesis_loss(a, b, c), bce(a, 1.0) + bce(b, 0.0) + bce(c, 1.0))
+    torch.testing.assert_close(X.discriminator_loss(a, b), bce(a, 1.0) + bce(b, 0.0))
+    torch.testing.assert_close(X.generator_loss(a, True), bce(a, 1.0))
+
+
+def test_gan_discriminator_learns_only_from_its_own_loss():
+    models, x, y = pair_setup()
+    hs = halves(models)
+    disc = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+    ref = copy.deepcopy(disc)
+    with torch.no_grad():
+        f = [h[0](x) for h in copy.deepcopy(hs)]
+    expected = torch.autograd.grad(X.discriminator_loss(ref(f[0]).squeeze(1), ref(f[1]).squeeze(1)),
+                                   list(ref.parameters()))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models] + [torch.optim.SGD(disc.parameters(), lr=0.0)]
+    losses = X.train_step(hs, opts, x, y, 'xml+gan', discriminator=disc)
+    assert set(losses) == {0, 1, 2}
+    for p, e in zip(disc.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('method', ['xml+disc', 'xml+gan'])
+def test_cli_discriminator_experiments_run(method, tmp_path, capsys):
+    code, cap = run_cli(['--pair', 'res18,mbv1', '--method', method, *TINY, '--out', str(tmp_path / 'r')], capsys)
+    assert code == 0, cap.err
+    summary = json.loads((tmp_path / 'r' / 'summary.json').read_text())
+    record = json.loads((tmp_path / 'r' / 'metrics.jsonl').read_text().splitlines()[0])
+    assert len(record['loss']) == (3 if method == 'xml+gan' else 2)
+    assert (summary['synthesis'] is not None) == (method == 'xml+disc')
+    assert len(summary['cross']) == 2 and all(0 <= a <= 100 for a in summary['accuracy'])

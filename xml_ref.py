@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shlex
 import sys
 import time
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 RECIPE = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
               lr_decay=0.2, milestones=(0.3, 0.6, 0.8))
 PAD = 4
-METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2')
+METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2', 'xml+disc', 'xml+gan')
+PAIR_ONLY = ('kd', 'fitnet', 'xml+disc', 'xml+gan')  # defined for two nets cut once
 UPDATES = ('simultaneous', 'sequential')
 DATASETS = ('cifar100', 'cifar10', 'folder', 'synthetic')
 
@@ -351,6 +353,33 @@ def feature_l2(feature, other_feature):
     return F.mse_loss(feature, other_feature.detach())
 
 
+def synthesis_loss(own, from_other, into_other):
+    """The deck's Experience 1, for net i: BCE(s_ii, 1) + BCE(s_ji, 0) + BCE(s_ij, 1), with s_ab the synthesis
+    logit of down_b on up_a's feature: down_i learns to tell its own up-half's feature (1) from the other's (0),
+    and up_i learns to make down_j take its feature for down_j's own."""
+    bce = F.binary_cross_entropy_with_logits
+    return (bce(own, torch.ones_like(own)) + bce(from_other, torch.zeros_like(from_other))
+            + bce(into_other, torch.ones_like(into_other)))
+
+
+def discriminator_loss(d_on_1, d_on_2):
+    """The deck's Experience 2, for the discriminator D: BCE(D(up_1(x)), 1) + BCE(D(up_2(x)), 0) on the detached
+    features (1 = net 1's)."""
+    bce = F.binary_cross_entropy_with_logits
+    return bce(d_on_1, torch.ones_like(d_on_1)) + bce(d_on_2, torch.zeros_like(d_on_2))
+
+
+def generator_loss(d_on_i, label_of_other):
+    """Experience 2, for up_i as a generator: BCE(D(up_i(x)), label of the other net): look like the other net."""
+    return F.binary_cross_entropy_with_logits(d_on_i, torch.full_like(d_on_i, float(label_of_other)))
+
+
+def discriminator(channels):
+    """Experience 2's independent discriminator on the cut feature: 3×3 conv + ReLU, pool, linear → one logit."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(channels, 1))
+
+
 def regressor(channels):
     """FitNet's regressor from the student's to the teacher's up-half feature (same shape here): 3×3 conv + BN."""
     return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
@@ -381,21 +410,37 @@ def run_paths(parts, x, paths):
     return out
 
 
-def step_paths(method, K, P):
-    """The paths one training step runs: every path for XML, the pure nets otherwise, the first parts for
-    FitNet's hint stage."""
+def step_paths(method, K, P, paths_per_step=None, rng=None):
+    """The paths one training step runs: the first parts for FitNet's hint stage, the pure nets for methods
+    without crossing, every path for the XML family; or, with paths_per_step = R, the K pure paths plus R
+    crossed paths drawn uniformly without replacement from the K^P − K (each path is drawn with probability
+    R / (K^P − K) at every step, so every path is trained)."""
     if method == 'hint':
         return [(i,) for i in range(K)]
-    return all_paths(K, P) if method in ('xml', 'xml+l2') else pure_paths(K, P)
+    if not method.startswith('xml'):
+        return pure_paths(K, P)
+    if paths_per_step is None:
+        return all_paths(K, P)
+    crossed = [p for p in all_paths(K, P) if len(set(p)) > 1]
+    return pure_paths(K, P) + rng.sample(crossed, paths_per_step)
 
 
-def net_losses(method, out, labels, trained, *, path_weights='sum', T=1.0, l2_weight=1.0, regressor=None):
-    """{i: L_i} for each trained net i, from the outputs `out` of run_paths (SPEC §3)."""
+def net_losses(method, out, labels, trained, *, path_weights='sum', T=1.0, l2_weight=1.0, adv_weight=0.1,
+               regressor=None, discriminator=None):
+    """{i: L_i} for each trained net i, from the outputs `out` of run_paths (SPEC §3); for xml+gan also
+    {K: the discriminator's loss} when K (one past the last net) is in `trained`."""
     K = len({p[0] for p in out if p})
     P = max(len(p) for p in out)
     pure = pure_paths(K, P)
+    if method == 'xml+disc':  # each down-half's last output is its synthesis score, the rest its logits
+        scores = {p: z[:, -1] for p, z in out.items() if len(p) == P}
+        out = {p: z[:, :-1] if len(p) == P else z for p, z in out.items()}
     losses = {}
     for i in trained:
+        if i == K:  # xml+gan: the discriminator, on features it must not train
+            losses[i] = discriminator_loss(discriminator(out[(0,)].detach()).squeeze(1),
+                                           discriminator(out[(1,)].detach()).squeeze(1))
+            continue
         others = [out[pure[j]] for j in range(K) if j != i]
         if method == 'independent':
             losses[i] = F.cross_entropy(out[pure[i]], labels)
@@ -405,12 +450,17 @@ def net_losses(method, out, labels, trained, *, path_weights='sum', T=1.0, l2_we
             losses[i] = hint_loss(regressor(out[(i,)]), out[(1 - i,)])
         elif method == 'dml':
             losses[i] = dml_loss(out[pure[i]], others, labels, T)
-        else:  # xml, xml+l2: every path that holds a part of net i, pulled toward the other nets' pure predictions
+        else:  # the xml family: every path that holds a part of net i, pulled toward the other nets' pure predictions
             mine = [z for p, z in out.items() if len(p) == P and i in p]
             losses[i] = xml_loss(mine, others, labels, path_weights, T)
             if method == 'xml+l2':
                 losses[i] = losses[i] + l2_weight * sum(feature_l2(out[(i,) * c], out[(j,) * c])
                                                         for c in range(1, P) for j in range(K) if j != i) / (K - 1)
+            if method == 'xml+disc':
+                j = 1 - i
+                losses[i] = losses[i] + adv_weight * synthesis_loss(scores[(i, i)], scores[(j, i)], scores[(i, j)])
+            if method == 'xml+gan':
+                losses[i] = losses[i] + adv_weight * generator_loss(discriminator(out[(i,)]).squeeze(1), i == 1)
     return losses
 
 
@@ -433,8 +483,9 @@ def optimizer_params(optimizer):
     return [p for group in optimizer.param_groups for p in group['params']]
 
 
-def train_step(parts, optimizers, x, labels, method, update='simultaneous', **loss_kw):
-    """One optimisation step of every trained net (optimizers[i] is None for a frozen net); returns {i: L_i}.
+def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, **loss_kw):
+    """One optimisation step of every trained net (optimizers[i] is None for a frozen net; optimizers[K], where
+    present, is xml+gan's discriminator) on `paths` (default: step_paths); returns {i: L_i}.
 
     Gradient routing (SPEC §3): each L_i is differentiated with respect to net i's parameters only
     (backward(inputs=...)), so in the crossed path z_12, L_1 trains up_1 through a fixed down_2 and L_2 trains
@@ -443,7 +494,7 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', **lo
     the paths run again, net 2 stepped on L_2, and so on; the repeated forwards do not update BN statistics."""
     K, P = len(parts), len(parts[0])
     trained = [i for i, opt in enumerate(optimizers) if opt is not None]
-    paths = step_paths(method, K, P)
+    paths = paths or step_paths(method, K, P)
     every_part = [part for net in parts for part in net]
     losses = {}
     if update == 'simultaneous':
@@ -494,7 +545,7 @@ class TrainStep:
     Every batch must have the shape given here: the training loop drops the last partial batch."""
 
     def __init__(self, parts, optimizers, method, update, loss_kw, mean, std, batch_shape, *, graph=False,
-                 bf16=False, channels_last=False, warmup=3):
+                 bf16=False, channels_last=False, warmup=3, paths_per_step=None, seed=0):
         self.parts, self.optimizers, self.method, self.update, self.loss_kw = parts, optimizers, method, update, loss_kw
         self.graph, self.bf16, self.warmup = graph, bf16, warmup
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -508,11 +559,16 @@ class TrainStep:
                 for group in (opt.param_groups if opt else []):
                     group['lr'] = torch.tensor(float(group['lr']), device=dev)
         self.captured, self.calls = None, 0
+        # sampled paths change from step to step, which one captured graph cannot: they run without it
+        self.paths_per_step, self.rng = paths_per_step, random.Random(seed)
+        self.graph = graph and paths_per_step is None
 
     def step(self):
         x = normalize(self.images, self.mean, self.std, self.memory_format)
+        paths = step_paths(self.method, len(self.parts), len(self.parts[0]), self.paths_per_step, self.rng)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            losses = train_step(self.parts, self.optimizers, x, self.labels, self.method, self.update, **self.loss_kw)
+            losses = train_step(self.parts, self.optimizers, x, self.labels, self.method, self.update, paths,
+                                **self.loss_kw)
         for i, loss in losses.items():
             self.loss_sum[i] += loss
 
@@ -543,14 +599,17 @@ def path_name(path):
 
 
 @torch.no_grad()
-def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False):
+def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None):
     """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of the ensemble
     of the pure nets (mean of softmax), and the half-feature distance mean((up_i(x) − up_j(x))²) averaged over
-    net pairs and cuts, on uint8 images N×H×W×3. fast: bf16 autocast and channels_last (CUDA)."""
+    net pairs and cuts, on uint8 images N×H×W×3. fast: bf16 autocast and channels_last (CUDA). classes: the
+    number of class logits, where the down-halves output more (xml+disc's synthesis score, whose accuracy at
+    telling the down-half's own up-half from the other's is then reported as 'synthesis')."""
     K, P = len(parts), len(parts[0])
     paths = all_paths(K, P)
     dev = next(parts[0][0].parameters()).device
     counts = torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64)  # correct per path, then the ensemble
+    synthesis = torch.zeros(len(paths), device=dev, dtype=torch.int64)
     sq_dist, n_dist = torch.zeros((), device=dev, dtype=torch.float64), 0
     fmt = torch.channels_last if fast else torch.contiguous_format
     with eval_mode([part for net in parts for part in net]), \
@@ -559,6 +618,9 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False):
             x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
             y = labels[s:s + batch_size].to(dev)
             out = run_paths(parts, x, paths)
+            if classes is not None and out[paths[0]].shape[1] > classes:
+                synthesis += torch.stack([((out[p][:, classes] > 0) == (len(set(p)) == 1)).sum() for p in paths])
+                out.update({p: out[p][:, :classes] for p in paths})
             probs = sum(F.softmax(out[p].float(), 1) for p in pure_paths(K, P)) / K
             counts += torch.stack([(z.argmax(1) == y).sum() for z in [out[p] for p in paths] + [probs]])
             for c in range(1, P):
@@ -573,6 +635,9 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False):
               'feature_distance': sq_dist.item() / max(n_dist, 1)}
     if P == 2:  # cross[a][b]: up-half of net a+1 → down-half of net b+1
         result['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
+        if synthesis.any():
+            syn = dict(zip(paths, synthesis.tolist()))
+            result['synthesis'] = [[100.0 * syn[(a, b)] / len(images) for b in range(K)] for a in range(K)]
     return result
 
 
@@ -593,7 +658,7 @@ def recalibrate_bn(modules, batches):
         mod.eval()
 
 
-def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False):
+def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False, classes=None):
     """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies of its
     parts, so the trained statistics stay untouched)."""
     K, P = len(parts), len(parts[0])
@@ -602,15 +667,88 @@ def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=
         copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]
         recalibrate_bn(copies, batches)
         # the copies form a one-net model whose only path is this one
-        acc[path] = evaluate([copies], images, labels, mean, std, batch_size, fast)['accuracy'][0]
+        acc[path] = evaluate([copies], images, labels, mean, std, batch_size, fast, classes)['accuracy'][0]
     result = {'accuracy': [acc[p] for p in pure_paths(K, P)], 'paths': {path_name(p): a for p, a in acc.items()}}
     if P == 2:
         result['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
     return result
 
 
+def forward_flops(module, x):
+    """(FLOPs of one forward of `module` on x, its output): 2 × the multiply-adds of its convolutions and
+    linear layers, counted from their shapes (BatchNorm, ReLU and pooling are left out)."""
+    total = 0
+
+    def count(m, _, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total += 2 * out.numel() * m.in_features
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        out = module(x)
+    for h in hooks:
+        h.remove()
+    return total, out
+
+
 @torch.no_grad()
-def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast=False):
+def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.25):
+    """Median wall time (ms) of one forward of `modules` in order, eval mode, on their device, at `batch`."""
+    p = next(modules[0].parameters())
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    x = torch.randn(batch, 3, image_size, image_size, device=p.device).contiguous(memory_format=fmt)
+    sync = torch.cuda.synchronize if p.device.type == 'cuda' else (lambda: None)
+    times = []
+    with eval_mode(modules), torch.autocast(p.device.type, torch.bfloat16, enabled=fast):
+        for k in range(60):
+            sync()
+            t = time.perf_counter()
+            h = x
+            for m in modules:
+                h = m(h)
+            sync()
+            times.append(time.perf_counter() - t)
+            if k >= 2 and sum(times[1:]) > budget_s:  # the first run warms up
+                break
+    return 1000 * sorted(times[1:])[len(times[1:]) // 2]
+
+
+@torch.no_grad()
+def path_costs(parts, accuracy, image_size=32, fast=False):
+    """For every path: top-1 (from evaluate()'s 'paths'), parameters, forward GFLOPs per image and latency (ms)
+    at batch 1 and 128 on the parts' device; sorted by FLOPs, the Pareto front (no other path at most as costly
+    and at least as accurate, better in one) marked. The deck's "Dynamic Computation": pick a path by budget."""
+    K, P = len(parts), len(parts[0])
+    p = next(parts[0][0].parameters())
+    rows = []
+    for path in all_paths(K, P):
+        modules = [parts[i][k] for k, i in enumerate(path)]
+        flops, h = 0, torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
+        with eval_mode(modules):
+            for m in modules:
+                f, h = forward_flops(m, h)
+                flops += f
+        rows.append({'path': path_name(path), 'accuracy': accuracy[path_name(path)],
+                     'params': sum(num_params(m) for m in modules), 'gflops': flops / 1e9,
+                     'latency_ms_b1': latency_ms(modules, 1, image_size, fast),
+                     'latency_ms_b128': latency_ms(modules, 128, image_size, fast)})
+    for r in rows:
+        r['pareto'] = not any(q['gflops'] <= r['gflops'] and q['accuracy'] >= r['accuracy'] and
+                              (q['gflops'] < r['gflops'] or q['accuracy'] > r['accuracy']) for q in rows)
+    return sorted(rows, key=lambda r: (r['gflops'], -r['accuracy']))
+
+
+def cost_table(rows):
+    lines = ['path        top-1   params(M)  GFLOP/img  ms@1    ms@128  Pareto']
+    lines += [f'{r["path"]:<10} {r["accuracy"]:6.2f}  {r["params"] / 1e6:9.2f}  {r["gflops"]:9.3f}  '
+              f'{r["latency_ms_b1"]:6.2f}  {r["latency_ms_b128"]:6.2f}  {"*" if r["pareto"] else ""}' for r in rows]
+    return '\n'.join(lines)
+
+
+@torch.no_grad()
+def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast=False, classes=None):
     """The deck's up-half study (SPEC §4): top-1 (%) of each down-half b fed h(a) = a·up_1(x) + (1−a)·up_2(x),
     for each a in alphas; a = 1 gives the cross pairings of up_1, a = 0 those of up_2. Returns
     [{'alpha': a, 'down1': …, 'down2': …}, …]."""
@@ -624,7 +762,7 @@ def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast
             f1, f2 = parts[0][0](x), parts[1][0](x)
             for k, a in enumerate(alphas):
                 h = a * f1 + (1 - a) * f2
-                correct[k] += torch.stack([(parts[b][1](h).argmax(1) == y).sum() for b in range(2)])
+                correct[k] += torch.stack([(parts[b][1](h)[:, :classes].argmax(1) == y).sum() for b in range(2)])
     return [{'alpha': a, 'down1': 100.0 * c[0] / len(images), 'down2': 100.0 * c[1] / len(images)}
             for a, c in zip(alphas, correct.tolist())]
 
@@ -657,18 +795,25 @@ def load_checkpoint(path):
         raise UsageError(f'cannot read checkpoint {path} ({type(e).__name__}: {e})') from None
 
 
-def load_net(path, name, model):
-    """Load into `model` the weights of the (first) net called `name` in a checkpoint this script wrote."""
+def load_net(path, name, model, index=None):
+    """Load into `model` the weights of the net called `name` in a checkpoint this script wrote: the one at
+    position `index` if it is called so, else the first."""
     ckpt = load_checkpoint(path)
     names = ckpt.get('config', {}).get('nets', []) if isinstance(ckpt, dict) else []
     if name not in names:
         raise UsageError(f'{path} holds the nets {", ".join(names) or "(none)"}, not {name}; give a checkpoint '
                          f'(last.pt or best.pt) of a run that trained {name}')
     try:
-        model.load_state_dict(ckpt['nets'][names.index(name)])
+        model.load_state_dict(ckpt['nets'][index if index is not None and index < len(names) and names[index] == name
+                                           else names.index(name)])
     except RuntimeError as e:  # another width or number of classes
         raise UsageError(f'{path}: its {name} does not fit this run ({str(e).splitlines()[1].strip()}); '
                          f'train the teacher with the same --dataset and --width') from None
+
+
+def build_nets(cfg, num_classes):
+    """The nets of a run; with xml+disc every net has one output more, its down-half's synthesis score."""
+    return [build(n, num_classes + (cfg.method == 'xml+disc'), cfg.width) for n in cfg.nets]
 
 
 def device_name(dev):
@@ -693,8 +838,9 @@ def progress_line(rec, total_epochs, seconds_left):
 
 
 # What a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ('nets', 'cut', 'method', 'update', 'path_weights', 'temperature', 'l2_weight', 'hint_epochs', 'epochs',
-               'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width', 'bn_recalib')
+RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature', 'l2_weight',
+               'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'batch_size', 'lr', 'momentum', 'weight_decay', 'seed',
+               'dataset', 'width', 'bn_recalib')
 
 
 def train(cfg):
@@ -722,27 +868,37 @@ def train(cfg):
     fmt = torch.channels_last if fast else torch.contiguous_format
     torch.backends.cudnn.benchmark = fast  # fixed shapes: let cuDNN time its kernels once and keep the fastest
     torch.manual_seed(cfg.seed)
-    models = [build(n, data.num_classes, cfg.width).to(dev, memory_format=fmt) for n in cfg.nets]
-    feature = check_cut(models, cfg.nets, cfg.cut, data.train_x.shape[1])
-    parts = [list(split(m, cfg.cut)) for m in models]
+    models = [m.to(dev, memory_format=fmt) for m in build_nets(cfg, data.num_classes)]
+    features = [check_cut(models, cfg.nets, cut, data.train_x.shape[1]) for cut in cfg.cuts]
+    parts = [split_parts(m, cfg.cuts) for m in models]
     K = len(models)
 
-    # kd and fitnet: the larger net is the frozen teacher (eval mode throughout), the other the student.
-    frozen, student, reg = set(), None, None
+    # Frozen nets stay in eval mode and have no optimizer: kd and fitnet's teacher (the larger net of the pair,
+    # the other is the student) and --freeze's net (teacher-student XML).
+    frozen, student, reg, disc = set(), None, None, None
     if cfg.method in ('kd', 'fitnet'):
         teacher = max(range(K), key=lambda i: num_params(models[i]))
         student = 1 - teacher
         load_net(cfg.teacher, cfg.nets[teacher], models[teacher])
         frozen = {teacher}
-        for p in models[teacher].parameters():
-            p.requires_grad_(False)
+    for i, path in enumerate((cfg.init1, cfg.init2)):
+        if path:
+            load_net(path, cfg.nets[i], models[i], i)
+    if cfg.freeze:
+        frozen.add(cfg.freeze - 1)
+    for i in frozen:
+        models[i].requires_grad_(False)
     optimizers = [None if i in frozen else sgd(models[i].parameters(), cfg, fast) for i in range(K)]
+    if cfg.method == 'xml+gan':  # the discriminator learns too: optimizers[K]
+        disc = discriminator(features[0][0]).to(dev, memory_format=fmt)
+        optimizers.append(sgd(disc.parameters(), cfg, fast))
     hint_optimizers = []
     if cfg.method == 'fitnet':  # stage 1 trains the student's up-half and the regressor only
-        reg = regressor(feature[0]).to(dev, memory_format=fmt)
+        reg = regressor(features[0][0]).to(dev, memory_format=fmt)
         hint_optimizers = [None] * K
         hint_optimizers[student] = sgd(list(parts[student][0].parameters()) + list(reg.parameters()), cfg, fast)
-    loss_kw = dict(path_weights=cfg.path_weights, T=cfg.temperature, l2_weight=cfg.l2_weight, regressor=reg)
+    loss_kw = dict(path_weights=cfg.path_weights, T=cfg.temperature, l2_weight=cfg.l2_weight,
+                   adv_weight=cfg.adv_weight, regressor=reg, discriminator=disc)
 
     gen = torch.Generator(dev).manual_seed(cfg.seed)  # data order and augmentation
     history, start, wall_before = [], 0, 0.0
@@ -754,8 +910,9 @@ def train(cfg):
         for opt, state in zip(optimizers + hint_optimizers, ckpt['optimizers']):
             if opt is not None:
                 opt.load_state_dict(state)
-        if reg is not None:
-            reg.load_state_dict(ckpt['regressor'])
+        for module, key in ((reg, 'regressor'), (disc, 'discriminator')):
+            if module is not None:
+                module.load_state_dict(ckpt[key])
         gen.set_state(ckpt['rng']['data'])
         torch.set_rng_state(ckpt['rng']['torch'])
         history, start, wall_before, best = ckpt['history'], ckpt['epoch'], ckpt['wall_s'], ckpt['best']
@@ -771,8 +928,10 @@ def train(cfg):
         opts = hint_optimizers if hint else optimizers
         if method not in steps:
             steps[method] = TrainStep(parts, opts, method, cfg.update, loss_kw, mean, std,
-                                      (cfg.batch_size, *train_x.shape[1:]), graph=fast, bf16=fast, channels_last=fast)
+                                      (cfg.batch_size, *train_x.shape[1:]), graph=fast, bf16=fast, channels_last=fast,
+                                      paths_per_step=cfg.paths_per_step)
         step = steps[method]
+        step.rng.seed(cfg.seed * 1_000_003 + epoch)  # the sampled paths of an epoch, also after a resume
         lr = lr_at(epoch if hint else epoch - H, H if hint else E, cfg.lr)
         for opt in opts:
             if opt is not None:
@@ -786,20 +945,21 @@ def train(cfg):
         for s in range(n_steps):
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             step(augment(train_x[idx], generator=gen), train_y[idx])
-        losses = [step.loss_sum[i].item() / n_steps if i in step.loss_sum else None for i in range(K)]
+        losses = [step.loss_sum[i].item() / n_steps if i in step.loss_sum else None for i in range(len(opts))]
         if any(l is not None and not math.isfinite(l) for l in losses):
             raise FloatingPointError(f'epoch {epoch + 1}: mean loss {losses} is not finite; last.pt holds the '
                                      f'last good epoch ({epoch})')
         train_s = time.time() - t0
         rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr, 'loss': losses,
-               **evaluate(parts, test_x, test_y, mean, std, fast=fast)}
+               **evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes)}
         if cfg.bn_recalib:
             g = torch.Generator(dev).manual_seed(cfg.seed + 1)  # the same training batches every epoch
             batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=dev,
                                                                generator=g)], generator=g), mean, std, fmt)
                        for _ in range(cfg.bn_recalib)]
             with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-                rec['recalib'] = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast)
+                rec['recalib'] = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
+                                                       classes=data.num_classes)
         rec.update(img_per_s=n_steps * cfg.batch_size / train_s, epoch_s=time.time() - t0)
         history.append(rec)
 
@@ -810,6 +970,7 @@ def train(cfg):
         state = {'config': vars(cfg), 'epoch': epoch + 1, 'nets': [m.state_dict() for m in models],
                  'optimizers': [opt.state_dict() if opt else None for opt in optimizers + hint_optimizers],
                  'regressor': reg.state_dict() if reg is not None else None,
+                 'discriminator': disc.state_dict() if disc is not None else None,
                  'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
                  'history': history, 'best': best, 'wall_s': wall_before + time.time() - t_run}
         mean_acc = sum(rec['accuracy'][i] for i in trained) / len(trained)
@@ -822,18 +983,23 @@ def train(cfg):
         print(progress_line(rec, H + E, (time.time() - t_run) / done * (H + E - epoch - 1)), flush=True)
 
     last = history[-1]
-    summary = {'method': cfg.method, 'pair': ','.join(cfg.nets), 'nets': cfg.nets, 'cut': cfg.cut,
-               'feature_shape': list(feature), 'update': cfg.update, 'path_weights': cfg.path_weights,
-               'temperature': cfg.temperature, 'l2_weight': cfg.l2_weight,
+    costs = path_costs(parts, last['paths'], data.train_x.shape[1], fast)
+    print(cost_table(costs), flush=True)
+    summary = {'method': cfg.method, 'pair': ','.join(cfg.nets), 'nets': cfg.nets, 'cut': ','.join(cfg.cuts),
+               'cuts': cfg.cuts, 'feature_shape': [list(f) for f in features] if len(features) > 1 else list(features[0]),
+               'update': cfg.update, 'path_weights': cfg.path_weights, 'paths_per_step': cfg.paths_per_step,
+               'temperature': cfg.temperature, 'l2_weight': cfg.l2_weight, 'adv_weight': cfg.adv_weight,
+               'frozen': sorted(i + 1 for i in frozen), 'init': {'1': cfg.init1, '2': cfg.init2},
                'teacher': None if student is None else {'net': 2 - student, 'checkpoint': cfg.teacher},
                'student': None if student is None else student + 1, 'hint_epochs': H, 'epochs': E,
                'batch_size': cfg.batch_size, 'lr': cfg.lr, 'momentum': cfg.momentum, 'weight_decay': cfg.weight_decay,
                'seed': cfg.seed, 'dataset': cfg.dataset, 'width': cfg.width, 'bn_recalib': cfg.bn_recalib,
                'fast': cfg.fast,
-               'params': [{'up': num_params(p[0]), 'down': num_params(p[1])} for p in parts],
+               'params': [[num_params(part) for part in net] for net in parts],
                'accuracy': last['accuracy'], 'best_accuracy': best['accuracy'], 'best_epoch': best['epoch'],
                'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
                'feature_distance': last['feature_distance'], 'recalib': last.get('recalib'),
+               'synthesis': last.get('synthesis'), 'path_costs': costs,
                'device': device_name(dev), 'torch': torch.__version__,
                'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_before + time.time() - t_run,
                'command': 'python xml_ref.py ' + ' '.join(map(shlex.quote, cfg.argv))}
@@ -857,13 +1023,16 @@ def interpolate_run(run_dir, device=None):
     fast = dev.type == 'cuda' and cfg.fast == 'on'  # evaluate as the run did, so a = 0, 1 give its cross matrix
     data = load_data(cfg.dataset, cfg.data_dir)
     mean, std = channel_stats(data.train_x)
-    models = [build(n, data.num_classes, cfg.width) for n in cfg.nets]
+    if len(cfg.nets) != 2 or len(cfg.cuts) != 1:
+        raise UsageError(f'--interpolate {run_dir}: the study is defined for a pair cut once, not {cfg.nets} '
+                         f'cut at {cfg.cuts}')
+    models = build_nets(cfg, data.num_classes)
     for m, state in zip(models, ckpt['nets']):
         m.load_state_dict(state)
         m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
     torch.backends.cudnn.benchmark = fast
-    rows = interpolation([list(split(m, cfg.cut)) for m in models], data.test_x.to(dev), data.test_y.to(dev),
-                         mean, std, ALPHAS, fast=fast)
+    rows = interpolation([list(split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev), data.test_y.to(dev),
+                         mean, std, ALPHAS, fast=fast, classes=data.num_classes)
     csv = 'alpha,down1,down2\n' + ''.join(f'{r["alpha"]:.1f},{r["down1"]:.2f},{r["down2"]:.2f}\n' for r in rows)
     write_atomic(run_dir / 'interpolation.csv', lambda f: f.write(csv.encode()))
     try:  # the plot is an optional extra
@@ -966,25 +1135,6 @@ def report(runs_dir, out_dir, name='RESULTS'):
 
 
 # -------------------------------------------------------------------------------------- benchmark
-def forward_flops(module, x):
-    """(FLOPs of one forward of `module` on x, its output): 2 × the multiply-adds of its convolutions and
-    linear layers, counted from their shapes (BatchNorm, ReLU and pooling are left out)."""
-    total = 0
-
-    def count(m, _, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            total += 2 * out.numel() * m.in_features
-    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        out = module(x)
-    for h in hooks:
-        h.remove()
-    return total, out
-
-
 def step_flops(parts, method, image_size=32):
     """Analytic FLOPs per image of one simultaneous training step: 3 × the forward FLOPs of every part run
     (forward, gradient of its input, gradient of its weights; the routed backward passes split these two
@@ -1135,13 +1285,24 @@ def parse_args(argv=None):
     p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--pair', default='res18,res34', help=f'net 1,net 2, from {", ".join(MODELS)}')
+    p.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 (cut with --cuts)')
     p.add_argument('--method', choices=METHODS, default='xml')
     p.add_argument('--cut', help='stage both nets are cut after, layer1..layer4 (default: layer3 with mbv1, else '
                                  'layer2, the deck\'s cuts)')
+    p.add_argument('--cuts', help='several stages to cut every net after, in order (P − 1 cuts: P parts), e.g. '
+                                  'layer2,layer3')
+    p.add_argument('--paths-per-step', type=int, metavar='R', help='xml family: train the pure paths and R crossed '
+                                                                  'paths drawn at random per step, not all K^P')
     p.add_argument('--update', choices=UPDATES, default='simultaneous', help='order of the nets\' updates')
     p.add_argument('--path-weights', choices=('sum', 'mean'), default='sum', help='xml: sum or mean over paths')
     p.add_argument('--temperature', type=float, help='KL temperature (default: 4 for kd and fitnet, 1 otherwise)')
     p.add_argument('--l2-weight', type=float, default=1.0, help='λ of the xml+l2 feature term')
+    p.add_argument('--adv-weight', type=float, default=0.1, help='weight of the adversarial terms of xml+disc and '
+                                                                'xml+gan')
+    p.add_argument('--freeze', type=int, choices=(1, 2), help='teacher-student XML: net 1 or 2 stays fixed (eval '
+                                                              'mode), loaded with --init1 / --init2')
+    p.add_argument('--init1', metavar='PATH', help='start net 1 from the net of that name in a checkpoint')
+    p.add_argument('--init2', metavar='PATH', help='start net 2 from the net of that name in a checkpoint')
     p.add_argument('--teacher', help='kd, fitnet: a last.pt or best.pt of an earlier run that trained the teacher '
                                      '(the larger net of the pair)')
     p.add_argument('--hint-epochs', type=int, help='fitnet: epochs of stage 1 (default: epochs/10, at least 1)')
@@ -1176,16 +1337,37 @@ def parse_args(argv=None):
     cfg = p.parse_args(argv)
     cfg.argv = list(sys.argv[1:] if argv is None else argv)  # for the summary's 'command'
 
-    cfg.nets = cfg.pair.split(',')
-    if len(cfg.nets) != 2 or not all(cfg.nets):
-        raise UsageError(f'--pair takes two nets joined by a comma, like res18,res34; got {cfg.pair!r}')
+    flag, cfg.nets = ('--nets', cfg.nets.split(',')) if cfg.nets else ('--pair', cfg.pair.split(','))
+    if len(cfg.nets) < 2 or (flag == '--pair' and len(cfg.nets) != 2) or not all(cfg.nets):
+        raise UsageError(f'{flag} takes {"two" if flag == "--pair" else "two or more"} nets joined by a comma, like '
+                         f'res18,res34; got {",".join(cfg.nets)!r}')
     for name in cfg.nets:
         if name not in MODELS:
-            raise UsageError(f'unknown model {name!r} in --pair: choose from {", ".join(MODELS)}')
+            raise UsageError(f'unknown model {name!r} in {flag}: choose from {", ".join(MODELS)}')
+    if cfg.cut and cfg.cuts:
+        raise UsageError('give --cut (one cut) or --cuts (several), not both')
+    cfg.cuts = cfg.cuts.split(',') if cfg.cuts else [cfg.cut or default_cut(cfg.nets)]
+    K, P = len(cfg.nets), len(cfg.cuts) + 1
+    if cfg.method in PAIR_ONLY and (K, P) != (2, 2):
+        raise UsageError(f'--method {cfg.method} is defined for a pair cut once, not {K} nets in {P} parts')
+    if cfg.paths_per_step is not None:
+        crossed = K ** P - K
+        if not cfg.method.startswith('xml') or not 1 <= cfg.paths_per_step <= crossed:
+            raise UsageError(f'--paths-per-step goes with the xml methods and must be 1…{crossed} (the crossed '
+                             f'paths of {K} nets in {P} parts); got {cfg.paths_per_step}')
+    if cfg.freeze:
+        if cfg.method in ('kd', 'fitnet') or K != 2:
+            raise UsageError('--freeze is for a pair trained with a mutual method (kd and fitnet freeze the teacher '
+                             'themselves)')
+        if not getattr(cfg, f'init{cfg.freeze}'):
+            raise UsageError(f'--freeze {cfg.freeze} needs --init{cfg.freeze} PATH, the trained net to keep fixed')
+    for i, path in enumerate((cfg.init1, cfg.init2)):
+        if path and not Path(path).is_file():
+            raise UsageError(f'--init{i + 1} {path}: no such file; give a last.pt or best.pt of an earlier run')
     for flag in ('epochs', 'batch_size', 'lr', 'width'):
         if not getattr(cfg, flag) > 0:
             raise UsageError(f'--{flag.replace("_", "-")} must be positive, got {getattr(cfg, flag)}')
-    for flag in ('momentum', 'weight_decay', 'l2_weight', 'bn_recalib'):
+    for flag in ('momentum', 'weight_decay', 'l2_weight', 'adv_weight', 'bn_recalib'):
         if getattr(cfg, flag) < 0:
             raise UsageError(f'--{flag.replace("_", "-")} must not be negative, got {getattr(cfg, flag)}')
     if cfg.temperature is None:
@@ -1202,11 +1384,13 @@ def parse_args(argv=None):
                              f'(got {cfg.teacher}); train one first, e.g. --method independent')
     elif cfg.teacher:
         raise UsageError('--teacher goes with --method kd or fitnet')
-    cfg.cut = cfg.cut or default_cut(cfg.nets)
-    try:  # full-size nets on the CPU: cheap, and before anything is loaded or written
-        check_cut([build(n, 10, cfg.width) for n in cfg.nets], cfg.nets, cfg.cut)
+    try:  # the nets on the CPU: cheap, and before anything is loaded or written
+        models = [build(n, 10, cfg.width) for n in cfg.nets]
+        for cut in cfg.cuts:
+            check_cut(models, cfg.nets, cut)
+        split_parts(models[0], cfg.cuts)
     except ValueError as e:
-        raise UsageError(f'--cut: {e}') from None
+        raise UsageError(f'{"--cuts" if len(cfg.cuts) > 1 else "--cut"}: {e}') from None
     if cfg.dataset == 'folder' and not Path(cfg.data_dir).is_dir():
         raise UsageError(f'--data-dir {cfg.data_dir} is not a directory; --dataset folder needs '
                          f'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
@@ -1223,7 +1407,7 @@ def parse_args(argv=None):
     if cfg.bench or cfg.interpolate or cfg.report:
         cfg.out = cfg.out or 'results'
         return cfg
-    cfg.out = cfg.out or f'runs/{cfg.nets[0]}-{cfg.nets[1]}_{cfg.method}_{cfg.cut}_seed{cfg.seed}'
+    cfg.out = cfg.out or f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}_seed{cfg.seed}'
     out = Path(cfg.out)
     if cfg.resume and cfg.force:
         raise UsageError('--resume and --force contradict each other: pick one')
