@@ -776,3 +776,190 @@ def test_cli_discriminator_experiments_run(method, tmp_path, capsys):
     assert len(record['loss']) == (3 if method == 'xml+gan' else 2)
     assert (summary['synthesis'] is not None) == (method == 'xml+disc')
     assert len(summary['cross']) == 2 and all(0 <= a <= 100 for a in summary['accuracy'])
+
+
+# ----------------------------------------------------------------------- reliability and scale
+XML_PY = str(HERE / 'xml_ref.py')
+RUN = [sys.executable, XML_PY, '--pair', 'res18,mbv1', '--method', 'xml', '--dataset', 'synthetic', '--width', '4',
+       '--device', 'cpu', '--batch-size', '64']
+TIMING = ('img_per_s', 'epoch_s')
+
+
+def finished_state(out):
+    """What a run ends with, minus timings: every epoch's record, the summary's numbers, the final weights."""
+    records = [{k: v for k, v in json.loads(l).items() if k not in TIMING}
+               for l in (out / 'metrics.jsonl').read_text().splitlines()]
+    summary = json.loads((out / 'summary.json').read_text())
+    numbers = {k: summary[k] for k in ('accuracy', 'best_accuracy', 'best_epoch', 'cross', 'paths', 'ensemble',
+                                       'feature_distance')}
+    return records, numbers, torch.load(out / 'last.pt', weights_only=True)['nets']
+
+
+def test_killed_at_any_moment_then_resumed_ends_as_an_uninterrupted_run(tmp_path):
+    import time
+    args = [*RUN, '--epochs', '4']
+    t = time.time()
+    subprocess.run([*args, '--out', str(tmp_path / 'ref')], check=True, capture_output=True)
+    wall = time.time() - t
+    ref = finished_state(tmp_path / 'ref')
+    for k, moments in enumerate([(0.1,), (0.35,), (0.6, 0.3), (0.85,)]):  # fractions of the run's wall time
+        out = tmp_path / f'killed{k}'
+        for m in moments:  # kill (SIGKILL), then resume; some runs twice
+            p = subprocess.Popen([*args, '--out', str(out), '--resume'], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            time.sleep(m * wall)
+            p.kill()
+            p.wait()
+        if not (out / 'summary.json').exists():
+            r = subprocess.run([*args, '--out', str(out), '--resume'], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+        got = finished_state(out)
+        assert got[0] == ref[0] and got[1] == ref[1], k
+        for a, b in zip(got[2], ref[2]):
+            assert all(torch.equal(a[n], b[n]) for n in a), k
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_sigterm_and_sigint_stop_after_a_checkpoint(sig, tmp_path):
+    import signal
+    import time
+    out = tmp_path / 'run'
+    p = subprocess.Popen([*RUN, '--epochs', '40', '--out', str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    while not (out / 'metrics.jsonl').exists():  # the first epoch is done and checkpointed
+        assert p.poll() is None
+        time.sleep(0.1)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + getattr(signal, sig), err
+    assert 'stopped after epoch' in err and '--resume' in err
+    epochs = len((out / 'metrics.jsonl').read_text().splitlines())
+    assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == epochs < 40
+    assert not (out / 'summary.json').exists()
+
+
+def test_a_nan_loss_names_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real, calls = X.net_losses, {'n': 0}
+
+    def poisoned(*args, **kw):  # net 2's loss turns NaN at the 3rd batch of epoch 2 (8 batches an epoch)
+        losses = real(*args, **kw)
+        calls['n'] += 1
+        if calls['n'] == 8 + 3:
+            losses[1] = losses[1] * float('nan')
+        return losses
+    monkeypatch.setattr(X, 'net_losses', poisoned)
+    out = tmp_path / 'nan'
+    code, cap = run_cli([*RUN[2:], '--epochs', '3', '--out', str(out)], capsys)
+    assert code == 1
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and 'net 2 (mbv1)' in lines[0] and 'epoch 2, batch 3 of 8' in lines[0], cap.err
+    assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == 1
+    assert len((out / 'metrics.jsonl').read_text().splitlines()) == 1 and not (out / 'summary.json').exists()
+
+
+def make_folder(root, classes=('ant', 'bee'), n=3, size=8, mode='RGB'):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ('train', 'test'):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).convert(mode).save(root / split / c / f'{k}.png')
+    return root
+
+
+def folder_cli(root, tmp_path, capsys, *extra):
+    return run_cli(['--pair', 'res18,mbv1', '--dataset', 'folder', '--data-dir', str(root), '--width', '4',
+                    '--epochs', '1', '--batch-size', '4', '--device', 'cpu', '--out', str(tmp_path / 'out'), *extra],
+                   capsys)
+
+
+def one_line_error(code, cap, *words):
+    lines = cap.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), cap.err
+
+
+def test_folder_data_set_converts_grayscale_and_trains(tmp_path, capsys):
+    root = make_folder(tmp_path / 'gray', mode='L')
+    code, cap = folder_cli(root, tmp_path, capsys)
+    assert code == 0, cap.err
+    assert X.load_folder(root).train_x.shape == (6, 8, 8, 3)
+
+
+def test_folder_bad_inputs_are_refused_naming_the_problem(tmp_path, capsys):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    one_line_error(*folder_cli(empty, tmp_path, capsys), 'no train/ folder')
+    (empty / 'train').mkdir()
+    (empty / 'test').mkdir()
+    one_line_error(*folder_cli(empty, tmp_path, capsys), str(empty / 'train'))
+    corrupt = make_folder(tmp_path / 'corrupt')
+    (corrupt / 'train' / 'bee' / 'broken.png').write_bytes(b'this is not a PNG')
+    one_line_error(*folder_cli(corrupt, tmp_path, capsys), 'cannot read image', 'broken.png')
+    classes = make_folder(tmp_path / 'classes')
+    (classes / 'test' / 'bee').rename(classes / 'test' / 'cow')
+    one_line_error(*folder_cli(classes, tmp_path, capsys), 'different classes', 'bee', 'cow')
+    sizes = make_folder(tmp_path / 'sizes')
+    make_folder(tmp_path / 'big', size=10)
+    (tmp_path / 'big' / 'test' / 'ant' / '0.png').replace(sizes / 'test' / 'ant' / '0.png')
+    one_line_error(*folder_cli(sizes, tmp_path, capsys), 'must share one size', '0.png', '10×10')
+    assert not (tmp_path / 'out').exists()  # nothing was written
+
+
+def test_an_out_that_cannot_be_written_is_refused(tmp_path, capsys):
+    (tmp_path / 'file').write_text('x')
+    code, cap = run_cli([*RUN[2:], '--epochs', '1', '--out', str(tmp_path / 'file' / 'run')], capsys)
+    one_line_error(code, cap, 'cannot be written')
+
+
+def test_resume_refuses_a_checkpoint_of_another_pair_cut_or_method(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'run'
+    with monkeypatch.context() as m:
+        m.setattr(X, 'progress_line', lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            X.main([*RUN[2:], '--epochs', '2', '--out', str(out)])
+    before = (out / 'last.pt').read_bytes()
+    for change, word in ((['--pair', 'res18,res34', '--cut', 'layer3'], 'nets'), (['--cut', 'layer2'], 'cuts'),
+                         (['--method', 'dml'], 'method')):
+        code, cap = run_cli([*RUN[2:], '--epochs', '2', *change, '--out', str(out), '--resume'], capsys)
+        one_line_error(code, cap, word, '--resume')
+    assert (out / 'last.pt').read_bytes() == before
+
+
+def _data_parallel_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    models, x, y = pair_setup(seed=11)
+    for m in models:
+        m.eval()  # BatchNorm on running statistics: one sample's loss does not depend on the others'
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in models]
+    share = len(x) // world
+    X.train_step(halves(models), opts, x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share], 'xml')
+    if rank == 0:
+        torch.save([m.state_dict() for m in models], out_file)
+    dist.destroy_process_group()
+
+
+def test_two_processes_step_like_one_process_on_the_whole_batch(tmp_path):
+    torch.multiprocessing.spawn(_data_parallel_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'dp.pt')),
+                                nprocs=2)
+    models, x, y = pair_setup(seed=11)
+    for m in models:
+        m.eval()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in models]
+    X.train_step(halves(models), opts, x, y, 'xml')
+    for m, state in zip(models, torch.load(tmp_path / 'dp.pt', weights_only=True)):
+        for name, p in m.state_dict().items():
+            torch.testing.assert_close(state[name], p, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_torchrun_with_two_processes_writes_one_run(tmp_path):
+    out = tmp_path / 'ddp'
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', XML_PY,
+                        *RUN[2:], '--epochs', '2', '--out', str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['processes'] == 2 and summary['command'].startswith('torchrun ')
+    assert len((out / 'metrics.jsonl').read_text().splitlines()) == 2
+    assert r.stdout.count('"method": "xml"') == 1  # rank 0 alone reports

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -483,6 +485,23 @@ def optimizer_params(optimizer):
     return [p for group in optimizer.param_groups for p in group['params']]
 
 
+def distributed():
+    """True in a torchrun job of several processes."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_gradients(params):
+    """Data parallelism: replace each gradient by its mean over the ranks (what DistributedDataParallel does),
+    with one all-reduce of the flattened gradients. Each rank's loss is a mean over its equal share of the
+    batch, so the result is the gradient of the mean over the whole batch."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
 def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, **loss_kw):
     """One optimisation step of every trained net (optimizers[i] is None for a frozen net; optimizers[K], where
     present, is xml+gan's discriminator) on `paths` (default: step_paths); returns {i: L_i}.
@@ -491,7 +510,8 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
     (backward(inputs=...)), so in the crossed path z_12, L_1 trains up_1 through a fixed down_2 and L_2 trains
     down_2 on a fixed up_1 feature. One backward of L_1 + L_2 would be wrong: it would train down_2 on L_1 too.
     simultaneous: one forward, every net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1,
-    the paths run again, net 2 stepped on L_2, and so on; the repeated forwards do not update BN statistics."""
+    the paths run again, net 2 stepped on L_2, and so on; the repeated forwards do not update BN statistics.
+    Under torchrun the gradients are averaged over the ranks before each optimizer steps."""
     K, P = len(parts), len(parts[0])
     trained = [i for i, opt in enumerate(optimizers) if opt is not None]
     paths = paths or step_paths(method, K, P)
@@ -504,6 +524,8 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
             optimizers[i].zero_grad(set_to_none=True)
             L[i].backward(inputs=optimizer_params(optimizers[i]), retain_graph=n + 1 < len(trained))
         for i in trained:
+            if distributed():
+                average_gradients(optimizer_params(optimizers[i]))
             optimizers[i].step()
             losses[i] = L[i].detach()
         return losses
@@ -513,6 +535,8 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
         L = net_losses(method, out, labels, [i], **loss_kw)[i]
         optimizers[i].zero_grad(set_to_none=True)
         L.backward(inputs=optimizer_params(optimizers[i]))
+        if distributed():
+            average_gradients(optimizer_params(optimizers[i]))
         optimizers[i].step()
         losses[i] = L.detach()
     return losses
@@ -554,6 +578,9 @@ class TrainStep:
         self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=dev)  # the captured step's input
         self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=dev)
         self.loss_sum = {i: torch.zeros((), device=dev) for i, opt in enumerate(optimizers) if opt is not None}
+        # the first step of the epoch (1-based; 0: none) whose loss was not finite, found without a host sync
+        self.first_bad = {i: torch.zeros((), dtype=torch.int64, device=dev) for i in self.loss_sum}
+        self.steps_done = torch.zeros((), dtype=torch.int64, device=dev)
         if graph:  # a replayed graph reads the learning rate from memory, not from Python
             for opt in optimizers:
                 for group in (opt.param_groups if opt else []):
@@ -569,8 +596,15 @@ class TrainStep:
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             losses = train_step(self.parts, self.optimizers, x, self.labels, self.method, self.update, paths,
                                 **self.loss_kw)
+        self.steps_done += 1
         for i, loss in losses.items():
             self.loss_sum[i] += loss
+            self.first_bad[i].copy_(torch.where((self.first_bad[i] == 0) & ~torch.isfinite(loss), self.steps_done,
+                                                self.first_bad[i]))
+
+    def new_epoch(self):
+        for total in [*self.loss_sum.values(), *self.first_bad.values(), self.steps_done]:
+            total.zero_()
 
     def __call__(self, images, labels):
         self.images.copy_(images)
@@ -843,23 +877,64 @@ RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_st
                'dataset', 'width', 'bn_recalib')
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint; main() exits with 128 + the signal number."""
+
+
+class Diverged(Exception):
+    """A loss became NaN or infinite; the last checkpoint is the last good epoch."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside: the first SIGINT or SIGTERM asks the run to stop after the current epoch's checkpoint (the
+    returned dict then holds the signal); a second one stops at once, losing the epoch in progress."""
+    request = {'signal': 0}
+
+    def handler(signum, _):
+        if request['signal']:
+            raise KeyboardInterrupt
+        request['signal'] = signum
+        print(f'\n{signal.Signals(signum).name}: stopping after this epoch\'s checkpoint (again to stop now)',
+              file=sys.stderr, flush=True)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def train(cfg):
     """Train the nets of `cfg` (a validated configuration, see parse_args) with its method, evaluating after every
-    epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into cfg.out and returns the summary."""
+    epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into cfg.out and returns the summary.
+    Under torchrun (several processes) every rank trains on its share of each batch and rank 0 writes."""
     out, dev = Path(cfg.out), torch.device(cfg.device)
+    rank, world = 0, 1
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dev.type == 'cuda':
+            dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', rank)))
+            torch.cuda.set_device(dev)
+    if cfg.batch_size % world:
+        raise UsageError(f'--batch-size {cfg.batch_size} does not split evenly over {world} processes')
+    writer = rank == 0  # only rank 0 writes files and progress
     data = load_data(cfg.dataset, cfg.data_dir)
     if cfg.batch_size > len(data.train_x):
         raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images')
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / '.write-test', 'w'):
-            pass
-        os.remove(out / '.write-test')
-    except OSError as e:
-        raise UsageError(f'--out {out} cannot be written ({e.strerror}); choose another directory') from None
-    if cfg.force:
-        for name in ('summary.json', 'last.pt', 'best.pt', 'metrics.jsonl'):
-            (out / name).unlink(missing_ok=True)
+    if writer:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / '.write-test', 'w'):
+                pass
+            os.remove(out / '.write-test')
+        except OSError as e:
+            raise UsageError(f'--out {out} cannot be written ({e.strerror}); choose another directory') from None
+        if cfg.force:
+            for name in ('summary.json', 'last.pt', 'best.pt', 'metrics.jsonl'):
+                (out / name).unlink(missing_ok=True)
 
     mean, std = channel_stats(data.train_x)
     train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
@@ -868,7 +943,10 @@ def train(cfg):
     fmt = torch.channels_last if fast else torch.contiguous_format
     torch.backends.cudnn.benchmark = fast  # fixed shapes: let cuDNN time its kernels once and keep the fastest
     torch.manual_seed(cfg.seed)
-    models = [m.to(dev, memory_format=fmt) for m in build_nets(cfg, data.num_classes)]
+    models = build_nets(cfg, data.num_classes)
+    if cfg.sync_bn:  # batch statistics over the whole batch, not each rank's share
+        models = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in models]
+    models = [m.to(dev, memory_format=fmt) for m in models]
     features = [check_cut(models, cfg.nets, cut, data.train_x.shape[1]) for cut in cfg.cuts]
     parts = [split_parts(m, cfg.cuts) for m in models]
     K = len(models)
@@ -899,11 +977,12 @@ def train(cfg):
         hint_optimizers[student] = sgd(list(parts[student][0].parameters()) + list(reg.parameters()), cfg, fast)
     loss_kw = dict(path_weights=cfg.path_weights, T=cfg.temperature, l2_weight=cfg.l2_weight,
                    adv_weight=cfg.adv_weight, regressor=reg, discriminator=disc)
+    learners = [f'net {i + 1} ({n})' for i, n in enumerate(cfg.nets)] + ['the discriminator']
 
-    gen = torch.Generator(dev).manual_seed(cfg.seed)  # data order and augmentation
+    gen = torch.Generator(dev).manual_seed(cfg.seed)  # data order and augmentation, the same on every rank
     history, start, wall_before = [], 0, 0.0
     best = {'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0}
-    if cfg.resume:
+    if cfg.resume and (out / 'last.pt').exists():
         ckpt = load_checkpoint(out / 'last.pt')
         for m, state in zip(models, ckpt['nets']):
             m.load_state_dict(state)
@@ -916,75 +995,99 @@ def train(cfg):
         gen.set_state(ckpt['rng']['data'])
         torch.set_rng_state(ckpt['rng']['torch'])
         history, start, wall_before, best = ckpt['history'], ckpt['epoch'], ckpt['wall_s'], ckpt['best']
-        print(f'resuming {out} after epoch {start}', file=sys.stderr)
+        if writer:
+            print(f'resuming {out} after epoch {start}', file=sys.stderr)
+    elif cfg.resume and writer:
+        print(f'{out}: no checkpoint yet, starting from the beginning', file=sys.stderr)
 
     H, E = cfg.hint_epochs, cfg.epochs
     n_steps = len(train_x) // cfg.batch_size  # the last partial batch is dropped; the order changes every epoch
+    share = cfg.batch_size // world  # each rank's share of a batch
     steps = {}  # one TrainStep (one CUDA graph) per stage
     t_run = time.time()
-    for epoch in range(start, H + E):
-        hint = epoch < H
-        method = 'hint' if hint else 'kd' if cfg.method == 'fitnet' else cfg.method
-        opts = hint_optimizers if hint else optimizers
-        if method not in steps:
-            steps[method] = TrainStep(parts, opts, method, cfg.update, loss_kw, mean, std,
-                                      (cfg.batch_size, *train_x.shape[1:]), graph=fast, bf16=fast, channels_last=fast,
-                                      paths_per_step=cfg.paths_per_step)
-        step = steps[method]
-        step.rng.seed(cfg.seed * 1_000_003 + epoch)  # the sampled paths of an epoch, also after a resume
-        lr = lr_at(epoch if hint else epoch - H, H if hint else E, cfg.lr)
-        for opt in opts:
-            if opt is not None:
-                set_lr(opt, lr)
-        for i, m in enumerate(models):
-            m.train(i not in frozen)
-        for total in step.loss_sum.values():
-            total.zero_()
-        t0 = time.time()
-        perm = torch.randperm(len(train_x), device=dev, generator=gen)
-        for s in range(n_steps):
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            step(augment(train_x[idx], generator=gen), train_y[idx])
-        losses = [step.loss_sum[i].item() / n_steps if i in step.loss_sum else None for i in range(len(opts))]
-        if any(l is not None and not math.isfinite(l) for l in losses):
-            raise FloatingPointError(f'epoch {epoch + 1}: mean loss {losses} is not finite; last.pt holds the '
-                                     f'last good epoch ({epoch})')
-        train_s = time.time() - t0
-        rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr, 'loss': losses,
-               **evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes)}
-        if cfg.bn_recalib:
-            g = torch.Generator(dev).manual_seed(cfg.seed + 1)  # the same training batches every epoch
-            batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=dev,
-                                                               generator=g)], generator=g), mean, std, fmt)
-                       for _ in range(cfg.bn_recalib)]
-            with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-                rec['recalib'] = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
-                                                       classes=data.num_classes)
-        rec.update(img_per_s=n_steps * cfg.batch_size / train_s, epoch_s=time.time() - t0)
-        history.append(rec)
+    with stop_on_signals() as stop:
+        for epoch in range(start, H + E):
+            hint = epoch < H
+            method = 'hint' if hint else 'kd' if cfg.method == 'fitnet' else cfg.method
+            opts = hint_optimizers if hint else optimizers
+            if method not in steps:  # under torchrun without the graph: its collectives are untested in capture
+                steps[method] = TrainStep(parts, opts, method, cfg.update, loss_kw, mean, std,
+                                          (share, *train_x.shape[1:]), graph=fast and world == 1, bf16=fast,
+                                          channels_last=fast, paths_per_step=cfg.paths_per_step)
+            step = steps[method]
+            step.rng.seed(cfg.seed * 1_000_003 + epoch)  # the sampled paths of an epoch, also after a resume
+            step.new_epoch()
+            lr = lr_at(epoch if hint else epoch - H, H if hint else E, cfg.lr)
+            for opt in opts:
+                if opt is not None:
+                    set_lr(opt, lr)
+            for i, m in enumerate(models):
+                m.train(i not in frozen)
+            t0 = time.time()
+            perm = torch.randperm(len(train_x), device=dev, generator=gen)
+            for s in range(n_steps):
+                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                images = augment(train_x[idx], generator=gen)  # the whole batch, so every rank draws alike
+                step(images[rank * share:(rank + 1) * share], train_y[idx[rank * share:(rank + 1) * share]])
+            sums = torch.stack([step.loss_sum.get(i, torch.zeros((), device=dev)) for i in range(len(opts))])
+            if world > 1:  # the mean over ranks; BatchNorm statistics too (each rank saw its own share)
+                dist.all_reduce(sums)
+                sums /= world
+                for m in models:
+                    for buf in m.buffers():
+                        if buf.is_floating_point():
+                            dist.all_reduce(buf)
+                            buf /= world
+            losses = [v / n_steps if i in step.loss_sum else None for i, v in enumerate(sums.tolist())]
+            bad = [(at, i) for i in step.loss_sum if (at := step.first_bad[i].item())]
+            if bad:
+                at, i = min(bad)  # the first step, and the first learner whose loss went bad at it
+                kept = f'{out}/last.pt still holds epoch {epoch}' if epoch else 'no checkpoint was written'
+                raise Diverged(f'the loss of {learners[i]} became NaN or infinite at epoch {epoch + 1}, batch {at} '
+                               f'of {n_steps}; {kept}; lower --lr or check the data')
+            train_s = time.time() - t0
+            rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr, 'loss': losses,
+                   **evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes)}
+            if cfg.bn_recalib:
+                g = torch.Generator(dev).manual_seed(cfg.seed + 1)  # the same training batches every epoch
+                batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=dev,
+                                                                   generator=g)], generator=g), mean, std, fmt)
+                           for _ in range(cfg.bn_recalib)]
+                with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+                    rec['recalib'] = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
+                                                           classes=data.num_classes)
+            rec.update(img_per_s=n_steps * cfg.batch_size / train_s, epoch_s=time.time() - t0)
+            history.append(rec)
 
-        trained = [i for i in range(K) if i not in frozen]
-        for i in range(K):
-            if rec['accuracy'][i] > best['accuracy'][i]:
-                best['accuracy'][i], best['epoch'][i] = rec['accuracy'][i], epoch + 1
-        state = {'config': vars(cfg), 'epoch': epoch + 1, 'nets': [m.state_dict() for m in models],
-                 'optimizers': [opt.state_dict() if opt else None for opt in optimizers + hint_optimizers],
-                 'regressor': reg.state_dict() if reg is not None else None,
-                 'discriminator': disc.state_dict() if disc is not None else None,
-                 'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
-                 'history': history, 'best': best, 'wall_s': wall_before + time.time() - t_run}
-        mean_acc = sum(rec['accuracy'][i] for i in trained) / len(trained)
-        if mean_acc > best['mean']:  # best.pt: the epoch with the best mean top-1 of the trained nets
-            best['mean'] = mean_acc
-            write_atomic(out / 'best.pt', lambda f: torch.save(state, f))
-        write_atomic(out / 'last.pt', lambda f: torch.save(state, f))
-        write_atomic(out / 'metrics.jsonl', lambda f: f.write(''.join(json.dumps(r) + '\n' for r in history).encode()))
-        done = epoch + 1 - start
-        print(progress_line(rec, H + E, (time.time() - t_run) / done * (H + E - epoch - 1)), flush=True)
+            trained = [i for i in range(K) if i not in frozen]
+            for i in range(K):
+                if rec['accuracy'][i] > best['accuracy'][i]:
+                    best['accuracy'][i], best['epoch'][i] = rec['accuracy'][i], epoch + 1
+            mean_acc = sum(rec['accuracy'][i] for i in trained) / len(trained)
+            is_best, best['mean'] = mean_acc > best['mean'], max(best['mean'], mean_acc)
+            state = {'config': vars(cfg), 'epoch': epoch + 1, 'nets': [m.state_dict() for m in models],
+                     'optimizers': [opt.state_dict() if opt else None for opt in optimizers + hint_optimizers],
+                     'regressor': reg.state_dict() if reg is not None else None,
+                     'discriminator': disc.state_dict() if disc is not None else None,
+                     'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
+                     'history': history, 'best': best, 'wall_s': wall_before + time.time() - t_run}
+            if writer:
+                if is_best:  # best.pt: the epoch with the best mean top-1 of the trained nets
+                    write_atomic(out / 'best.pt', lambda f: torch.save(state, f))
+                write_atomic(out / 'last.pt', lambda f: torch.save(state, f))
+                write_atomic(out / 'metrics.jsonl',
+                             lambda f: f.write(''.join(json.dumps(r) + '\n' for r in history).encode()))
+                done = epoch + 1 - start
+                print(progress_line(rec, H + E, (time.time() - t_run) / done * (H + E - epoch - 1)), flush=True)
+            signalled = torch.tensor([stop['signal']], device=dev)
+            if world > 1:  # stop together, or the others would wait for the stopped one forever
+                dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
+            if signalled.item() and epoch + 1 < H + E:
+                raise Stopped(f'stopped after epoch {epoch + 1}; add --resume to the same command to continue',
+                              signalled.item())
 
     last = history[-1]
     costs = path_costs(parts, last['paths'], data.train_x.shape[1], fast)
-    print(cost_table(costs), flush=True)
     summary = {'method': cfg.method, 'pair': ','.join(cfg.nets), 'nets': cfg.nets, 'cut': ','.join(cfg.cuts),
                'cuts': cfg.cuts, 'feature_shape': [list(f) for f in features] if len(features) > 1 else list(features[0]),
                'update': cfg.update, 'path_weights': cfg.path_weights, 'paths_per_step': cfg.paths_per_step,
@@ -994,7 +1097,7 @@ def train(cfg):
                'student': None if student is None else student + 1, 'hint_epochs': H, 'epochs': E,
                'batch_size': cfg.batch_size, 'lr': cfg.lr, 'momentum': cfg.momentum, 'weight_decay': cfg.weight_decay,
                'seed': cfg.seed, 'dataset': cfg.dataset, 'width': cfg.width, 'bn_recalib': cfg.bn_recalib,
-               'fast': cfg.fast,
+               'fast': cfg.fast, 'processes': world, 'sync_bn': cfg.sync_bn,
                'params': [[num_params(part) for part in net] for net in parts],
                'accuracy': last['accuracy'], 'best_accuracy': best['accuracy'], 'best_epoch': best['epoch'],
                'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
@@ -1002,8 +1105,10 @@ def train(cfg):
                'synthesis': last.get('synthesis'), 'path_costs': costs,
                'device': device_name(dev), 'torch': torch.__version__,
                'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_before + time.time() - t_run,
-               'command': 'python xml_ref.py ' + ' '.join(map(shlex.quote, cfg.argv))}
-    write_json(out / 'summary.json', summary)
+               'command': ('torchrun ' if world > 1 else 'python ') + 'xml_ref.py ' + ' '.join(map(shlex.quote, cfg.argv))}
+    if writer:
+        print(cost_table(costs), flush=True)
+        write_json(out / 'summary.json', summary)
     return summary
 
 
@@ -1320,10 +1425,13 @@ def parse_args(argv=None):
     p.add_argument('--fast', choices=('auto', 'on', 'off'), default='auto',
                    help='the GPU path: bf16, channels_last, fused SGD, the step in a CUDA graph (auto: on with CUDA); '
                         'off: the plain fp32 eager loop it is tested against')
+    p.add_argument('--sync-bn', action='store_true', help='torchrun on GPUs: BatchNorm statistics over the whole '
+                                                          'batch (SyncBatchNorm), not each process\'s share')
     p.add_argument('--bn-recalib', type=int, default=0, metavar='N',
                    help='also evaluate each path with its BatchNorm statistics re-estimated on N training batches')
     p.add_argument('--out', help='output directory (default: runs/<pair>_<method>_<cut>_seed<seed>)')
-    p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
+    p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt (or start it '
+                                                           'if it has none yet)')
     p.add_argument('--force', action='store_true', help='overwrite a run already in --out')
     p.add_argument('--bench', action='store_true', help='measure the training speed of the usual loop and ours on '
                                                         'the GPU; writes bench.json and bench.md into --out '
@@ -1404,18 +1512,22 @@ def parse_args(argv=None):
     if cfg.fast == 'on' and dev.type != 'cuda':
         raise UsageError('--fast on needs a CUDA device (CUDA graphs, bf16); use --fast off on the CPU')
     cfg.fast = 'on' if cfg.fast == 'auto' and dev.type == 'cuda' else 'off' if cfg.fast == 'auto' else cfg.fast
+    if cfg.sync_bn and (dev.type != 'cuda' or int(os.environ.get('WORLD_SIZE', 1)) < 2):
+        raise UsageError('--sync-bn needs several GPU processes: launch with torchrun --nproc_per_node=N on GPUs')
     if cfg.bench or cfg.interpolate or cfg.report:
         cfg.out = cfg.out or 'results'
         return cfg
     cfg.out = cfg.out or f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}_seed{cfg.seed}'
     out = Path(cfg.out)
+    existing = next(p for p in [out, *out.parents] if p.exists())  # check now, write nothing yet
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'--out {out} cannot be written ({existing} is not a writable directory); choose another')
     if cfg.resume and cfg.force:
         raise UsageError('--resume and --force contradict each other: pick one')
     if cfg.resume:
         if (out / 'summary.json').exists():
             raise UsageError(f'--out {out} holds a finished run: nothing to resume')
-        if not (out / 'last.pt').exists():
-            raise UsageError(f'--resume: {out}/last.pt does not exist; start the run without --resume')
+    if cfg.resume and (out / 'last.pt').exists():
         saved = load_checkpoint(out / 'last.pt').get('config', {})
         differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differ:
@@ -1431,24 +1543,33 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The command line; returns the exit status: 0 done, 1 diverged, 2 bad input, 128 + N stopped by signal N."""
     try:
         cfg = parse_args(argv)
         if cfg.bench:
             bench(cfg.out, cfg.device)
-            return 0
-        if cfg.interpolate:
+        elif cfg.interpolate:
             interpolate_run(cfg.interpolate, cfg.device)
-            return 0
-        if cfg.report:
+        elif cfg.report:
             report(cfg.report, cfg.out, cfg.report_name)
-            return 0
-        summary = train(cfg)
+        else:
+            summary = train(cfg)
+            if not distributed() or dist.get_rank() == 0:
+                print(json.dumps({k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy', 'best_accuracy',
+                                                          'cross', 'ensemble', 'feature_distance', 'wall_s')}))
+        return 0
     except UsageError as e:
         print(f'xml_ref.py: error: {e}', file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy', 'best_accuracy', 'cross',
-                                              'ensemble', 'feature_distance', 'wall_s')}))
-    return 0
+    except Diverged as e:
+        print(f'xml_ref.py: error: {e}', file=sys.stderr)
+        return 1
+    except Stopped as e:
+        print(f'xml_ref.py: {e.args[0]}', file=sys.stderr)
+        return 128 + e.args[1]
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == '__main__':
