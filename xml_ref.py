@@ -8,7 +8,8 @@ up_2 → down_1, so each up-half must feed both down-halves and each down-half m
 Notation: z_ab = down_b(up_a(x)); z_11, z_22 are the pure nets, z_12, z_21 the crossed paths.
 
 The file reads top to bottom like a method section:
-    config → data → models → splitter → losses → training step → evaluation → training run → CLI.
+    config → data → models → splitter → losses → training step → evaluation → training run
+    → interpolation and report → benchmark → CLI.
 
     python xml_ref.py --pair res18,res34 --method xml        # CIFAR-100 with the standard recipe
     python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
@@ -25,6 +26,7 @@ import random
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -277,14 +279,13 @@ def cut_names(model):
 def split(model, cut):
     """(up, down) with down(up(x)) == model(x): the stages up to and including `cut`, and the rest.
     Both share the model's modules (no copies), so training the halves trains the model."""
-    if cut not in cut_names(model):
-        raise ValueError(f'unknown cut {cut!r}: this model can be cut after {", ".join(cut_names(model))}')
-    k = list(model._modules).index(cut) + 1
-    return model[:k], model[k:]
+    up, down = split_parts(model, [cut])
+    return up, down
 
 
 def split_parts(model, cuts):
-    """The model cut after each stage in `cuts` (in order): P = len(cuts) + 1 consecutive parts."""
+    """The model cut after each stage in `cuts` (in order): P = len(cuts) + 1 consecutive parts, sharing the
+    model's modules."""
     names = list(model._modules)
     for cut in cuts:
         if cut not in cut_names(model):
@@ -643,7 +644,7 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
     paths = all_paths(K, P)
     dev = next(parts[0][0].parameters()).device
     counts = torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64)  # correct per path, then the ensemble
-    synthesis = torch.zeros(len(paths), device=dev, dtype=torch.int64)
+    synthesis = None
     sq_dist, n_dist = torch.zeros((), device=dev, dtype=torch.float64), 0
     fmt = torch.channels_last if fast else torch.contiguous_format
     with eval_mode([part for net in parts for part in net]), \
@@ -652,8 +653,9 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
             x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
             y = labels[s:s + batch_size].to(dev)
             out = run_paths(parts, x, paths)
-            if classes is not None and out[paths[0]].shape[1] > classes:
-                synthesis += torch.stack([((out[p][:, classes] > 0) == (len(set(p)) == 1)).sum() for p in paths])
+            if classes is not None and out[paths[0]].shape[1] > classes:  # xml+disc: right when > 0 means "own"
+                right = torch.stack([((out[p][:, classes] > 0) == (len(set(p)) == 1)).sum() for p in paths])
+                synthesis = right if synthesis is None else synthesis + right
                 out.update({p: out[p][:, :classes] for p in paths})
             probs = sum(F.softmax(out[p].float(), 1) for p in pure_paths(K, P)) / K
             counts += torch.stack([(z.argmax(1) == y).sum() for z in [out[p] for p in paths] + [probs]])
@@ -662,17 +664,21 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
                     sq_dist += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum()
                     n_dist += out[(i,) * c].numel()
     counts = counts.tolist()  # one host synchronisation for the whole test set
-    acc = {p: 100.0 * c / len(images) for p, c in zip(paths, counts)}
-    result = {'accuracy': [acc[p] for p in pure_paths(K, P)],
-              'paths': {path_name(p): a for p, a in acc.items()},
-              'ensemble': 100.0 * counts[-1] / len(images),
-              'feature_distance': sq_dist.item() / max(n_dist, 1)}
-    if P == 2:  # cross[a][b]: up-half of net a+1 → down-half of net b+1
-        result['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
-        if synthesis.any():
-            syn = dict(zip(paths, synthesis.tolist()))
-            result['synthesis'] = [[100.0 * syn[(a, b)] / len(images) for b in range(K)] for a in range(K)]
+    result = {**path_table({p: 100.0 * c / len(images) for p, c in zip(paths, counts)}, K, P),
+              'ensemble': 100.0 * counts[-1] / len(images), 'feature_distance': sq_dist.item() / max(n_dist, 1)}
+    if synthesis is not None and P == 2:
+        syn = dict(zip(paths, synthesis.tolist()))
+        result['synthesis'] = [[100.0 * syn[(a, b)] / len(images) for b in range(K)] for a in range(K)]
     return result
+
+
+def path_table(acc, K, P):
+    """Accuracies by path as reported: 'accuracy' of the pure nets, 'paths' by name, and for P = 2 the
+    'cross' matrix, cross[a][b] = up-half of net a+1 → down-half of net b+1."""
+    table = {'accuracy': [acc[p] for p in pure_paths(K, P)], 'paths': {path_name(p): a for p, a in acc.items()}}
+    if P == 2:
+        table['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
+    return table
 
 
 @torch.no_grad()
@@ -702,10 +708,7 @@ def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=
         recalibrate_bn(copies, batches)
         # the copies form a one-net model whose only path is this one
         acc[path] = evaluate([copies], images, labels, mean, std, batch_size, fast, classes)['accuracy'][0]
-    result = {'accuracy': [acc[p] for p in pure_paths(K, P)], 'paths': {path_name(p): a for p, a in acc.items()}}
-    if P == 2:
-        result['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
-    return result
+    return path_table(acc, K, P)
 
 
 def forward_flops(module, x):
@@ -725,6 +728,19 @@ def forward_flops(module, x):
     for h in hooks:
         h.remove()
     return total, out
+
+
+@torch.no_grad()
+def part_flops(parts, paths, image_size=32):
+    """{prefix: forward FLOPs per image of the prefix's last part}, for every prefix of `paths`, each run once."""
+    p = next(parts[0][0].parameters())
+    out, flops = {(): torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)}, {}
+    with eval_mode([part for net in parts for part in net]):
+        for path in paths:
+            for k in range(1, len(path) + 1):
+                if path[:k] not in out:
+                    flops[path[:k]], out[path[:k]] = forward_flops(parts[path[k - 1]][k - 1], out[path[:k - 1]])
+    return flops
 
 
 @torch.no_grad()
@@ -755,17 +771,13 @@ def path_costs(parts, accuracy, image_size=32, fast=False):
     at batch 1 and 128 on the parts' device; sorted by FLOPs, the Pareto front (no other path at most as costly
     and at least as accurate, better in one) marked. The deck's "Dynamic Computation": pick a path by budget."""
     K, P = len(parts), len(parts[0])
-    p = next(parts[0][0].parameters())
+    flops = part_flops(parts, all_paths(K, P), image_size)
     rows = []
     for path in all_paths(K, P):
         modules = [parts[i][k] for k, i in enumerate(path)]
-        flops, h = 0, torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
-        with eval_mode(modules):
-            for m in modules:
-                f, h = forward_flops(m, h)
-                flops += f
         rows.append({'path': path_name(path), 'accuracy': accuracy[path_name(path)],
-                     'params': sum(num_params(m) for m in modules), 'gflops': flops / 1e9,
+                     'params': sum(num_params(m) for m in modules),
+                     'gflops': sum(flops[path[:k]] for k in range(1, P + 1)) / 1e9,
                      'latency_ms_b1': latency_ms(modules, 1, image_size, fast),
                      'latency_ms_b128': latency_ms(modules, 128, image_size, fast)})
     for r in rows:
@@ -816,6 +828,11 @@ def write_atomic(path, write):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_json(path, obj):
@@ -897,6 +914,9 @@ def stop_on_signals():
         request['signal'] = signum
         print(f'\n{signal.Signals(signum).name}: stopping after this epoch\'s checkpoint (again to stop now)',
               file=sys.stderr, flush=True)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield request
+        return
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield request
@@ -1244,15 +1264,7 @@ def step_flops(parts, method, image_size=32):
     """Analytic FLOPs per image of one simultaneous training step: 3 × the forward FLOPs of every part run
     (forward, gradient of its input, gradient of its weights; the routed backward passes split these two
     gradients between the nets' losses but do each once)."""
-    p = next(parts[0][0].parameters())
-    out, total = {(): torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)}, 0
-    with eval_mode([part for net in parts for part in net]):
-        for path in step_paths(method, len(parts), len(parts[0])):
-            for k in range(1, len(path) + 1):
-                if path[:k] not in out:
-                    flops, out[path[:k]] = forward_flops(parts[path[k - 1]][k - 1], out[path[:k - 1]])
-                    total += flops
-    return 3 * total
+    return 3 * sum(part_flops(parts, step_paths(method, len(parts), len(parts[0])), image_size).values())
 
 
 def matmul_tflops(dev, n=8192, repeats=10):
