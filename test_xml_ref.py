@@ -273,6 +273,37 @@ def test_both_update_orders_equal_each_net_stepped_on_its_own_loss(method, route
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize('method', ['independent', 'dml'])
+def test_several_steps_equal_the_textbook_loop(method):
+    """Several steps with momentum, weight decay and BatchNorm in train mode equal the loop every DML codebase
+    writes, for the whole nets: one backward of L_1 + L_2, which routes correctly when nothing is crossed
+    (each KL target is detached, so L_j reaches net i through nothing). Parameters and BN buffers must agree."""
+    models, _, _ = pair_setup(seed=7)
+    ref = copy.deepcopy(models)
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(10, (8,), generator=g))
+               for _ in range(4)]
+    # a small lr: these tiny nets on batches of 8 amplify float64 rounding (the two KL formulas sum in other
+    # orders) about 50× per step at lr 0.1; a routing or loss error moves the weights by more than 1e-4
+    make_opts = lambda ms: [torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4) for m in ms]
+    opts, ref_opts = make_opts(models), make_opts(ref)
+    hs = halves(models)
+    for x, y in batches:
+        X.train_step(hs, opts, x, y, method)
+        z1, z2 = ref[0](x), ref[1](x)
+        loss = F.cross_entropy(z1, y) + F.cross_entropy(z2, y)
+        if method == 'dml':
+            loss = loss + ref_kl(z2.detach(), z1) + ref_kl(z1.detach(), z2)
+        for opt in ref_opts:
+            opt.zero_grad()
+        loss.backward()
+        for opt in ref_opts:
+            opt.step()
+    for m, r in zip(models, ref):
+        for (name, t), u in zip(m.state_dict().items(), r.state_dict().values()):
+            torch.testing.assert_close(t, u, rtol=1e-6, atol=1e-8, msg=name)
+
+
 @pytest.mark.parametrize('update', X.UPDATES)
 @pytest.mark.parametrize('method', ['xml', 'dml'])
 def test_batchnorm_statistics_updated_once_per_distinct_input(method, update):
