@@ -654,12 +654,13 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / 'results' / 'RESULTS.md').read_text()
     results = json.loads((tmp_path / 'results' / 'results.json').read_text())
-    names = {f'{p}_{m}' for p in ('res18-mbv1', 'res18-res34') for m in ('independent', 'dml', 'xml', 'xml+l2', 'kd',
-                                                                           'fitnet')}
+    names = {f'{p}_{m}' for p in ('res18-mbv1', 'res18-res34') for m in ('independent', 'dml', 'xml', 'xml-mean',
+                                                                           'xml+l2', 'kd', 'fitnet')}
     assert set(results['runs']) == names
     for pair in ('res18,mbv1', 'res18,res34'):
-        assert f'## {pair}' in md
-    for name in ('res18-mbv1_xml', 'res18-res34_xml'):
+        assert f'## {pair}, width 8' in md
+        assert f'| xml (mean) |' in md
+    for name in ('res18-mbv1_xml', 'res18-res34_xml', 'res18-res34_xml-mean'):
         run = results['runs'][name]
         by_alpha = {row['alpha']: row for row in run['interpolation']}
         assert [by_alpha[1.0]['down1'], by_alpha[1.0]['down2']] == pytest.approx(run['cross'][0], abs=0.006)
@@ -667,7 +668,7 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
     # a second call finds every run finished and only rewrites the table
     r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs'),
                         '--results', str(tmp_path / 'results')], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and r.stdout.count('finished, skipped') == 12
+    assert r.returncode == 0 and r.stdout.count('finished, skipped') == 14
 
 
 # ----------------------------------------------------------------- K nets × P parts, beyond the deck
