@@ -57,29 +57,22 @@ def main():
              'XML gradient over the DML one.\n']
     for pair, cut in PAIRS.items():
         names = pair.split(',')
-        acc = {}
+        acc, total = {}, {}  # per-term norms; norms of the summed DML and XML gradients (terms are not parallel)
+        share = 1 / (len(seeds) * len(batches))
         for seed in seeds:
             torch.manual_seed(seed)
             parts = [X.split_parts(X.build(n, data.num_classes, a.width), [cut]) for n in names]
             for x, y in batches:
-                norms = term_grad_norms(parts, x, y)
-                for key, v in norms.items():
-                    acc[key] = acc.get(key, 0.0) + v / (len(seeds) * len(batches))
-        # and the norm of the summed gradient (the terms' gradients are not parallel): recompute directly
-        total = {}
-        for seed in seeds:
-            torch.manual_seed(seed)
-            parts = [X.split_parts(X.build(n, data.num_classes, a.width), [cut]) for n in names]
-            for x, y in batches:
+                for key, v in term_grad_norms(parts, x, y).items():
+                    acc[key] = acc.get(key, 0.0) + v * share
+                out = X.run_paths(parts, x, X.all_paths(2, 2))
                 for method in ('dml', 'xml'):
-                    out = X.run_paths(parts, x, X.step_paths(method, 2, 2))
                     L = X.net_losses(method, out, y, [0, 1])
                     for i in range(2):
                         for k in range(2):
                             gr = torch.autograd.grad(L[i], list(parts[i][k].parameters()), retain_graph=True)
-                            key = (method, i, k)
-                            total[key] = total.get(key, 0.0) + torch.cat([t.flatten() for t in gr]).norm().item() / (
-                                len(seeds) * len(batches))
+                            norm = torch.cat([t.flatten() for t in gr]).norm().item()
+                            total[(method, i, k)] = total.get((method, i, k), 0.0) + norm * share
         lines += [f'\n## {pair}, cut after {cut}\n', '| half | own path | crossed path (other half fixed) | '
                   'DML ‖g‖ | XML sum ‖g‖ | xml/dml |', '|---|---|---|---|---|---|']
         for i in range(2):
