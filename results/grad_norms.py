@@ -18,6 +18,12 @@ import xml_ref as X  # noqa: E402
 PAIRS = {'res18,mbv1': 'layer3', 'res18,res34': 'layer2'}
 
 
+def grad_norm(loss, module):
+    """‖∂loss/∂θ‖ over all of module's parameters (the graph is kept for the next term)."""
+    grads = torch.autograd.grad(loss, list(module.parameters()), retain_graph=True)
+    return torch.cat([g.flatten() for g in grads]).norm().item()
+
+
 def term_grad_norms(parts, x, y, T=1.0):
     """{(net, half, path): ‖∂ term_p / ∂ θ_half‖}, the term of L_net on path p, for every half it reaches."""
     out = X.run_paths(parts, x, X.all_paths(2, 2))
@@ -28,8 +34,7 @@ def term_grad_norms(parts, x, y, T=1.0):
             term = X.dml_loss(out[path], [target], y, T)
             for k in range(2):
                 if path[k] == i:
-                    g = torch.autograd.grad(term, list(parts[i][k].parameters()), retain_graph=True)
-                    norms[(i, k, path)] = torch.cat([t.flatten() for t in g]).norm().item()
+                    norms[(i, k, path)] = grad_norm(term, parts[i][k])
     return norms
 
 
@@ -70,9 +75,8 @@ def main():
                     L = X.net_losses(method, out, y, [0, 1])
                     for i in range(2):
                         for k in range(2):
-                            gr = torch.autograd.grad(L[i], list(parts[i][k].parameters()), retain_graph=True)
-                            norm = torch.cat([t.flatten() for t in gr]).norm().item()
-                            total[(method, i, k)] = total.get((method, i, k), 0.0) + norm * share
+                            norm = grad_norm(L[i], parts[i][k]) * share
+                            total[(method, i, k)] = total.get((method, i, k), 0.0) + norm
         lines += [f'\n## {pair}, cut after {cut}\n', '| half | own path | crossed path (other half fixed) | '
                   'DML ‖g‖ | XML sum ‖g‖ | xml/dml |', '|---|---|---|---|---|---|']
         for i in range(2):
