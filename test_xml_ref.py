@@ -490,11 +490,42 @@ def test_evaluate_cross_matrix_is_up_a_then_down_b():
         assert result['feature_distance'] == pytest.approx(((f[0] - f[1]) ** 2).mean().item(), rel=1e-5)
 
 
-def test_lr_schedule_is_the_standard_recipe():
-    lrs = [X.lr_at(e, 200, 0.1) for e in range(200)]
-    assert lrs[59] == 0.1 and lrs[60] == pytest.approx(0.02) and lrs[120] == pytest.approx(0.004)
-    assert lrs[159] == pytest.approx(0.004) and lrs[160] == pytest.approx(0.0008)
-    assert X.lr_at(0, 1, 0.1) == 0.1
+def torch_schedule(epochs, steps_per_epoch, warmup_epochs, lr=0.1):
+    """The recipe from torch.optim.lr_scheduler alone: LinearLR stepped per step over the warm-up (from ~0 to lr),
+    then MultiStepLR (gamma 0.2) stepped per epoch with milestones at 30/60/80 % of the epochs."""
+    param = torch.zeros(1, requires_grad=True)
+    warm_opt, step_opt = torch.optim.SGD([param], lr=lr), torch.optim.SGD([param], lr=lr)
+    warm_steps = warmup_epochs * steps_per_epoch
+    # LinearLR cannot start at exactly 0; 1e-12 · lr is far below any difference the test could confuse
+    warm = torch.optim.lr_scheduler.LinearLR(warm_opt, start_factor=1e-12, end_factor=1.0,
+                                             total_iters=max(warm_steps, 1))
+    milestones = [max(1, round(f * epochs)) for f in (0.3, 0.6, 0.8)]
+    steps = torch.optim.lr_scheduler.MultiStepLR(step_opt, milestones=milestones, gamma=0.2)
+    by_epoch = []
+    for _ in range(epochs):
+        by_epoch.append(step_opt.param_groups[0]['lr'])
+        step_opt.step()
+        steps.step()
+    lrs = []
+    for s in range(epochs * steps_per_epoch):
+        lrs.append(warm_opt.param_groups[0]['lr'] if s < warm_steps else by_epoch[s // steps_per_epoch])
+        warm_opt.step()
+        warm.step()
+    return lrs
+
+
+@pytest.mark.parametrize('epochs, steps_per_epoch, warmup', [(200, 391, 1), (200, 7, 1), (10, 13, 1), (10, 5, 2),
+                                                             (4, 9, 1), (3, 11, 1), (3, 4, 3), (8, 6, 0)])
+def test_lr_per_step_equals_torch_linear_warmup_then_multistep(epochs, steps_per_epoch, warmup):
+    ours = [X.lr_at(s, steps_per_epoch, epochs, 0.1, warmup) for s in range(epochs * steps_per_epoch)]
+    ref = torch_schedule(epochs, steps_per_epoch, warmup)
+    for s, (a, b) in enumerate(zip(ours, ref)):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), f'step {s} (epoch {s // steps_per_epoch})'
+    assert ours[0] == 0.0 if warmup else ours[0] == 0.1
+    if epochs == 200:  # the steps right at each milestone: epochs 60, 120, 160
+        for e, before, after in ((60, 0.1, 0.02), (120, 0.02, 0.004), (160, 0.004, 0.0008)):
+            assert ours[e * steps_per_epoch - 1] == pytest.approx(before)
+            assert ours[e * steps_per_epoch] == pytest.approx(after)
 
 
 # --------------------------------------------------------------------------------------- the CLI

@@ -38,10 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------- config
-# The standard CIFAR-100 recipe (the deck names no schedule): SGD, lr 0.1 × 0.2 at epochs 60/120/160 of
-# 200, i.e. at 30/60/80 % of whatever --epochs says; batch 128; random crop with 4 px padding and flip.
+# The CIFAR-100 recipe of weiaicunzai/pytorch-cifar100, whose models the deck's parameter counts match (SPEC §4):
+# SGD, lr 0.1 warmed up linearly per step over the first epoch (against early divergence), then × 0.2 at epochs
+# 60/120/160 of 200, i.e. at 30/60/80 % of whatever --epochs says; batch 128; random crop (4 px padding), flip.
 RECIPE = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
-              lr_decay=0.2, milestones=(0.3, 0.6, 0.8))
+              lr_decay=0.2, milestones=(0.3, 0.6, 0.8), warmup_epochs=1)
 PAD = 4
 METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2', 'xml+disc', 'xml+gan')
 PAIR_ONLY = ('kd', 'fitnet', 'xml+disc', 'xml+gan')  # defined for two nets cut once
@@ -814,8 +815,14 @@ def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast
 
 
 # ----------------------------------------------------------------------------------- training run
-def lr_at(epoch, epochs, lr):
-    """The step schedule: lr × 0.2 at 30, 60 and 80 % of the epochs (60, 120, 160 of 200)."""
+def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
+    """The recipe's learning rate at `step` (0-based, counted from the start of training): lr·s/S at step s of
+    the first warm-up epochs' S steps (SPEC §4), then lr × 0.2 at 30, 60 and 80 % of the epochs (60, 120, 160
+    of 200), the milestones counted from the start of training."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    epoch = step // steps_per_epoch
     drops = sum(epoch >= max(1, round(f * epochs)) for f in RECIPE['milestones'])
     return lr * RECIPE['lr_decay'] ** drops
 
@@ -890,8 +897,8 @@ def progress_line(rec, total_epochs, seconds_left):
 
 # What a resumed run must share with the checkpoint it resumes.
 RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature', 'l2_weight',
-               'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'batch_size', 'lr', 'momentum', 'weight_decay', 'seed',
-               'dataset', 'width', 'bn_recalib')
+               'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs', 'batch_size', 'lr', 'momentum',
+               'weight_decay', 'seed', 'dataset', 'width', 'bn_recalib')
 
 
 class Stopped(Exception):
@@ -1037,15 +1044,20 @@ def train(cfg):
             step = steps[method]
             step.rng.seed(cfg.seed * 1_000_003 + epoch)  # the sampled paths of an epoch, also after a resume
             step.new_epoch()
-            lr = lr_at(epoch if hint else epoch - H, H if hint else E, cfg.lr)
-            for opt in opts:
-                if opt is not None:
-                    set_lr(opt, lr)
+            stage_epoch, stage_epochs = (epoch, H) if hint else (epoch - H, E)  # each stage has its own schedule
             for i, m in enumerate(models):
                 m.train(i not in frozen)
             t0 = time.time()
             perm = torch.randperm(len(train_x), device=dev, generator=gen)
+            lr = None
             for s in range(n_steps):
+                # per step: the warm-up raises the lr every step; a captured graph reads it from its device tensor
+                lr_now = lr_at(stage_epoch * n_steps + s, n_steps, stage_epochs, cfg.lr, cfg.warmup_epochs)
+                if lr_now != lr:
+                    lr = lr_now
+                    for opt in opts:
+                        if opt is not None:
+                            set_lr(opt, lr)
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 images = augment(train_x[idx], generator=gen)  # the whole batch, so every rank draws alike
                 step(images[rank * share:(rank + 1) * share], train_y[idx[rank * share:(rank + 1) * share]])
@@ -1115,6 +1127,7 @@ def train(cfg):
                'frozen': sorted(i + 1 for i in frozen), 'init': {'1': cfg.init1, '2': cfg.init2},
                'teacher': None if student is None else {'net': 2 - student, 'checkpoint': cfg.teacher},
                'student': None if student is None else student + 1, 'hint_epochs': H, 'epochs': E,
+               'warmup_epochs': cfg.warmup_epochs,
                'batch_size': cfg.batch_size, 'lr': cfg.lr, 'momentum': cfg.momentum, 'weight_decay': cfg.weight_decay,
                'seed': cfg.seed, 'dataset': cfg.dataset, 'width': cfg.width, 'bn_recalib': cfg.bn_recalib,
                'fast': cfg.fast, 'processes': world, 'sync_bn': cfg.sync_bn,
@@ -1426,6 +1439,8 @@ def parse_args(argv=None):
                                      '(the larger net of the pair)')
     p.add_argument('--hint-epochs', type=int, help='fitnet: epochs of stage 1 (default: epochs/10, at least 1)')
     p.add_argument('--epochs', type=int, default=RECIPE['epochs'])
+    p.add_argument('--warmup-epochs', type=int, default=RECIPE['warmup_epochs'], metavar='W',
+                   help='linear per-step learning-rate warm-up over the first W epochs of each stage (0: none)')
     p.add_argument('--batch-size', type=int, default=RECIPE['batch_size'])
     p.add_argument('--lr', type=float, default=RECIPE['lr'])
     p.add_argument('--momentum', type=float, default=RECIPE['momentum'])
@@ -1500,6 +1515,10 @@ def parse_args(argv=None):
         cfg.hint_epochs = max(1, cfg.epochs // 10) if cfg.method == 'fitnet' else 0
     elif cfg.method != 'fitnet' or cfg.hint_epochs < 1:
         raise UsageError('--hint-epochs goes with --method fitnet and must be at least 1')
+    longest = min(cfg.epochs, cfg.hint_epochs or cfg.epochs)  # each stage warms up on its own
+    if not 0 <= cfg.warmup_epochs <= longest:
+        raise UsageError(f'--warmup-epochs must be 0 … {longest} (at most --epochs'
+                         + (' and --hint-epochs' if cfg.hint_epochs else '') + f'), got {cfg.warmup_epochs}')
     if cfg.method in ('kd', 'fitnet'):
         if not cfg.teacher or not Path(cfg.teacher).is_file():
             raise UsageError(f'--method {cfg.method} needs --teacher PATH, a checkpoint of a trained teacher '
@@ -1543,6 +1562,7 @@ def parse_args(argv=None):
             raise UsageError(f'--out {out} holds a finished run: nothing to resume')
     if cfg.resume and (out / 'last.pt').exists():
         saved = load_checkpoint(out / 'last.pt').get('config', {})
+        saved.setdefault('warmup_epochs', 0)  # checkpoints written before the warm-up existed had none
         differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differ:
             k = differ[0]
