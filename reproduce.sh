@@ -54,5 +54,5 @@ for pair in res18,mbv1 res18,res34; do
     [ -f "$runs/${name}_$run/interpolation.csv" ] || "$PY" xml_ref.py --interpolate "$runs/${name}_$run"
   done
 done
-"$PY" xml_ref.py --report "$runs" --out "$results"
+"$PY" tools/report.py "$runs" --out "$results"
 echo "wrote $results/RESULTS.md and $results/results.json"

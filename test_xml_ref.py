@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch.distributions import Categorical, kl_divergence
 
 import xml_ref as X
+from tools import bench as B, report as R
 
 HERE = Path(__file__).resolve().parent
 FAST = settings(max_examples=25, deadline=None)
@@ -672,10 +673,10 @@ def test_step_flops_match_a_hand_count():
     parts = [list(X.split(m, 'layer2')) for m in models]
     fwd = [X.forward_flops(m, torch.zeros(1, 3, 32, 32))[0] for m in models]
     assert fwd == [2 * resnet_macs((2, 2, 2, 2)), 2 * resnet_macs((3, 4, 6, 3))]
-    assert X.step_flops(parts, 'dml') == 3 * sum(fwd)
+    assert B.step_flops(parts, 'dml') == 3 * sum(fwd)
     up = [X.forward_flops(p[0], torch.zeros(1, 3, 32, 32))[0] for p in parts]
-    assert X.step_flops(parts, 'xml') == 3 * (up[0] + up[1] + 2 * (fwd[0] - up[0]) + 2 * (fwd[1] - up[1]))
-    assert X.step_flops(parts, 'xml') / 1e9 == pytest.approx(15.8, rel=0.01)  # issue 3's figure
+    assert B.step_flops(parts, 'xml') == 3 * (up[0] + up[1] + 2 * (fwd[0] - up[0]) + 2 * (fwd[1] - up[1]))
+    assert B.step_flops(parts, 'xml') / 1e9 == pytest.approx(15.8, rel=0.01)  # issue 3's figure
 
 
 def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
@@ -689,7 +690,7 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
                                                                            'xml+l2', 'kd', 'fitnet')}
     assert set(results['runs']) == names
     for pair in ('res18,mbv1', 'res18,res34'):
-        assert f'## {pair}, width 8' in md
+        assert f'## {pair}, synthetic, 1 epoch, width 8' in md
         assert f'| xml (mean) |' in md
     for name in ('res18-mbv1_xml', 'res18-res34_xml', 'res18-res34_xml-mean'):
         run = results['runs'][name]

@@ -2,7 +2,7 @@
 each path term of its net's loss L_i sends it (CE(z_p) + KL(z_jj‖z_p), net i's parameters only, as train_step
 routes it), averaged over a few augmented training batches. Writes results/grad_norms.md.
 
-    python results/grad_norms.py DATA_DIR [--width 64] [--batches 4] [--seeds 0,1]
+    python tools/grad_norms.py DATA_DIR [--width 64] [--batches 4] [--seeds 0,1]
 
 DATA_DIR: an ImageFolder root (train/<class>/...), e.g. ../shared/data/cifar10-jpeg.tar.gz extracted."""
 import argparse
@@ -53,7 +53,7 @@ def main():
                for idx in torch.randint(len(data.train_x), (a.batches, 128), generator=g)]
     seeds = [int(s) for s in a.seeds.split(',')]
     lines = [f'# Gradient of each path term, per half, at initialisation\n',
-             f'`python results/grad_norms.py {" ".join(sys.argv[1:])}`; {a.batches} augmented training batches of 128 '
+             f'`python tools/grad_norms.py {" ".join(sys.argv[1:])}`; {a.batches} augmented training batches of 128 '
              f'real CIFAR-10 images (`--dataset folder`), init seeds {a.seeds}, width {a.width}, train mode; '
              f'{X.device_name(torch.device("cpu"))}, torch {torch.__version__}, {time.strftime("%Y-%m-%d")}.\n',
              'Each entry is the mean over batches and seeds of ‖∂(CE(z_p) + KL(z_jj‖z_p))/∂θ_half‖, the gradient '

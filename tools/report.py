@@ -1,0 +1,220 @@
+"""The results table: RESULTS.md and results.json from finished runs, our numbers beside the deck's.
+
+    python tools/report.py RUNS_DIR [--out results] [--name RESULTS]
+
+Runs are grouped by pair, data set, schedule (epochs) and width. Within a group one row per setting: runs that
+differ only in their seed are one row, mean ± sample std over the n seeds; runs that differ in anything else
+(method, path weights, update order, warm-up, T, λ, BatchNorm recalibration, …) are separate rows, labelled by
+what differs. The settings every run of a group shares are stated above its table (SPEC §3 asks that the open
+choices be named in every result)."""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import xml_ref as X  # noqa: E402
+
+# SPEC §4: what the deck reports on CIFAR-100 (top-1 %, best model), net order as in the pair.
+DECK = {'res18,mbv1': {'accuracy': {'independent': [74.0, 62.6], 'dml': [74.3, 65.9], 'xml': [73.6, 68.3],
+                                    'xml+l2': [None, 68.5]},
+                       'cross': [[73.20, 72.25], [70.21, 68.89]], 'feature_distance': {'xml': 0.002, 'xml+l2': 0.001}},
+        'res18,res34': {'accuracy': {'independent': [73.9, 75.5], 'dml': [75.7, 76.6], 'xml': [76.6, 77.0]},
+                        'cross': [[76.06, 76.61], [76.25, 76.61]], 'feature_distance': {}}}
+
+# The settings that make two runs different experiments (the seed does not: seeds are averaged): the value a
+# summary written before the setting existed had, the recipe's default (a row label names only what differs
+# from it) and how to say it.
+SETTINGS = {'path_weights': ('sum', 'sum', lambda v: f'{v} over paths'),
+            'update': ('simultaneous', 'simultaneous', lambda v: f'{v} update'),
+            'warmup_epochs': (0, 1, lambda v: f'warm-up {v} epoch' + ('s' if v != 1 else '')),
+            'temperature': (1.0, 1.0, lambda v: f'T {v:g}'),
+            'l2_weight': (1.0, 1.0, lambda v: f'λ {v:g}'),
+            'adv_weight': (0.1, 0.1, lambda v: f'adversarial weight {v:g}'),
+            'paths_per_step': (None, None, lambda v: 'all paths a step' if v is None else f'{v} crossed paths a step'),
+            'frozen': ([], [], lambda v: f'net {", ".join(map(str, v))} frozen' if v else 'no net frozen'),
+            'hint_epochs': (0, 0, lambda v: f'{v} hint epoch' + ('s' if v != 1 else '')),
+            'batch_size': (128, 128, lambda v: f'batch {v}'),
+            'lr': (0.1, 0.1, lambda v: f'lr {v:g}'),
+            'momentum': (0.9, 0.9, lambda v: f'momentum {v:g}'),
+            'weight_decay': (5e-4, 5e-4, lambda v: f'weight decay {v:g}'),
+            'bn_recalib': (0, 0, lambda v: f'BN recalibrated on {v} batches' if v else 'no BN recalibration'),
+            'fast': ('off', 'off', lambda v: 'bf16 + CUDA graph' if v == 'on' else 'fp32'),
+            'sync_bn': (False, False, lambda v: 'SyncBatchNorm' if v else 'per-process BatchNorm')}
+XML_FAMILY = ('xml', 'xml+l2', 'xml+disc', 'xml+gan')
+# Only where the method uses them: T for the KL methods, λ for xml+l2, … (independent has no T to differ in).
+USES = {'path_weights': XML_FAMILY, 'temperature': ('kd', 'fitnet', 'dml') + XML_FAMILY, 'l2_weight': ('xml+l2',),
+        'adv_weight': ('xml+disc', 'xml+gan'), 'paths_per_step': XML_FAMILY, 'hint_epochs': ('fitnet',),
+        'frozen': ('independent', 'dml') + XML_FAMILY}  # kd and fitnet freeze their teacher by definition
+
+
+def setting(summary, key):
+    """The run's value of a setting; None where its method has no such setting."""
+    return summary.get(key, SETTINGS[key][0]) if summary['method'] in USES.get(key, X.METHODS) else None
+
+
+def default(method, key):
+    return 4.0 if key == 'temperature' and method in ('kd', 'fitnet') else SETTINGS[key][1]
+
+
+def mean_std(values):
+    """(mean, sample std or None for one value) of the values that are not None; None if there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def cell(stats, digits=2):
+    if stats is None:
+        return '–'
+    mean, std = stats
+    return f'{mean:.{digits}f}' + ('' if std is None else f' ± {std:.{digits}f}')
+
+
+def load_runs(runs_dir):
+    """{run directory name: its summary.json (with its interpolation.csv, where there is one)}."""
+    runs = {}
+    for path in sorted(Path(runs_dir).glob('*/summary.json')):
+        summary = json.loads(path.read_text())
+        interp = path.parent / 'interpolation.csv'
+        if interp.exists():
+            summary['interpolation'] = [dict(zip(('alpha', 'down1', 'down2'), map(float, line.split(','))))
+                                        for line in interp.read_text().splitlines()[1:]]
+        runs[path.parent.name] = summary
+    if not runs:
+        raise X.UsageError(f'--report {runs_dir}: no finished runs (*/summary.json) there')
+    return runs
+
+
+def rows_of(group):
+    """The group's runs as rows: one per setting (seeds pooled), each with its label and its runs."""
+    varying = [k for k in SETTINGS if len({json.dumps(setting(s, k)) for s in group.values()
+                                           if setting(s, k) is not None}) > 1]
+    rows = {}
+    for name, s in group.items():
+        key = (s['method'],) + tuple(json.dumps(setting(s, k)) for k in SETTINGS)
+        rows.setdefault(key, []).append(name)
+    order = sorted(rows, key=lambda k: (X.METHODS.index(k[0]), k[1] != json.dumps('sum'), k))
+    table = []
+    for key in order:
+        first = group[rows[key][0]]
+        extras = [SETTINGS[k][2](setting(first, k)) for k in varying
+                  if k != 'path_weights' and setting(first, k) not in (None, default(first['method'], k))]
+        label = first['method'] + (f' ({first["path_weights"]})' if setting(first, 'path_weights') == 'mean' else '')
+        table.append({'label': label + (', ' + ', '.join(extras) if extras else ''), 'method': first['method'],
+                      'runs': sorted(rows[key]), 'seeds': sorted(group[r]['seed'] for r in rows[key])})
+    return table, varying
+
+
+def shared_settings(group, varying):
+    """The settings every run of the group has, in words (what the table does not repeat per row)."""
+    some = next(iter(group.values()))
+    words = [f'seeds {", ".join(map(str, sorted({s["seed"] for s in group.values()})))}']
+    for k in SETTINGS:
+        if k in varying:
+            continue
+        values = [setting(s, k) for s in group.values() if setting(s, k) is not None]
+        if values:
+            words.append(SETTINGS[k][2](values[0]))
+    return f'{some["dataset"]}, cut {some["cut"]}; ' + ', '.join(words)
+
+
+def report(runs_dir, out_dir, name='RESULTS'):
+    """<name>.md and <name>.json (RESULTS.md and results.json by default) in out_dir from the finished runs
+    under runs_dir: our numbers beside the deck's, each run with its command, epochs, device and date."""
+    runs = load_runs(runs_dir)
+    lines = ['# Results', '', f'Generated by `python tools/report.py {runs_dir}` on {time.strftime("%Y-%m-%d")} from '
+             'the runs below. Top-1 (%) on the test set: last epoch / best epoch (mean ± sample std over the seeds '
+             'where a row has several); for CIFAR-100 runs the deck\'s number (best model) in brackets where it '
+             'reports one.', '']
+    groups = {}
+    for run, s in runs.items():
+        groups.setdefault((s['pair'], s['dataset'], s['epochs'], s['width']), {})[run] = s
+    json_rows = []
+    for (pair, dataset, epochs, width), group in groups.items():
+        table, varying = rows_of(group)
+        deck = DECK.get(pair) if dataset == 'cifar100' else None  # the deck's numbers are CIFAR-100's
+        deck = deck or {'accuracy': {}, 'cross': None, 'feature_distance': {}}
+        nets = next(iter(group.values()))['nets']
+        lines += [f'## {pair}, {dataset}, {epochs} epoch{"s" if epochs != 1 else ""}, width {width}', '',
+                  f'Shared by these runs: {shared_settings(group, varying)}.', '',
+                  '| method | ' + ' | '.join(f'net {i + 1}: {n}' for i, n in enumerate(nets)) +
+                  ' | ensemble | feature distance | n |', '|---' * (len(nets) + 4) + '|']
+        for row in table:
+            ss = [group[r] for r in row['runs']]
+            d = deck['accuracy'].get(row['label'], [None] * len(nets))
+            cells = []
+            for i in range(len(nets)):
+                last, best = (mean_std([s[key][i] for s in ss]) for key in ('accuracy', 'best_accuracy'))
+                frozen = ' (teacher, frozen)' if ss[0].get('teacher') and ss[0]['teacher']['net'] == i + 1 else ''
+                cells.append(f'{cell(last)} / {cell(best)}' + (f' [{d[i]}]' if d[i] is not None else '') + frozen)
+            dist = cell(mean_std([s['feature_distance'] for s in ss]), 4)
+            if row['label'] in deck['feature_distance']:
+                dist += f' [{deck["feature_distance"][row["label"]]}]'
+            ens = mean_std([s['ensemble'] for s in ss])
+            lines.append(f'| {row["label"]} | ' + ' | '.join(cells) + f' | {cell(ens)} | {dist} | {len(ss)} |')
+            row.update(pair=pair, dataset=dataset, epochs=epochs, width=width,
+                       accuracy=[mean_std([s['accuracy'][i] for s in ss]) for i in range(len(nets))],
+                       best_accuracy=[mean_std([s['best_accuracy'][i] for s in ss]) for i in range(len(nets))])
+            json_rows.append(row)
+        for title, key in (('as trained', 'cross'), ('each path\'s BatchNorm statistics re-estimated on its own '
+                                                     'features (--bn-recalib)', 'recalib')):
+            crossed = [r for r in table if all((group[n].get(key) or {}) for n in r['runs'])]
+            if not crossed:
+                continue
+            lines += ['', f'Cross pairings, last epoch, BatchNorm statistics {title} (row: up-half of net a, '
+                      'column: down-half of net b):', '',
+                      '| method | up1→down1 | up2→down1 | up1→down2 | up2→down2 |', '|---|---|---|---|---|']
+            for row in crossed:
+                matrices = [group[n][key] if key == 'cross' else group[n][key]['cross'] for n in row['runs']]
+                c = [[cell(mean_std([m[a][b] for m in matrices])) for b in range(2)] for a in range(2)]
+                lines.append(f'| {row["label"]} | {c[0][0]} | {c[1][0]} | {c[0][1]} | {c[1][1]} |')
+            if key == 'cross' and deck['cross']:
+                c = deck['cross']
+                lines.append(f'| deck, xml (CIFAR-100) | {c[0][0]} | {c[1][0]} | {c[0][1]} | {c[1][1]} |')
+        for row in table:
+            interp = [group[n]['interpolation'] for n in row['runs'] if 'interpolation' in group[n]]
+            if not interp:
+                continue
+            alphas = [r['alpha'] for r in interp[0] if round(r['alpha'] * 10) % 5 == 0]
+            at = lambda b, a: cell(mean_std([r[f'down{b}'] for rs in interp for r in rs if r['alpha'] == a]), 1)
+            lines += ['', f'Interpolation, {row["label"]}: top-1 of each down-half fed a·up_1(x) + (1−a)·up_2(x) '
+                      '(every 0.1 in the run\'s interpolation.csv):', '',
+                      '| a | ' + ' | '.join(f'{a:.1f}' for a in alphas) + ' |', '|---' * (len(alphas) + 1) + '|',
+                      '| down 1 | ' + ' | '.join(at(1, a) for a in alphas) + ' |',
+                      '| down 2 | ' + ' | '.join(at(2, a) for a in alphas) + ' |']
+        lines.append('')
+    lines += ['## Runs', '', 'fast: on = bf16 + CUDA graph (TrainStep), off = the plain fp32 loop.', '',
+              '| run | epochs | warm-up | update | seed | dataset | fast | device | torch | date | wall | command |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for run, s in runs.items():
+        lines.append(f'| {run} | {s["hint_epochs"] + s["epochs"]} | {s.get("warmup_epochs", 0)} | {s["update"]} | '
+                     f'{s["seed"]} | {s["dataset"]} | {s.get("fast", "off")} | {s["device"]} | {s["torch"]} | '
+                     f'{s["date"]} | {X.format_duration(s["wall_s"])} | `{s["command"]}` |')
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    X.write_atomic(out_dir / f'{name}.md', lambda f: f.write(('\n'.join(lines) + '\n').encode()))
+    X.write_json(out_dir / f'{"results" if name == "RESULTS" else name}.json',
+                 {'deck': DECK, 'rows': json_rows, 'runs': runs})
+    return runs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('runs_dir', help='a folder of run folders (each with the summary.json a finished run writes)')
+    p.add_argument('--out', default='results', help='where the table is written')
+    p.add_argument('--name', default='RESULTS', help='write NAME.md and NAME.json (RESULTS: results.json)')
+    args = p.parse_args(argv)
+    try:
+        report(args.runs_dir, args.out, args.name)
+    except X.UsageError as e:
+        print(f'report.py: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
