@@ -224,7 +224,7 @@ def test_summing_the_losses_into_one_backward_would_route_wrongly():
     expected = reference_grads(models, x, y, XML_ROUTES)
     hs = halves(models)
     out = X.run_paths(hs, x, X.all_paths(2, 2))
-    L = X.net_losses('xml', out, y, [0, 1])
+    L = X.xml_losses(out, y, 2, 2, [0, 1])
     (L[0] + L[1]).backward()
     naive = [p.grad for p in hs[1][1].parameters()]
     assert max((n - e).abs().max() for n, e in zip(naive, expected[(1, 1)])) > 1e-6
@@ -370,10 +370,11 @@ def run_steps(fast, steps=3, device='cpu', graph=False, bf16=False, width=8, siz
     batches = [(X.augment(data.train_x[i * 32:(i + 1) * 32], generator=g), data.train_y[i * 32:(i + 1) * 32])
                for i in range(steps)]
     if fast:
-        step = X.TrainStep(hs, opts, 'xml', 'simultaneous', {}, mean, std, (32, size, size, 3), graph=graph, bf16=bf16)
-        for opt in opts:
-            for group in opt.param_groups:
-                group['lr'] = torch.tensor(0.05, device=device)
+        X.graph_lr(opts, device)  # the lr as a device tensor, whether captured or not
+
+        def step_fn(x, y):
+            return X.train_step(hs, opts, x, y, 'xml')
+        step = X.TrainStep(step_fn, [0, 1], mean, std, (32, size, size, 3), device, graph=graph, bf16=bf16)
         for images, labels in batches:
             step(images.to(device), labels.to(device))
         sums = [step.loss_sum[i].item() for i in range(2)]
@@ -824,9 +825,10 @@ def test_gan_discriminator_learns_only_from_its_own_loss():
         f = [h[0](x) for h in copy.deepcopy(hs)]
     expected = torch.autograd.grad(X.discriminator_loss(ref(f[0]).squeeze(1), ref(f[1]).squeeze(1)),
                                    list(ref.parameters()))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models] + [torch.optim.SGD(disc.parameters(), lr=0.0)]
-    losses = X.train_step(hs, opts, x, y, 'xml+gan', discriminator=disc)
-    assert set(losses) == {0, 1, 2}
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
+    losses = X.train_step(hs, opts, x, y, 'xml+gan', disc_optimizer=torch.optim.SGD(disc.parameters(), lr=0.0),
+                          discriminator=disc)
+    assert set(losses) == {0, 1, 'discriminator'}
     for p, e in zip(disc.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
@@ -903,7 +905,7 @@ def test_sigterm_and_sigint_stop_after_a_checkpoint(sig, tmp_path):
 
 
 def test_a_nan_loss_names_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    real, calls = X.net_losses, {'n': 0}
+    real, calls = X.xml_losses, {'n': 0}
 
     def poisoned(*args, **kw):  # net 2's loss turns NaN at the 3rd batch of epoch 2 (8 batches an epoch)
         losses = real(*args, **kw)
@@ -911,7 +913,7 @@ def test_a_nan_loss_names_step_and_term_and_keeps_the_last_good_checkpoint(tmp_p
         if calls['n'] == 8 + 3:
             losses[1] = losses[1] * float('nan')
         return losses
-    monkeypatch.setattr(X, 'net_losses', poisoned)
+    monkeypatch.setitem(X.LOSSES, 'xml', poisoned)
     out = tmp_path / 'nan'
     code, cap = run_cli([*RUN[2:], '--epochs', '3', '--out', str(out)], capsys)
     assert code == 1

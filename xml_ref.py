@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -389,7 +389,40 @@ def regressor(channels):
     return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
 
 
-# ---------------------------------------------------------------------------------- training step
+# ------------------------------------------------------------------- XML for a pair: the copyable core
+# The whole method for two nets in two functions that need nothing but torch: copy them into another codebase.
+# Everything below generalises them (K nets × P parts, the baselines, the fast path); a test checks that the
+# general training step computes exactly what these two compute.
+def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False):
+    """XML (SPEC §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21} [CE(z_p, y) + KL(z_22‖z_p)] and
+    L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL at temperature T times T², its target detached;
+    mean=True divides each sum by its 3 paths. Each half runs once per distinct input (BatchNorm statistics
+    update once)."""
+    def kl(target, z):  # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T)), no gradient to the target
+        log_t = torch.log_softmax(target.detach() / T, dim=1)
+        return (log_t.exp() * (log_t - torch.log_softmax(z / T, dim=1))).sum(1).mean() * T * T
+
+    ce = torch.nn.functional.cross_entropy
+    f1 = up1(x)
+    z11, z12 = down1(f1), down2(f1)
+    f2 = up2(x)
+    z21, z22 = down1(f2), down2(f2)
+    loss1 = sum(ce(z, labels) + kl(z22, z) for z in (z11, z12, z21))
+    loss2 = sum(ce(z, labels) + kl(z11, z) for z in (z12, z21, z22))
+    return (loss1 / 3, loss2 / 3) if mean else (loss1, loss2)
+
+
+def routed_backward(losses, optimizers):
+    """Gradient routing (SPEC §3): L_i is differentiated with respect to the parameters of optimizers[i] only.
+    In z_12, L_1 so trains up_1 through a fixed down_2 and L_2 trains down_2 on a fixed up_1 feature; one
+    backward of L_1 + L_2 would be wrong (it would train down_2 on L_1 too). Then step each optimizer."""
+    for n, (loss, opt) in enumerate(zip(losses, optimizers)):
+        opt.zero_grad(set_to_none=True)
+        params = [p for group in opt.param_groups for p in group['params']]
+        loss.backward(inputs=params, retain_graph=n + 1 < len(losses))
+
+
+# ------------------------------------------------------------------------ K nets × P parts, all methods
 # K nets, each cut into P parts: parts[i][k] is part k of net i (for a pair, parts[i] = [up_i, down_i]).
 # A path is a tuple of net indices, one per part: path (a, b) runs up_a then down_b, so z_ab = out[(a, b)].
 def pure_paths(K, P):
@@ -415,12 +448,9 @@ def run_paths(parts, x, paths):
 
 
 def step_paths(method, K, P, paths_per_step=None, rng=None):
-    """The paths one training step runs: the first parts for FitNet's hint stage, the pure nets for methods
-    without crossing, every path for the XML family; or, with paths_per_step = R, the K pure paths plus R
-    crossed paths drawn uniformly without replacement from the K^P − K (each path is drawn with probability
-    R / (K^P − K) at every step, so every path is trained)."""
-    if method == 'hint':
-        return [(i,) for i in range(K)]
+    """The paths one training step runs: the pure nets for methods without crossing, every path for the XML
+    family; or, with paths_per_step = R, the K pure paths plus R crossed paths drawn uniformly without
+    replacement from the K^P − K (each path is drawn with probability R / (K^P − K) at every step)."""
     if not method.startswith('xml'):
         return pure_paths(K, P)
     if paths_per_step is None:
@@ -429,43 +459,65 @@ def step_paths(method, K, P, paths_per_step=None, rng=None):
     return pure_paths(K, P) + rng.sample(crossed, paths_per_step)
 
 
-def net_losses(method, out, labels, trained, *, path_weights='sum', T=1.0, l2_weight=1.0, adv_weight=0.1,
-               regressor=None, discriminator=None):
-    """{i: L_i} for each trained net i, from the outputs `out` of run_paths (SPEC §3); for xml+gan also
-    {K: the discriminator's loss} when K (one past the last net) is in `trained`."""
-    K = len({p[0] for p in out if p})
-    P = max(len(p) for p in out)
-    pure = pure_paths(K, P)
-    if method == 'xml+disc':  # each down-half's last output is its synthesis score, the rest its logits
-        scores = {p: z[:, -1] for p, z in out.items() if len(p) == P}
-        out = {p: z[:, :-1] if len(p) == P else z for p, z in out.items()}
-    losses = {}
-    for i in trained:
-        if i == K:  # xml+gan: the discriminator, on features it must not train
-            losses[i] = discriminator_loss(discriminator(out[(0,)].detach()).squeeze(1),
-                                           discriminator(out[(1,)].detach()).squeeze(1))
-            continue
-        others = [out[pure[j]] for j in range(K) if j != i]
-        if method == 'independent':
-            losses[i] = F.cross_entropy(out[pure[i]], labels)
-        elif method == 'kd':  # the other net is the frozen teacher
-            losses[i] = kd_loss(out[pure[i]], others[0], labels, T)
-        elif method == 'hint':  # FitNet stage 1: only the student's first part and the regressor learn
-            losses[i] = hint_loss(regressor(out[(i,)]), out[(1 - i,)])
-        elif method == 'dml':
-            losses[i] = dml_loss(out[pure[i]], others, labels, T)
-        else:  # the xml family: every path that holds a part of net i, pulled toward the other nets' pure predictions
-            mine = [z for p, z in out.items() if len(p) == P and i in p]
-            losses[i] = xml_loss(mine, others, labels, path_weights, T)
-            if method == 'xml+l2':
-                losses[i] = losses[i] + l2_weight * sum(feature_l2(out[(i,) * c], out[(j,) * c])
-                                                        for c in range(1, P) for j in range(K) if j != i) / (K - 1)
-            if method == 'xml+disc':
-                j = 1 - i
-                losses[i] = losses[i] + adv_weight * synthesis_loss(scores[(i, i)], scores[(j, i)], scores[(i, j)])
-            if method == 'xml+gan':
-                losses[i] = losses[i] + adv_weight * generator_loss(discriminator(out[(i,)]).squeeze(1), i == 1)
+# One function per method: {i: L_i} for each net i in `nets` (the nets that learn), from the outputs `out` of
+# run_paths on K nets cut into P parts. The deck's methods first, then its experiments.
+def independent_losses(out, labels, K, P, nets):
+    """Each net alone: L_i = CE(z_ii, y)."""
+    return {i: F.cross_entropy(out[(i,) * P], labels) for i in nets}
+
+
+def kd_losses(out, labels, K, P, nets, T=4.0):
+    """The student i of a pair: L_i = CE(z_ii, y) + KL(z_jj‖z_ii) at T, with net j the frozen teacher."""
+    return {i: kd_loss(out[(i,) * P], out[(1 - i,) * P], labels, T) for i in nets}
+
+
+def dml_losses(out, labels, K, P, nets, T=1.0):
+    """Deep Mutual Learning: L_i = CE(z_ii, y) + mean_{j≠i} KL(z_jj‖z_ii)."""
+    pure = [out[p] for p in pure_paths(K, P)]
+    return {i: dml_loss(pure[i], pure[:i] + pure[i + 1:], labels, T) for i in nets}
+
+
+def xml_losses(out, labels, K, P, nets, T=1.0, path_weights='sum'):
+    """XML: L_i = Σ_{p ∋ i} [CE(z_p, y) + mean_{j≠i} KL(z_jj‖z_p)] over the paths run that hold a part of net i
+    ('mean': ÷ their number). For a pair this is xml_pair_losses."""
+    pure = [out[p] for p in pure_paths(K, P)]
+    return {i: xml_loss([z for p, z in out.items() if len(p) == P and i in p], pure[:i] + pure[i + 1:], labels,
+                        path_weights, T) for i in nets}
+
+
+def xml_l2_losses(out, labels, K, P, nets, T=1.0, path_weights='sum', l2_weight=1.0):
+    """The deck's Experience 0: XML + λ · mean over the cuts c and the other nets j of mean((f_i^c − f_j^c)²),
+    f_i^c the output of net i's first c parts (for a pair: λ·mean((up_i(x) − up_j(x))²))."""
+    losses = xml_losses(out, labels, K, P, nets, T, path_weights)
+    for i in nets:
+        l2 = sum(feature_l2(out[(i,) * c], out[(j,) * c]) for c in range(1, P) for j in range(K) if j != i)
+        losses[i] = losses[i] + l2_weight * l2 / ((K - 1) * (P - 1))
     return losses
+
+
+def xml_disc_losses(out, labels, K, P, nets, T=1.0, path_weights='sum', adv_weight=0.1):
+    """The deck's Experience 1 (a pair): each down-half has one output more, its synthesis score s_ab; XML on
+    the class logits + adv_weight · synthesis_loss(s_ii, s_ji, s_ij)."""
+    scores = {p: z[:, -1] for p, z in out.items() if len(p) == P}
+    out = {p: z[:, :-1] if len(p) == P else z for p, z in out.items()}
+    losses = xml_losses(out, labels, K, P, nets, T, path_weights)
+    for i in nets:
+        j = 1 - i
+        losses[i] = losses[i] + adv_weight * synthesis_loss(scores[(i, i)], scores[(j, i)], scores[(i, j)])
+    return losses
+
+
+def xml_gan_losses(out, labels, K, P, nets, discriminator, T=1.0, path_weights='sum', adv_weight=0.1):
+    """The deck's Experience 2 (a pair): XML + adv_weight · generator_loss: up_i learns to make the independent
+    discriminator D take its feature for the other net's. D's own loss is discriminator_loss (train_step)."""
+    losses = xml_losses(out, labels, K, P, nets, T, path_weights)
+    for i in nets:
+        losses[i] = losses[i] + adv_weight * generator_loss(discriminator(out[(i,)]).squeeze(1), i == 1)
+    return losses
+
+
+LOSSES = {'independent': independent_losses, 'kd': kd_losses, 'dml': dml_losses, 'xml': xml_losses,
+          'xml+l2': xml_l2_losses, 'xml+disc': xml_disc_losses, 'xml+gan': xml_gan_losses}
 
 
 @contextlib.contextmanager
@@ -483,65 +535,73 @@ def frozen_bn_stats(modules):
             m.track_running_stats = True
 
 
-def optimizer_params(optimizer):
-    return [p for group in optimizer.param_groups for p in group['params']]
-
-
 def distributed():
     """True in a torchrun job of several processes."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def average_gradients(params):
-    """Data parallelism: replace each gradient by its mean over the ranks (what DistributedDataParallel does),
-    with one all-reduce of the flattened gradients. Each rank's loss is a mean over its equal share of the
-    batch, so the result is the gradient of the mean over the whole batch."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
-
-
-def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, **loss_kw):
-    """One optimisation step of every trained net (optimizers[i] is None for a frozen net; optimizers[K], where
-    present, is xml+gan's discriminator) on `paths` (default: step_paths); returns {i: L_i}.
-
-    Gradient routing (SPEC §3): each L_i is differentiated with respect to net i's parameters only
-    (backward(inputs=...)), so in the crossed path z_12, L_1 trains up_1 through a fixed down_2 and L_2 trains
-    down_2 on a fixed up_1 feature. One backward of L_1 + L_2 would be wrong: it would train down_2 on L_1 too.
-    simultaneous: one forward, every net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1,
-    the paths run again, net 2 stepped on L_2, and so on; the repeated forwards do not update BN statistics.
-    Under torchrun the gradients are averaged over the ranks before each optimizer steps."""
-    K, P = len(parts), len(parts[0])
-    trained = [i for i, opt in enumerate(optimizers) if opt is not None]
-    paths = paths or step_paths(method, K, P)
-    every_part = [part for net in parts for part in net]
-    losses = {}
-    if update == 'simultaneous':
-        out = run_paths(parts, x, paths)
-        L = net_losses(method, out, labels, trained, **loss_kw)
-        for n, i in enumerate(trained):
-            optimizers[i].zero_grad(set_to_none=True)
-            L[i].backward(inputs=optimizer_params(optimizers[i]), retain_graph=n + 1 < len(trained))
-        for i in trained:
-            if distributed():
-                average_gradients(optimizer_params(optimizers[i]))
-            optimizers[i].step()
-            losses[i] = L[i].detach()
-        return losses
-    for n, i in enumerate(trained):
-        with frozen_bn_stats(every_part) if n else contextlib.nullcontext():
-            out = run_paths(parts, x, paths)
-        L = net_losses(method, out, labels, [i], **loss_kw)[i]
-        optimizers[i].zero_grad(set_to_none=True)
-        L.backward(inputs=optimizer_params(optimizers[i]))
+def step_optimizers(optimizers):
+    """optimizer.step() for each; under torchrun each gradient is first replaced by its mean over the ranks (what
+    DistributedDataParallel does; each rank's loss is a mean over its equal share of the batch, so this is the
+    gradient of the mean over the whole batch), one all-reduce of the flattened gradients per optimizer."""
+    for opt in optimizers:
         if distributed():
-            average_gradients(optimizer_params(optimizers[i]))
-        optimizers[i].step()
-        losses[i] = L.detach()
+            grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(mean.view_as(g))
+        opt.step()
+
+
+def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, *, disc_optimizer=None,
+               **loss_kw):
+    """One optimisation step of every net that learns (optimizers[i] is None for a frozen net) on `paths`
+    (default: step_paths) with LOSSES[method] (loss_kw: its options); with disc_optimizer also xml+gan's
+    discriminator (loss_kw['discriminator']) on discriminator_loss. Returns {i: L_i} (and 'discriminator').
+    simultaneous: one forward, each L_i routed to net i (routed_backward), every net stepped. sequential (DML
+    paper, Algorithm 1): net 1 stepped on L_1, the paths run again, net 2 stepped on L_2, and so on; the
+    repeated forwards do not update the BatchNorm statistics."""
+    K, P = len(parts), len(parts[0])
+    paths = paths or step_paths(method, K, P)
+    learners = {i: opt for i, opt in enumerate(optimizers) if opt is not None}
+    if disc_optimizer is not None:
+        learners['discriminator'] = disc_optimizer
+
+    def losses_of(out, keys):
+        losses = LOSSES[method](out, labels, K, P, [k for k in keys if k != 'discriminator'], **loss_kw)
+        if 'discriminator' in keys:  # on features it must not train
+            d = loss_kw['discriminator']
+            losses['discriminator'] = discriminator_loss(d(out[(0,)].detach()).squeeze(1),
+                                                         d(out[(1,)].detach()).squeeze(1))
+        return losses
+
+    if update == 'simultaneous':
+        losses = losses_of(run_paths(parts, x, paths), list(learners))
+        routed_backward([losses[k] for k in learners], list(learners.values()))
+        step_optimizers(learners.values())
+        return {k: losses[k].detach() for k in learners}
+    losses = {}
+    for n, (k, opt) in enumerate(learners.items()):
+        with frozen_bn_stats([part for net in parts for part in net]) if n else contextlib.nullcontext():
+            out = run_paths(parts, x, paths)
+        losses[k] = losses_of(out, [k])[k]
+        routed_backward([losses[k]], [opt])
+        step_optimizers([opt])
+        losses[k] = losses[k].detach()
     return losses
+
+
+def hint_step(student_up, teacher_up, regressor, optimizer, x):
+    """FitNet's stage 1 (Romero et al. 2015): one step of the student's up-half and the regressor (the parameters
+    of `optimizer`) on hint_loss(regressor(up_s(x)), up_t(x)); the frozen teacher and the student's down-half
+    are not trained. Returns the loss."""
+    teacher_feature = teacher_up(x)
+    loss = hint_loss(regressor(student_up(x)), teacher_feature)
+    routed_backward([loss], [optimizer])
+    step_optimizers([optimizer])
+    return loss.detach()
 
 
 def sgd(params, cfg, fused=False):
@@ -558,51 +618,43 @@ def set_lr(optimizer, lr):
             group['lr'] = lr
 
 
+# ---------------------------------------------------------------- speed and scale: changes how, not what
 class TrainStep:
-    """train_step on batches of one shape: normalise the augmented uint8 images, step, sum the losses on the
-    device (loss_sum, so nothing waits for the host). The plain path as it stands; the fast path for the GPU
-    (all three flags on) changes how, not what, it computes:
+    """A training step function on batches of one shape: normalise the augmented uint8 images, call
+    step_fn(x, labels) → {learner: loss} (train_step or hint_step, bound to their nets and optimizers), and sum
+    each learner's loss on the device (loss_sum, so nothing waits for the host). The plain path as it stands; the
+    fast path for the GPU (all three flags on) changes how, not what, it computes:
     - channels_last: the layout tensor-core convolutions read fastest (normalize() yields it for free);
     - bf16: autocast for convolutions and matrix products; losses, BatchNorm statistics and weights stay fp32;
     - graph: after `warmup` real steps, the whole step (the forward of every path, the routed backward passes,
       the optimizers, the BatchNorm updates) is captured once in a CUDA graph and replayed for every later
       batch: one launch instead of thousands, which is what bounds these nets at batch 128. The learning
       rate then lives in a device tensor that set_lr() fills, and optimizers should be fused (one kernel).
+      step_fn must then run the same kernels every step (no sampled paths).
     Every batch must have the shape given here: the training loop drops the last partial batch."""
 
-    def __init__(self, parts, optimizers, method, update, loss_kw, mean, std, batch_shape, *, graph=False,
-                 bf16=False, channels_last=False, warmup=3, paths_per_step=None, seed=0):
-        self.parts, self.optimizers, self.method, self.update, self.loss_kw = parts, optimizers, method, update, loss_kw
-        self.graph, self.bf16, self.warmup = graph, bf16, warmup
+    def __init__(self, step_fn, learners, mean, std, batch_shape, device, *, graph=False, bf16=False,
+                 channels_last=False, warmup=3):
+        self.step_fn, self.graph, self.bf16, self.warmup = step_fn, graph, bf16, warmup
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        dev = next(parts[0][0].parameters()).device
-        self.mean, self.std = torch.tensor(mean, device=dev), torch.tensor(std, device=dev)
-        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=dev)  # the captured step's input
-        self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=dev)
-        self.loss_sum = {i: torch.zeros((), device=dev) for i, opt in enumerate(optimizers) if opt is not None}
+        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=device)  # the captured step's input
+        self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
+        self.loss_sum = {k: torch.zeros((), device=device) for k in learners}
         # the first step of the epoch (1-based; 0: none) whose loss was not finite, found without a host sync
-        self.first_bad = {i: torch.zeros((), dtype=torch.int64, device=dev) for i in self.loss_sum}
-        self.steps_done = torch.zeros((), dtype=torch.int64, device=dev)
-        if graph:  # a replayed graph reads the learning rate from memory, not from Python
-            for opt in optimizers:
-                for group in (opt.param_groups if opt else []):
-                    group['lr'] = torch.tensor(float(group['lr']), device=dev)
+        self.first_bad = {k: torch.zeros((), dtype=torch.int64, device=device) for k in learners}
+        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)
         self.captured, self.calls = None, 0
-        # sampled paths change from step to step, which one captured graph cannot: they run without it
-        self.paths_per_step, self.rng = paths_per_step, random.Random(seed)
-        self.graph = graph and paths_per_step is None
 
     def step(self):
         x = normalize(self.images, self.mean, self.std, self.memory_format)
-        paths = step_paths(self.method, len(self.parts), len(self.parts[0]), self.paths_per_step, self.rng)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            losses = train_step(self.parts, self.optimizers, x, self.labels, self.method, self.update, paths,
-                                **self.loss_kw)
+            losses = self.step_fn(x, self.labels)
         self.steps_done += 1
-        for i, loss in losses.items():
-            self.loss_sum[i] += loss
-            self.first_bad[i].copy_(torch.where((self.first_bad[i] == 0) & ~torch.isfinite(loss), self.steps_done,
-                                                self.first_bad[i]))
+        for k, loss in losses.items():
+            self.loss_sum[k] += loss
+            self.first_bad[k].copy_(torch.where((self.first_bad[k] == 0) & ~torch.isfinite(loss), self.steps_done,
+                                                self.first_bad[k]))
 
     def new_epoch(self):
         for total in [*self.loss_sum.values(), *self.first_bad.values(), self.steps_done]:
@@ -626,6 +678,13 @@ class TrainStep:
             with torch.cuda.graph(self.captured):
                 self.step()  # recorded, not run
         self.captured.replay()
+
+
+def graph_lr(optimizers, device):
+    """Make each optimizer's learning rate a device tensor: a replayed CUDA graph reads it from memory."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group['lr'] = torch.tensor(float(group['lr']), device=device)
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -932,12 +991,46 @@ def stop_on_signals():
             signal.signal(sig, h)
 
 
-def train(cfg):
-    """Train the nets of `cfg` (a validated configuration, see parse_args) with its method, evaluating after every
-    epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into cfg.out and returns the summary.
-    Under torchrun (several processes) every rank trains on its share of each batch and rank 0 writes."""
-    out, dev = Path(cfg.out), torch.device(cfg.device)
-    rank, world = 0, 1
+@dataclass
+class Run:
+    """What a training run holds between its phases (set_up, resume, the epochs, the summary)."""
+    cfg: argparse.Namespace
+    dev: torch.device
+    rank: int  # torchrun: this process; rank 0 alone writes
+    world: int
+    data: Data
+    mean: list
+    std: list
+    models: list
+    parts: list
+    features: list  # C×H×W at each cut
+    frozen: set  # nets that do not learn: kd's and fitnet's teacher, --freeze's net
+    student: object  # kd, fitnet: the student's index, else None
+    optimizers: list  # one per net, None for a frozen net
+    regressor: object = None  # fitnet: the regressor of stage 1 …
+    hint_optimizer: object = None  # … and the optimizer of the student's up-half and the regressor
+    discriminator: object = None  # xml+gan: the discriminator …
+    disc_optimizer: object = None  # … and its optimizer
+    history: list = field(default_factory=list)
+    best: dict = None
+    start: int = 0  # epochs done
+    wall_before: float = 0.0  # seconds spent before a resume
+
+    def learners(self):
+        """The keys of the losses a step returns: the nets, then xml+gan's discriminator."""
+        return list(range(len(self.models))) + (['discriminator'] if self.discriminator is not None else [])
+
+    def checkpoint_optimizers(self):
+        """Every optimizer in the checkpoint's order: nets (None where frozen), the discriminator's, then FitNet's
+        stage 1 at the student's position of K more."""
+        hint = [self.hint_optimizer if i == self.student else None for i in range(len(self.models))]
+        return (self.optimizers + ([self.disc_optimizer] if self.discriminator is not None else [])
+                + (hint if self.hint_optimizer is not None else []))
+
+
+def start_processes(cfg):
+    """(device, rank, world size): one process, or this one of a torchrun job (NCCL on GPUs, else gloo)."""
+    dev, rank, world = torch.device(cfg.device), 0, 1
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     if dist.is_available() and dist.is_initialized():
@@ -947,25 +1040,31 @@ def train(cfg):
             torch.cuda.set_device(dev)
     if cfg.batch_size % world:
         raise UsageError(f'--batch-size {cfg.batch_size} does not split evenly over {world} processes')
-    writer = rank == 0  # only rank 0 writes files and progress
+    return dev, rank, world
+
+
+def prepare_out(out, force):
+    """Create the output directory, check it can be written, and with --force clear the run already there."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / '.write-test', 'w'):
+            pass
+        os.remove(out / '.write-test')
+    except OSError as e:
+        raise UsageError(f'--out {out} cannot be written ({e.strerror}); choose another directory') from None
+    if force:
+        for name in ('summary.json', 'last.pt', 'best.pt', 'metrics.jsonl'):
+            (out / name).unlink(missing_ok=True)
+
+
+def set_up(cfg):
+    """A Run of `cfg` (validated by check_args) before its first epoch: processes, data, nets, optimizers."""
+    dev, rank, world = start_processes(cfg)
     data = load_data(cfg.dataset, cfg.data_dir)
     if cfg.batch_size > len(data.train_x):
         raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images')
-    if writer:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / '.write-test', 'w'):
-                pass
-            os.remove(out / '.write-test')
-        except OSError as e:
-            raise UsageError(f'--out {out} cannot be written ({e.strerror}); choose another directory') from None
-        if cfg.force:
-            for name in ('summary.json', 'last.pt', 'best.pt', 'metrics.jsonl'):
-                (out / name).unlink(missing_ok=True)
-
-    mean, std = channel_stats(data.train_x)
-    train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
-    test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
+    if rank == 0:
+        prepare_out(Path(cfg.out), cfg.force)
     fast = cfg.fast == 'on'
     fmt = torch.channels_last if fast else torch.contiguous_format
     torch.backends.cudnn.benchmark = fast  # fixed shapes: let cuDNN time its kernels once and keep the fastest
@@ -975,13 +1074,9 @@ def train(cfg):
         models = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in models]
     models = [m.to(dev, memory_format=fmt) for m in models]
     features = [check_cut(models, cfg.nets, cut, data.train_x.shape[1]) for cut in cfg.cuts]
-    parts = [split_parts(m, cfg.cuts) for m in models]
     K = len(models)
-
-    # Frozen nets stay in eval mode and have no optimizer: kd and fitnet's teacher (the larger net of the pair,
-    # the other is the student) and --freeze's net (teacher-student XML).
-    frozen, student, reg, disc = set(), None, None, None
-    if cfg.method in ('kd', 'fitnet'):
+    frozen, student = set(), None
+    if cfg.method in ('kd', 'fitnet'):  # the teacher: the larger net of the pair, loaded and frozen
         teacher = max(range(K), key=lambda i: num_params(models[i]))
         student = 1 - teacher
         load_net(cfg.teacher, cfg.nets[teacher], models[teacher])
@@ -989,159 +1084,252 @@ def train(cfg):
     for i, path in enumerate((cfg.init1, cfg.init2)):
         if path:
             load_net(path, cfg.nets[i], models[i], i)
-    if cfg.freeze:
+    if cfg.freeze:  # teacher-student XML
         frozen.add(cfg.freeze - 1)
     for i in frozen:
         models[i].requires_grad_(False)
-    optimizers = [None if i in frozen else sgd(models[i].parameters(), cfg, fast) for i in range(K)]
-    if cfg.method == 'xml+gan':  # the discriminator learns too: optimizers[K]
-        disc = discriminator(features[0][0]).to(dev, memory_format=fmt)
-        optimizers.append(sgd(disc.parameters(), cfg, fast))
-    hint_optimizers = []
-    if cfg.method == 'fitnet':  # stage 1 trains the student's up-half and the regressor only
-        reg = regressor(features[0][0]).to(dev, memory_format=fmt)
-        hint_optimizers = [None] * K
-        hint_optimizers[student] = sgd(list(parts[student][0].parameters()) + list(reg.parameters()), cfg, fast)
-    loss_kw = dict(path_weights=cfg.path_weights, T=cfg.temperature, l2_weight=cfg.l2_weight,
-                   adv_weight=cfg.adv_weight, regressor=reg, discriminator=disc)
-    learners = [f'net {i + 1} ({n})' for i, n in enumerate(cfg.nets)] + ['the discriminator']
+    run = Run(cfg, dev, rank, world, data, *channel_stats(data.train_x), models,
+              [split_parts(m, cfg.cuts) for m in models], features, frozen, student,
+              [None if i in frozen else sgd(models[i].parameters(), cfg, fast) for i in range(K)],
+              best={'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0})
+    if cfg.method == 'xml+gan':
+        run.discriminator = discriminator(features[0][0]).to(dev, memory_format=fmt)
+        run.disc_optimizer = sgd(run.discriminator.parameters(), cfg, fast)
+    if cfg.method == 'fitnet':
+        run.regressor = regressor(features[0][0]).to(dev, memory_format=fmt)
+        run.hint_optimizer = sgd(list(run.parts[student][0].parameters()) + list(run.regressor.parameters()),
+                                 cfg, fast)
+    return run
 
-    gen = torch.Generator(dev).manual_seed(cfg.seed)  # data order and augmentation, the same on every rank
-    history, start, wall_before = [], 0, 0.0
-    best = {'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0}
-    if cfg.resume and (out / 'last.pt').exists():
-        ckpt = load_checkpoint(out / 'last.pt')
-        for m, state in zip(models, ckpt['nets']):
-            m.load_state_dict(state)
-        for opt, state in zip(optimizers + hint_optimizers, ckpt['optimizers']):
-            if opt is not None:
-                opt.load_state_dict(state)
-        for module, key in ((reg, 'regressor'), (disc, 'discriminator')):
-            if module is not None:
-                module.load_state_dict(ckpt[key])
-        gen.set_state(ckpt['rng']['data'])
-        torch.set_rng_state(ckpt['rng']['torch'])
-        history, start, wall_before, best = ckpt['history'], ckpt['epoch'], ckpt['wall_s'], ckpt['best']
-        if writer:
-            print(f'resuming {out} after epoch {start}', file=sys.stderr)
-    elif cfg.resume and writer:
-        print(f'{out}: no checkpoint yet, starting from the beginning', file=sys.stderr)
 
-    H, E = cfg.hint_epochs, cfg.epochs
-    n_steps = len(train_x) // cfg.batch_size  # the last partial batch is dropped; the order changes every epoch
-    share = cfg.batch_size // world  # each rank's share of a batch
-    steps = {}  # one TrainStep (one CUDA graph) per stage
-    t_run = time.time()
+def resume(run, gen):
+    """Continue from the checkpoint last.pt in --out, if there is one: weights, optimizers, random states."""
+    out = Path(run.cfg.out)
+    if not (out / 'last.pt').exists():
+        if run.rank == 0:
+            print(f'{out}: no checkpoint yet, starting from the beginning', file=sys.stderr)
+        return
+    ckpt = load_checkpoint(out / 'last.pt')
+    for m, state in zip(run.models, ckpt['nets']):
+        m.load_state_dict(state)
+    for opt, state in zip(run.checkpoint_optimizers(), ckpt['optimizers']):
+        if opt is not None:
+            opt.load_state_dict(state)
+    for module, key in ((run.regressor, 'regressor'), (run.discriminator, 'discriminator')):
+        if module is not None:
+            module.load_state_dict(ckpt[key])
+    rng = ckpt['rng']['data']
+    gen.set_state(rng)
+    torch.set_rng_state(ckpt['rng']['torch'])
+    run.history, run.start, run.wall_before, run.best = ckpt['history'], ckpt['epoch'], ckpt['wall_s'], ckpt['best']
+    if run.rank == 0:
+        print(f'resuming {out} after epoch {run.start}', file=sys.stderr)
+
+
+def make_step(run, hint, paths_rng):
+    """The TrainStep of a stage: FitNet's hint stage, or the method's training (fitnet's second stage is kd)."""
+    cfg, fast = run.cfg, run.cfg.fast == 'on'
+    K, P = len(run.parts), len(run.parts[0])
+    if hint:
+        student, teacher = run.student, 1 - run.student
+        optimizers = [run.hint_optimizer]
+
+        def step_fn(x, labels):
+            return {student: hint_step(run.parts[student][0], run.parts[teacher][0], run.regressor,
+                                       run.hint_optimizer, x)}
+    else:
+        method = 'kd' if cfg.method == 'fitnet' else cfg.method
+        kw = loss_options(cfg, method, run.discriminator)
+        optimizers = [opt for opt in run.optimizers + [run.disc_optimizer] if opt is not None]
+
+        def step_fn(x, labels):
+            paths = step_paths(method, K, P, cfg.paths_per_step, paths_rng)
+            return train_step(run.parts, run.optimizers, x, labels, method, cfg.update, paths,
+                              disc_optimizer=run.disc_optimizer, **kw)
+    # sampled paths change from step to step, which one captured graph cannot; nor are the collectives of
+    # torchrun tested inside a capture
+    graph = fast and run.world == 1 and cfg.paths_per_step is None
+    if graph:
+        graph_lr(optimizers, run.dev)
+    learners = [run.student] if hint else [k for k in run.learners() if k not in run.frozen]
+    return TrainStep(step_fn, learners, run.mean, run.std, (cfg.batch_size // run.world,
+                     *run.data.train_x.shape[1:]), run.dev, graph=graph, bf16=fast, channels_last=fast), optimizers
+
+
+def loss_options(cfg, method, discriminator=None):
+    """The keyword arguments of LOSSES[method] from the command line."""
+    if method == 'independent':
+        return {}
+    kw = {'T': cfg.temperature}
+    if method.startswith('xml'):
+        kw['path_weights'] = cfg.path_weights
+    if method == 'xml+l2':
+        kw['l2_weight'] = cfg.l2_weight
+    if method in ('xml+disc', 'xml+gan'):
+        kw['adv_weight'] = cfg.adv_weight
+    if method == 'xml+gan':
+        kw['discriminator'] = discriminator
+    return kw
+
+
+def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
+    """One pass over the training set in a fresh random order, the lr set per step (lr_at); returns each
+    learner's mean loss (None for those that do not learn in this stage) and the last lr."""
+    cfg, H = run.cfg, run.cfg.hint_epochs
+    hint = epoch < H
+    stage_epoch, stage_epochs = (epoch, H) if hint else (epoch - H, cfg.epochs)  # each stage its own schedule
+    n_steps = len(train_x) // cfg.batch_size  # the last partial batch is dropped
+    share, rank = cfg.batch_size // run.world, run.rank  # each rank's share of a batch
+    step.new_epoch()
+    for i, m in enumerate(run.models):
+        m.train(i not in run.frozen)
+    perm = torch.randperm(len(train_x), device=run.dev, generator=gen)
+    lr = None
+    for s in range(n_steps):
+        # per step: the warm-up raises the lr every step; a captured graph reads it from its device tensor
+        lr_now = lr_at(stage_epoch * n_steps + s, n_steps, stage_epochs, cfg.lr, cfg.warmup_epochs)
+        if lr_now != lr:
+            lr = lr_now
+            for opt in optimizers:
+                set_lr(opt, lr)
+        idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        images = augment(train_x[idx], generator=gen)  # the whole batch, so every rank draws alike
+        step(images[rank * share:(rank + 1) * share], train_y[idx[rank * share:(rank + 1) * share]])
+    keys = run.learners()
+    sums = torch.stack([step.loss_sum.get(k, torch.zeros((), device=run.dev)) for k in keys])
+    if run.world > 1:  # the mean over ranks; BatchNorm statistics too (each rank saw its own share)
+        dist.all_reduce(sums)
+        sums /= run.world
+        for m in run.models:
+            for buf in m.buffers():
+                if buf.is_floating_point():
+                    dist.all_reduce(buf)
+                    buf /= run.world
+    first_bad = torch.stack([step.first_bad.get(k, torch.zeros((), dtype=torch.int64, device=run.dev))
+                             for k in keys])
+    if run.world > 1:  # every rank must see a divergence, or the others would wait for it forever
+        first_bad = torch.where(first_bad == 0, n_steps + 1, first_bad)
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        first_bad = torch.where(first_bad == n_steps + 1, 0, first_bad)
+    bad = [(at, n) for n, at in enumerate(first_bad.tolist()) if at]
+    if bad:
+        at, n = min(bad)  # the first step, and the first learner whose loss went bad at it
+        name = f'net {keys[n] + 1} ({cfg.nets[keys[n]]})' if keys[n] != 'discriminator' else 'the discriminator'
+        kept = f'{cfg.out}/last.pt still holds epoch {epoch}' if epoch else 'no checkpoint was written'
+        raise Diverged(f'the loss of {name} became NaN or infinite at epoch {epoch + 1}, batch {at} of {n_steps}; '
+                       f'{kept}; lower --lr or check the data')
+    return [v / n_steps if k in step.loss_sum else None for k, v in zip(keys, sums.tolist())], lr
+
+
+def evaluate_epoch(run, test_x, test_y, train_x):
+    """The epoch's test metrics (evaluate), and with --bn-recalib those with each path's BatchNorm statistics
+    re-estimated on the same --bn-recalib training batches every epoch."""
+    cfg, fast, dev = run.cfg, run.cfg.fast == 'on', run.dev
+    rec = evaluate(run.parts, test_x, test_y, run.mean, run.std, fast=fast, classes=run.data.num_classes)
+    if cfg.bn_recalib:
+        g = torch.Generator(dev).manual_seed(cfg.seed + 1)
+        fmt = torch.channels_last if fast else torch.contiguous_format
+        batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=dev,
+                                                           generator=g)], generator=g), run.mean, run.std, fmt)
+                   for _ in range(cfg.bn_recalib)]
+        with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+            rec['recalib'] = evaluate_recalibrated(run.parts, test_x, test_y, run.mean, run.std, batches, fast=fast,
+                                                   classes=run.data.num_classes)
+    return rec
+
+
+def save_checkpoint(run, rec, gen, wall_s):
+    """Record the epoch: best.pt when the mean top-1 of the learning nets is the best so far, last.pt, and
+    metrics.jsonl, each written atomically (rank 0 only)."""
+    K, best = len(run.models), run.best
+    for i in range(K):
+        if rec['accuracy'][i] > best['accuracy'][i]:
+            best['accuracy'][i], best['epoch'][i] = rec['accuracy'][i], rec['epoch']
+    trained = [i for i in range(K) if i not in run.frozen]
+    mean_acc = sum(rec['accuracy'][i] for i in trained) / len(trained)
+    is_best, best['mean'] = mean_acc > best['mean'], max(best['mean'], mean_acc)
+    if run.rank:
+        return
+    state = {'config': vars(run.cfg), 'epoch': rec['epoch'], 'nets': [m.state_dict() for m in run.models],
+             'optimizers': [opt.state_dict() if opt else None for opt in run.checkpoint_optimizers()],
+             'regressor': run.regressor.state_dict() if run.regressor is not None else None,
+             'discriminator': run.discriminator.state_dict() if run.discriminator is not None else None,
+             'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
+             'history': run.history, 'best': best, 'wall_s': wall_s}
+    out = Path(run.cfg.out)
+    if is_best:
+        write_atomic(out / 'best.pt', lambda f: torch.save(state, f))
+    write_atomic(out / 'last.pt', lambda f: torch.save(state, f))
+    write_atomic(out / 'metrics.jsonl', lambda f: f.write(''.join(json.dumps(r) + '\n' for r in run.history).encode()))
+
+
+def train(cfg):
+    """Train the nets of `cfg` (a validated configuration, see check_args) with its method, evaluating after every
+    epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into cfg.out and returns the summary.
+    Under torchrun (several processes) every rank trains on its share of each batch and rank 0 writes."""
+    run = set_up(cfg)
+    gen = torch.Generator(run.dev).manual_seed(cfg.seed)  # data order and augmentation, the same on every rank
+    if cfg.resume:
+        resume(run, gen)
+    train_x, train_y = run.data.train_x.to(run.dev), run.data.train_y.to(run.dev)
+    test_x, test_y = run.data.test_x.to(run.dev), run.data.test_y.to(run.dev)
+    total = cfg.hint_epochs + cfg.epochs
+    steps, paths_rng, t_run = {}, random.Random(), time.time()
     with stop_on_signals() as stop:
-        for epoch in range(start, H + E):
-            hint = epoch < H
-            method = 'hint' if hint else 'kd' if cfg.method == 'fitnet' else cfg.method
-            opts = hint_optimizers if hint else optimizers
-            if method not in steps:  # under torchrun without the graph: its collectives are untested in capture
-                steps[method] = TrainStep(parts, opts, method, cfg.update, loss_kw, mean, std,
-                                          (share, *train_x.shape[1:]), graph=fast and world == 1, bf16=fast,
-                                          channels_last=fast, paths_per_step=cfg.paths_per_step)
-            step = steps[method]
-            step.rng.seed(cfg.seed * 1_000_003 + epoch)  # the sampled paths of an epoch, also after a resume
-            step.new_epoch()
-            stage_epoch, stage_epochs = (epoch, H) if hint else (epoch - H, E)  # each stage has its own schedule
-            for i, m in enumerate(models):
-                m.train(i not in frozen)
+        for epoch in range(run.start, total):
+            hint = epoch < cfg.hint_epochs
+            if hint not in steps:  # one TrainStep (one CUDA graph) per stage
+                steps[hint] = make_step(run, hint, paths_rng)
+            step, optimizers = steps[hint]
+            paths_rng.seed(cfg.seed * 1_000_003 + epoch)  # the sampled paths of an epoch, also after a resume
             t0 = time.time()
-            perm = torch.randperm(len(train_x), device=dev, generator=gen)
-            lr = None
-            for s in range(n_steps):
-                # per step: the warm-up raises the lr every step; a captured graph reads it from its device tensor
-                lr_now = lr_at(stage_epoch * n_steps + s, n_steps, stage_epochs, cfg.lr, cfg.warmup_epochs)
-                if lr_now != lr:
-                    lr = lr_now
-                    for opt in opts:
-                        if opt is not None:
-                            set_lr(opt, lr)
-                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                images = augment(train_x[idx], generator=gen)  # the whole batch, so every rank draws alike
-                step(images[rank * share:(rank + 1) * share], train_y[idx[rank * share:(rank + 1) * share]])
-            sums = torch.stack([step.loss_sum.get(i, torch.zeros((), device=dev)) for i in range(len(opts))])
-            if world > 1:  # the mean over ranks; BatchNorm statistics too (each rank saw its own share)
-                dist.all_reduce(sums)
-                sums /= world
-                for m in models:
-                    for buf in m.buffers():
-                        if buf.is_floating_point():
-                            dist.all_reduce(buf)
-                            buf /= world
-            losses = [v / n_steps if i in step.loss_sum else None for i, v in enumerate(sums.tolist())]
-            bad = [(at, i) for i in step.loss_sum if (at := step.first_bad[i].item())]
-            if bad:
-                at, i = min(bad)  # the first step, and the first learner whose loss went bad at it
-                kept = f'{out}/last.pt still holds epoch {epoch}' if epoch else 'no checkpoint was written'
-                raise Diverged(f'the loss of {learners[i]} became NaN or infinite at epoch {epoch + 1}, batch {at} '
-                               f'of {n_steps}; {kept}; lower --lr or check the data')
+            losses, lr = train_epoch(run, step, optimizers, epoch, train_x, train_y, gen)
             train_s = time.time() - t0
             rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr, 'loss': losses,
-                   **evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes)}
-            if cfg.bn_recalib:
-                g = torch.Generator(dev).manual_seed(cfg.seed + 1)  # the same training batches every epoch
-                batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=dev,
-                                                                   generator=g)], generator=g), mean, std, fmt)
-                           for _ in range(cfg.bn_recalib)]
-                with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-                    rec['recalib'] = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
-                                                           classes=data.num_classes)
-            rec.update(img_per_s=n_steps * cfg.batch_size / train_s, epoch_s=time.time() - t0)
-            history.append(rec)
-
-            trained = [i for i in range(K) if i not in frozen]
-            for i in range(K):
-                if rec['accuracy'][i] > best['accuracy'][i]:
-                    best['accuracy'][i], best['epoch'][i] = rec['accuracy'][i], epoch + 1
-            mean_acc = sum(rec['accuracy'][i] for i in trained) / len(trained)
-            is_best, best['mean'] = mean_acc > best['mean'], max(best['mean'], mean_acc)
-            state = {'config': vars(cfg), 'epoch': epoch + 1, 'nets': [m.state_dict() for m in models],
-                     'optimizers': [opt.state_dict() if opt else None for opt in optimizers + hint_optimizers],
-                     'regressor': reg.state_dict() if reg is not None else None,
-                     'discriminator': disc.state_dict() if disc is not None else None,
-                     'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
-                     'history': history, 'best': best, 'wall_s': wall_before + time.time() - t_run}
-            if writer:
-                if is_best:  # best.pt: the epoch with the best mean top-1 of the trained nets
-                    write_atomic(out / 'best.pt', lambda f: torch.save(state, f))
-                write_atomic(out / 'last.pt', lambda f: torch.save(state, f))
-                write_atomic(out / 'metrics.jsonl',
-                             lambda f: f.write(''.join(json.dumps(r) + '\n' for r in history).encode()))
-                done = epoch + 1 - start
-                print(progress_line(rec, H + E, (time.time() - t_run) / done * (H + E - epoch - 1)), flush=True)
-            signalled = torch.tensor([stop['signal']], device=dev)
-            if world > 1:  # stop together, or the others would wait for the stopped one forever
+                   **evaluate_epoch(run, test_x, test_y, train_x)}
+            rec.update(img_per_s=len(train_x) // cfg.batch_size * cfg.batch_size / train_s,
+                       epoch_s=time.time() - t0)
+            run.history.append(rec)
+            save_checkpoint(run, rec, gen, run.wall_before + time.time() - t_run)
+            if run.rank == 0:
+                done = epoch + 1 - run.start
+                print(progress_line(rec, total, (time.time() - t_run) / done * (total - epoch - 1)), flush=True)
+            signalled = torch.tensor([stop['signal']], device=run.dev)
+            if run.world > 1:  # stop together, or the others would wait for the stopped one forever
                 dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
-            if signalled.item() and epoch + 1 < H + E:
+            if signalled.item() and epoch + 1 < total:
                 raise Stopped(f'stopped after epoch {epoch + 1}; add --resume to the same command to continue',
                               signalled.item())
+    return summarize(run, run.wall_before + time.time() - t_run)
 
-    last = history[-1]
-    costs = path_costs(parts, last['paths'], data.train_x.shape[1], fast)
+
+def summarize(run, wall_s):
+    """summary.json (rank 0 writes it): the settings, the last epoch's numbers, the best epochs, each path's cost."""
+    cfg, last, student = run.cfg, run.history[-1], run.student
+    costs = path_costs(run.parts, last['paths'], run.data.train_x.shape[1], cfg.fast == 'on')
+    features = [list(f) for f in run.features]
     summary = {'method': cfg.method, 'pair': ','.join(cfg.nets), 'nets': cfg.nets, 'cut': ','.join(cfg.cuts),
-               'cuts': cfg.cuts, 'feature_shape': [list(f) for f in features] if len(features) > 1 else list(features[0]),
+               'cuts': cfg.cuts, 'feature_shape': features if len(features) > 1 else features[0],
                'update': cfg.update, 'path_weights': cfg.path_weights, 'paths_per_step': cfg.paths_per_step,
                'temperature': cfg.temperature, 'l2_weight': cfg.l2_weight, 'adv_weight': cfg.adv_weight,
-               'frozen': sorted(i + 1 for i in frozen), 'init': {'1': cfg.init1, '2': cfg.init2},
+               'frozen': sorted(i + 1 for i in run.frozen), 'init': {'1': cfg.init1, '2': cfg.init2},
                'teacher': None if student is None else {'net': 2 - student, 'checkpoint': cfg.teacher},
-               'student': None if student is None else student + 1, 'hint_epochs': H, 'epochs': E,
-               'warmup_epochs': cfg.warmup_epochs,
-               'batch_size': cfg.batch_size, 'lr': cfg.lr, 'momentum': cfg.momentum, 'weight_decay': cfg.weight_decay,
-               'seed': cfg.seed, 'dataset': cfg.dataset, 'width': cfg.width, 'bn_recalib': cfg.bn_recalib,
-               'fast': cfg.fast, 'processes': world, 'sync_bn': cfg.sync_bn,
-               'params': [[num_params(part) for part in net] for net in parts],
-               'accuracy': last['accuracy'], 'best_accuracy': best['accuracy'], 'best_epoch': best['epoch'],
+               'student': None if student is None else student + 1, 'hint_epochs': cfg.hint_epochs,
+               'epochs': cfg.epochs, 'warmup_epochs': cfg.warmup_epochs, 'batch_size': cfg.batch_size,
+               'lr': cfg.lr, 'momentum': cfg.momentum, 'weight_decay': cfg.weight_decay, 'seed': cfg.seed,
+               'dataset': cfg.dataset, 'width': cfg.width, 'bn_recalib': cfg.bn_recalib, 'fast': cfg.fast,
+               'processes': run.world, 'sync_bn': cfg.sync_bn,
+               'params': [[num_params(part) for part in net] for net in run.parts],
+               'accuracy': last['accuracy'], 'best_accuracy': run.best['accuracy'], 'best_epoch': run.best['epoch'],
                'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
                'feature_distance': last['feature_distance'], 'recalib': last.get('recalib'),
                'synthesis': last.get('synthesis'), 'path_costs': costs,
-               'device': device_name(dev), 'torch': torch.__version__,
-               'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_before + time.time() - t_run,
-               'command': ('torchrun ' if world > 1 else 'python ') + 'xml_ref.py ' + ' '.join(map(shlex.quote, cfg.argv))}
-    if writer:
+               'device': device_name(run.dev), 'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'),
+               'wall_s': wall_s,
+               'command': ('torchrun ' if run.world > 1 else 'python ') + 'xml_ref.py ' + shlex.join(cfg.argv)}
+    if run.rank == 0:
         print(cost_table(costs), flush=True)
-        write_json(out / 'summary.json', summary)
+        write_json(Path(cfg.out) / 'summary.json', summary)
     return summary
 
 
@@ -1201,65 +1389,92 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
-def parse_args(argv=None):
-    """Parse and check the command line: a UsageError for anything that would fail later."""
-    p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--pair', default='res18,res34', help=f'net 1,net 2, from {", ".join(MODELS)}')
-    p.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 (cut with --cuts)')
-    p.add_argument('--method', choices=METHODS, default='xml')
-    p.add_argument('--cut', help='stage both nets are cut after, layer1..layer4 (default: layer3 with mbv1, else '
-                                 'layer2, the deck\'s cuts)')
-    p.add_argument('--cuts', help='several stages to cut every net after, in order (P − 1 cuts: P parts), e.g. '
-                                  'layer2,layer3')
-    p.add_argument('--paths-per-step', type=int, metavar='R', help='xml family: train the pure paths and R crossed '
-                                                                  'paths drawn at random per step, not all K^P')
-    p.add_argument('--update', choices=UPDATES, default='simultaneous', help='order of the nets\' updates')
-    p.add_argument('--path-weights', choices=('sum', 'mean'), default='sum', help='xml: sum or mean over paths')
-    p.add_argument('--temperature', type=float, help='KL temperature (default: 4 for kd and fitnet, 1 otherwise)')
-    p.add_argument('--l2-weight', type=float, default=1.0, help='λ of the xml+l2 feature term')
-    p.add_argument('--adv-weight', type=float, default=0.1, help='weight of the adversarial terms of xml+disc and '
-                                                                'xml+gan')
-    p.add_argument('--freeze', type=int, choices=(1, 2), help='teacher-student XML: net 1 or 2 stays fixed (eval '
-                                                              'mode), loaded with --init1 / --init2')
-    p.add_argument('--init1', metavar='PATH', help='start net 1 from the net of that name in a checkpoint')
-    p.add_argument('--init2', metavar='PATH', help='start net 2 from the net of that name in a checkpoint')
-    p.add_argument('--teacher', help='kd, fitnet: a last.pt or best.pt of an earlier run that trained the teacher '
-                                     '(the larger net of the pair)')
-    p.add_argument('--hint-epochs', type=int, help='fitnet: epochs of stage 1 (default: epochs/10, at least 1)')
-    p.add_argument('--epochs', type=int, default=RECIPE['epochs'])
-    p.add_argument('--warmup-epochs', type=int, default=RECIPE['warmup_epochs'], metavar='W',
-                   help='linear per-step learning-rate warm-up over the first W epochs of each stage (0: none)')
-    p.add_argument('--batch-size', type=int, default=RECIPE['batch_size'])
-    p.add_argument('--lr', type=float, default=RECIPE['lr'])
-    p.add_argument('--momentum', type=float, default=RECIPE['momentum'])
-    p.add_argument('--weight-decay', type=float, default=RECIPE['weight_decay'])
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
-    p.add_argument('--dataset', choices=DATASETS, default='cifar100')
-    p.add_argument('--data-dir', default='data', help='cifar*: where it is or is downloaded to; folder: the root '
-                                                      'holding train/<class>/ and test/<class>/')
-    p.add_argument('--width', type=int, default=64, help='channels of the first stage (64: the published nets)')
-    p.add_argument('--fast', choices=('auto', 'on', 'off'), default='auto',
-                   help='the GPU path: bf16, channels_last, fused SGD, the step in a CUDA graph (auto: on with CUDA); '
-                        'off: the plain fp32 eager loop it is tested against')
-    p.add_argument('--sync-bn', action='store_true', help='torchrun on GPUs: BatchNorm statistics over the whole '
-                                                          'batch (SyncBatchNorm), not each process\'s share')
-    p.add_argument('--bn-recalib', type=int, default=0, metavar='N',
-                   help='also evaluate each path with its BatchNorm statistics re-estimated on N training batches')
-    p.add_argument('--out', help='output directory (default: runs/<pair>_<method>_<cut>_seed<seed>)')
-    p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt (or start it '
-                                                           'if it has none yet)')
-    p.add_argument('--force', action='store_true', help='overwrite a run already in --out')
-    p.add_argument('--interpolate', metavar='RUN_DIR', help='the interpolation study of a finished pair run: '
-                                                            'writes interpolation.csv (and .png) into RUN_DIR')
-    cfg = p.parse_args(argv)
-    cfg.argv = list(sys.argv[1:] if argv is None else argv)  # for the summary's 'command'
+class HelpFormatter(argparse.HelpFormatter):
+    """--help names an option's default where it has one that its help text does not already give."""
 
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if action.default not in (None, False, argparse.SUPPRESS) and 'default' not in text:
+            text += ' (default: %(default)s)'
+        return text
+
+
+def make_parser():
+    """What each option is, with its default; check_args says which values and combinations are refused."""
+    p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
+               formatter_class=HelpFormatter)
+    what = p.add_argument_group('what is trained')
+    what.add_argument('--pair', default='res18,res34', help=f'net 1,net 2, from {", ".join(MODELS)}')
+    what.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 (cut with --cuts)')
+    what.add_argument('--method', choices=METHODS, default='xml', help='the loss (SPEC §3)')
+    what.add_argument('--cut', help='the stage both nets are cut after, layer1 … layer4 (default: layer3 with '
+                                    'mbv1, else layer2: the deck\'s cuts)')
+    what.add_argument('--cuts', help='several stages to cut every net after, in order (P − 1 cuts: P parts), '
+                                     'e.g. layer2,layer3')
+    what.add_argument('--width', type=int, default=64, help='channels of the first stage (64: the published nets)')
+    how = p.add_argument_group('the method\'s options')
+    how.add_argument('--update', choices=UPDATES, default='simultaneous', help='order of the nets\' updates')
+    how.add_argument('--path-weights', choices=('sum', 'mean'), default='sum',
+                     help='the xml family: L_i sums its paths (the deck) or takes their mean')
+    how.add_argument('--paths-per-step', type=int, metavar='R', help='xml, xml+l2 with K nets in P parts: train '
+                     'the pure paths and R crossed paths drawn at random each step, not all K^P')
+    how.add_argument('--temperature', type=float, help='KL temperature (default: 4 for kd and fitnet, else 1)')
+    how.add_argument('--l2-weight', type=float, default=1.0, help='λ of the xml+l2 feature term')
+    how.add_argument('--adv-weight', type=float, default=0.1, help='weight of the adversarial terms of xml+disc '
+                                                                   'and xml+gan')
+    how.add_argument('--teacher', metavar='PATH', help='kd, fitnet: a last.pt or best.pt of an earlier run that '
+                                                       'trained the teacher (the larger net of the pair)')
+    how.add_argument('--hint-epochs', type=int, help='fitnet: epochs of stage 1 (default: epochs/10, at least 1)')
+    how.add_argument('--freeze', type=int, choices=(1, 2), help='teacher-student XML: net 1 or 2 stays fixed '
+                                                                '(eval mode), loaded with --init1 / --init2')
+    how.add_argument('--init1', metavar='PATH', help='start net 1 from the net of that name in a checkpoint')
+    how.add_argument('--init2', metavar='PATH', help='start net 2 from the net of that name in a checkpoint')
+    recipe = p.add_argument_group('the recipe (SPEC §4)')
+    recipe.add_argument('--epochs', type=int, default=RECIPE['epochs'],
+                        help='training epochs; the lr drops × 0.2 at 30, 60 and 80 %% of them')
+    recipe.add_argument('--warmup-epochs', type=int, default=RECIPE['warmup_epochs'], metavar='W',
+                        help='linear per-step lr warm-up over the first W epochs of each stage (0: none)')
+    recipe.add_argument('--batch-size', type=int, default=RECIPE['batch_size'], help='images per step')
+    recipe.add_argument('--lr', type=float, default=RECIPE['lr'], help='SGD learning rate after the warm-up')
+    recipe.add_argument('--momentum', type=float, default=RECIPE['momentum'], help='SGD momentum')
+    recipe.add_argument('--weight-decay', type=float, default=RECIPE['weight_decay'], help='SGD weight decay')
+    recipe.add_argument('--seed', type=int, default=0, help='nets\' initialisation, data order and augmentation')
+    recipe.add_argument('--bn-recalib', type=int, default=0, metavar='N', help='also evaluate each path with its '
+                        'BatchNorm statistics re-estimated on N training batches (0: only as trained)')
+    data = p.add_argument_group('data and device')
+    data.add_argument('--dataset', choices=DATASETS, default='cifar100', help='synthetic: a tiny stand-in')
+    data.add_argument('--data-dir', default='data', help='cifar*: where it is or is downloaded to; folder: the '
+                                                         'root holding train/<class>/ and test/<class>/')
+    data.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
+    data.add_argument('--fast', choices=('auto', 'on', 'off'), default='auto',
+                      help='on: bf16, channels_last, fused SGD, the step in a CUDA graph (auto: on with CUDA); '
+                           'off: the plain fp32 eager loop it is tested against')
+    data.add_argument('--sync-bn', action='store_true', help='torchrun on GPUs: BatchNorm statistics over the '
+                                                             'whole batch (SyncBatchNorm), not each process\'s share')
+    files = p.add_argument_group('output')
+    files.add_argument('--out', help='output directory (default: runs/<nets>_<method>_<cuts>_seed<seed>)')
+    files.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt (or '
+                                                             'start it if it has none yet)')
+    files.add_argument('--force', action='store_true', help='overwrite a run already in --out')
+    files.add_argument('--interpolate', metavar='RUN_DIR', help='instead of training: the interpolation study of '
+                       'a finished pair run, written into RUN_DIR as interpolation.csv (and .png)')
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, parsed and checked (check_args)."""
+    cfg = make_parser().parse_args(argv)
+    cfg.argv = list(sys.argv[1:] if argv is None else argv)  # for the summary's 'command'
+    return check_args(cfg)
+
+
+def check_args(cfg):
+    """Fill in the defaults that depend on other options, and refuse (UsageError, one line) any value or
+    combination that would fail later, before anything is loaded or written."""
     flag, cfg.nets = ('--nets', cfg.nets.split(',')) if cfg.nets else ('--pair', cfg.pair.split(','))
     if len(cfg.nets) < 2 or (flag == '--pair' and len(cfg.nets) != 2) or not all(cfg.nets):
-        raise UsageError(f'{flag} takes {"two" if flag == "--pair" else "two or more"} nets joined by a comma, like '
-                         f'res18,res34; got {",".join(cfg.nets)!r}')
+        raise UsageError(f'{flag} takes {"two" if flag == "--pair" else "two or more"} nets joined by a comma, '
+                         f'like res18,res34; got {",".join(cfg.nets)!r}')
     for name in cfg.nets:
         if name not in MODELS:
             raise UsageError(f'unknown model {name!r} in {flag}: choose from {", ".join(MODELS)}')
@@ -1271,13 +1486,14 @@ def parse_args(argv=None):
         raise UsageError(f'--method {cfg.method} is defined for a pair cut once, not {K} nets in {P} parts')
     if cfg.paths_per_step is not None:
         crossed = K ** P - K
-        if not cfg.method.startswith('xml') or not 1 <= cfg.paths_per_step <= crossed:
-            raise UsageError(f'--paths-per-step goes with the xml methods and must be 1…{crossed} (the crossed '
-                             f'paths of {K} nets in {P} parts); got {cfg.paths_per_step}')
+        if cfg.method not in ('xml', 'xml+l2') or not 1 <= cfg.paths_per_step <= crossed:
+            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 (the others train every path) '
+                             f'and must be 1 … {crossed}, the crossed paths of {K} nets in {P} parts; '
+                             f'got {cfg.paths_per_step}')
     if cfg.freeze:
         if cfg.method in ('kd', 'fitnet') or K != 2:
-            raise UsageError('--freeze is for a pair trained with a mutual method (kd and fitnet freeze the teacher '
-                             'themselves)')
+            raise UsageError('--freeze is for a pair trained with a mutual method (kd and fitnet freeze the '
+                             'teacher themselves)')
         if not getattr(cfg, f'init{cfg.freeze}'):
             raise UsageError(f'--freeze {cfg.freeze} needs --init{cfg.freeze} PATH, the trained net to keep fixed')
     for i, path in enumerate((cfg.init1, cfg.init2)):
@@ -1317,6 +1533,16 @@ def parse_args(argv=None):
     if cfg.dataset == 'folder' and not Path(cfg.data_dir).is_dir():
         raise UsageError(f'--data-dir {cfg.data_dir} is not a directory; --dataset folder needs '
                          f'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
+    check_device(cfg)
+    if cfg.interpolate:
+        return cfg
+    cfg.out = cfg.out or f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}_seed{cfg.seed}'
+    check_out(cfg)
+    return cfg
+
+
+def check_device(cfg):
+    """--device (default: cuda if there is one), --fast auto → on or off, --sync-bn only under torchrun on GPUs."""
     cfg.device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         dev = torch.device(cfg.device)
@@ -1329,32 +1555,37 @@ def parse_args(argv=None):
     cfg.fast = 'on' if cfg.fast == 'auto' and dev.type == 'cuda' else 'off' if cfg.fast == 'auto' else cfg.fast
     if cfg.sync_bn and (dev.type != 'cuda' or int(os.environ.get('WORLD_SIZE', 1)) < 2):
         raise UsageError('--sync-bn needs several GPU processes: launch with torchrun --nproc_per_node=N on GPUs')
-    if cfg.interpolate:
-        return cfg
-    cfg.out = cfg.out or f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}_seed{cfg.seed}'
+
+
+def check_out(cfg):
+    """--out must be writable; a finished run there is never overwritten without --force, an unfinished one is
+    continued only with --resume and the same settings, on the same kind of device."""
     out = Path(cfg.out)
     existing = next(p for p in [out, *out.parents] if p.exists())  # check now, write nothing yet
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f'--out {out} cannot be written ({existing} is not a writable directory); choose another')
     if cfg.resume and cfg.force:
         raise UsageError('--resume and --force contradict each other: pick one')
-    if cfg.resume:
-        if (out / 'summary.json').exists():
-            raise UsageError(f'--out {out} holds a finished run: nothing to resume')
+    if cfg.resume and (out / 'summary.json').exists():
+        raise UsageError(f'--out {out} holds a finished run: nothing to resume')
     if cfg.resume and (out / 'last.pt').exists():
         saved = load_checkpoint(out / 'last.pt').get('config', {})
         saved.setdefault('warmup_epochs', 0)  # checkpoints written before the warm-up existed had none
         differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differ:
             k = differ[0]
-            raise UsageError(f'--resume: {out}/last.pt was written with {k}={saved.get(k)!r}, not {getattr(cfg, k)!r}; '
-                             f'resume with the same settings or use another --out')
+            raise UsageError(f'--resume: {out}/last.pt was written with {k}={saved.get(k)!r}, not '
+                             f'{getattr(cfg, k)!r}; resume with the same settings or use another --out')
+        was = torch.device(saved.get('device', 'cpu')).type
+        if was != torch.device(cfg.device).type:  # the data order's random generator is the device's own
+            raise UsageError(f'--resume: {out}/last.pt was written on {was}, this run is on {cfg.device}; '
+                             f'resume it with --device {was} (or start over with --force)')
     elif not cfg.force:
         if (out / 'summary.json').exists():
-            raise UsageError(f'--out {out} already holds a finished run; use --force to overwrite it or another --out')
+            raise UsageError(f'--out {out} already holds a finished run; use --force to overwrite it or another '
+                             f'--out')
         if (out / 'last.pt').exists():
             raise UsageError(f'--out {out} holds an unfinished run; --resume continues it, --force starts over')
-    return cfg
 
 
 def main(argv=None):

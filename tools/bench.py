@@ -76,8 +76,13 @@ def bench_loop(loop, pair, method, batch, data, dev, steps, warmup=6):
         run = lambda: X.train_step(parts, opts, *(t.to(dev, non_blocking=True) for t in next(batches)), method)
     else:
         images, labels = data.train_x.to(dev), data.train_y.to(dev)
-        step = X.TrainStep(parts, opts, method, 'simultaneous', {}, mean, std, (batch, *images.shape[1:]),
-                         graph=loop == 'ours', bf16=True, channels_last=True)
+        if loop == 'ours':
+            X.graph_lr(opts, dev)
+
+        def step_fn(x, y):
+            return X.train_step(parts, opts, x, y, method)
+        step = X.TrainStep(step_fn, [0, 1], mean, std, (batch, *images.shape[1:]), dev, graph=loop == 'ours',
+                           bf16=True, channels_last=True)
         gen = torch.Generator(dev).manual_seed(0)
 
         def run():
