@@ -97,15 +97,16 @@ def rows_of(group):
     for name, s in group.items():
         key = (s['method'],) + tuple(json.dumps(setting(s, k)) for k in SETTINGS)
         rows.setdefault(key, []).append(name)
-    order = sorted(rows, key=lambda k: (X.METHODS.index(k[0]), k[1] != json.dumps('sum'), k))
     table = []
-    for key in order:
+    for key in rows:
         first = group[rows[key][0]]
         extras = [SETTINGS[k][2](setting(first, k)) for k in varying
                   if k != 'path_weights' and setting(first, k) not in (None, default(first['method'], k))]
         label = first['method'] + (f' ({first["path_weights"]})' if setting(first, 'path_weights') == 'mean' else '')
         table.append({'label': label + (', ' + ', '.join(extras) if extras else ''), 'method': first['method'],
-                      'runs': sorted(rows[key]), 'seeds': sorted(group[r]['seed'] for r in rows[key])})
+                      'runs': sorted(rows[key]), 'seeds': sorted(group[r]['seed'] for r in rows[key]),
+                      'order': (X.METHODS.index(first['method']), label, len(extras))})
+    table.sort(key=lambda row: row.pop('order') + (row['label'],))  # by method, then the recipe's own first
     return table, varying
 
 
@@ -160,13 +161,13 @@ def report(runs_dir, out_dir, name='RESULTS'):
                        accuracy=[mean_std([s['accuracy'][i] for s in ss]) for i in range(len(nets))],
                        best_accuracy=[mean_std([s['best_accuracy'][i] for s in ss]) for i in range(len(nets))])
             json_rows.append(row)
-        for title, key in (('as trained', 'cross'), ('each path\'s BatchNorm statistics re-estimated on its own '
-                                                     'features (--bn-recalib)', 'recalib')):
+        for title, key in (('BatchNorm statistics as trained', 'cross'), ('each path\'s BatchNorm statistics '
+                           're-estimated on its own features (--bn-recalib)', 'recalib')):
             crossed = [r for r in table if all((group[n].get(key) or {}) for n in r['runs'])]
             if not crossed:
                 continue
-            lines += ['', f'Cross pairings, last epoch, BatchNorm statistics {title} (row: up-half of net a, '
-                      'column: down-half of net b):', '',
+            lines += ['', f'Cross pairings, last epoch, {title} (row: up-half of net a, column: down-half of '
+                      'net b):', '',
                       '| method | up1→down1 | up2→down1 | up1→down2 | up2→down2 |', '|---|---|---|---|---|']
             for row in crossed:
                 matrices = [group[n][key] if key == 'cross' else group[n][key]['cross'] for n in row['runs']]
