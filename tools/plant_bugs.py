@@ -1,0 +1,78 @@
+"""Plant one bug at a time into a copy of the checkout and check that the tests named with it fail.
+
+    python tools/plant_bugs.py [PART_OF_A_NAME ...]     # all bugs, or those whose names contain a part
+
+Each bug is a one-line change of the kind SPEC forbids (a reversed or undetached KL, one backward for both nets,
+a transposed cross matrix, …); the checkout is copied to a temporary folder for each, the change made there,
+and the tests its -k expression selects must fail. Prints one line per bug: caught or NOT CAUGHT."""
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent
+M = [  # (name, file, old, new, -k expression)
+ ('reversed KL', 'xml_ref.py', "(log_t.exp() * (log_t - log_s))", "(log_s.exp() * (log_s - log_t))", 'kl'),
+ ('undetached KL target', 'xml_ref.py', "log_t = F.log_softmax(target_logits.detach() / T, dim=1)", "log_t = F.log_softmax(target_logits / T, dim=1)", 'kl_target or spec_names'),
+ ('T instead of T²', 'xml_ref.py', "return (log_t.exp() * (log_t - log_s)).sum(1).mean() * T * T", "return (log_t.exp() * (log_t - log_s)).sum(1).mean() * T", 'kl'),
+ ('one backward for both nets', 'xml_ref.py', "        routed_backward([losses[k] for k in learners], list(learners.values()))", "        [o.zero_grad() for o in learners.values()]; sum(losses[k] for k in learners).backward()", 'spec_names or descends'),
+ ('crossed path ji missing', 'xml_ref.py', "if len(p) == P and i in p]", "if len(p) == P and p[0] == i]", 'spec_names or k_net or descends'),
+ ('BN stats per path', 'xml_ref.py', "            if path[:k] not in out:\n                out[path[:k]] = parts", "            if True:\n                out[path[:k]] = parts", 'batchnorm'),
+ ('transposed cross matrix', 'xml_ref.py', "table['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]", "table['cross'] = [[acc[(b, a)] for b in range(K)] for a in range(K)]", 'evaluate_reports'),
+ ('path ignores its up-half', 'xml_ref.py', "                out[path[:k]] = parts[path[k - 1]][k - 1](out[path[:k - 1]])", "                out[path[:k]] = parts[path[k - 1]][k - 1](out[path[:k - 1]] if k == 1 or path[0] == path[-1] else out[(path[-1],)])", 'evaluate_reports'),
+ ('ensemble of logits', 'xml_ref.py', "probs = sum(F.softmax(out[p].float(), 1) for p in pure_paths(K, P)) / K", "probs = sum(out[p].float() for p in pure_paths(K, P)) / K", 'evaluate_reports'),
+ ('swapped interpolation', 'xml_ref.py', "h = a * f1 + (1 - a) * f2", "h = (1 - a) * f1 + a * f2", 'interpolation'),
+ ('interpolation off at a≠0,1', 'xml_ref.py', "h = a * f1 + (1 - a) * f2", "h = a * f1 + (1 - a) * f2 if a in (0, 1) else f1", 'interpolation'),
+ ('crop range 0..2pad-1', 'xml_ref.py', "top = torch.randint(0, 2 * pad + 1, (n, 1)", "top = torch.randint(0, 2 * pad, (n, 1)", 'augment'),
+ ('milestone off by one epoch', 'xml_ref.py', "drops = sum(epoch >= max(1, round(f * epochs))", "drops = sum(epoch > max(1, round(f * epochs))", 'lr_per_step or schedule'),
+ ('warm-up off by one step', 'xml_ref.py', "return lr * step / warmup_steps", "return lr * (step + 1) / warmup_steps", 'lr_per_step or schedule'),
+ ('lr set once an epoch', 'xml_ref.py', "        if lr_now != lr:", "        if lr is None:", 'schedule_is_what or resumed_inside'),
+ ('resume drops optimizer state', 'xml_ref.py', "        if opt is not None:\n            opt.load_state_dict(state)", "        if opt is None:\n            opt.load_state_dict(state)", 'killed or resume_continues'),
+ ('undetached feature_l2 target', 'xml_ref.py', "return F.mse_loss(feature, other_feature.detach())", "return F.mse_loss(feature, other_feature)", 'detached or xml_l2'),
+ ('undetached hint target', 'xml_ref.py', "return F.mse_loss(regressed, teacher_feature.detach())", "return F.mse_loss(regressed, teacher_feature)", 'detached or hint'),
+ ('mean path weights ignored', 'xml_ref.py', "return total / len(path_logits) if weights == 'mean' else total", "return total", 'mean_path or core_copied'),
+ ('l2 weight ignored', 'xml_ref.py', "losses[i] = losses[i] + l2_weight * l2 / ((K - 1) * (P - 1))", "losses[i] = losses[i] + l2 / ((K - 1) * (P - 1))", 'xml_l2'),
+ ('l2 summed over cuts', 'xml_ref.py', "losses[i] = losses[i] + l2_weight * l2 / ((K - 1) * (P - 1))", "losses[i] = losses[i] + l2_weight * l2 / (K - 1)", 'xml_l2'),
+ ('synthesis labels flipped', 'xml_ref.py', "synthesis_loss(scores[(i, i)], scores[(j, i)], scores[(i, j)])", "synthesis_loss(scores[(j, i)], scores[(i, i)], scores[(i, j)])", 'xml_disc or adversarial'),
+ ('discriminator trains the up-halves', 'xml_ref.py', "discriminator_loss(d(out[(0,)].detach()).squeeze(1),", "discriminator_loss(d(out[(0,)]).squeeze(1),", 'gan or descends'),
+ ('hint stage skips the regressor', 'xml_ref.py', "loss = hint_loss(regressor(student_up(x)), teacher_feature)", "loss = hint_loss(student_up(x), teacher_feature)", 'hint'),
+ ('crop rows only 0..2pad-1', 'xml_ref.py', "top = torch.randint(0, 2 * pad + 1, (n, 1)", "top = torch.randint(0, 2 * pad, (n, 1)", 'augment'),
+ ('crop cols start at 1', 'xml_ref.py', "left = torch.randint(0, 2 * pad + 1, (n, 1)", "left = torch.randint(1, 2 * pad + 1, (n, 1)", 'augment'),
+ ('NaN not agreed across ranks', 'xml_ref.py', "        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)\n", "", 'nan_on_one_rank'),
+ ('best epoch = last of ties', 'xml_ref.py', "if rec['accuracy'][i] > best['accuracy'][i]:", "if rec['accuracy'][i] >= best['accuracy'][i]:", 'best_epoch'),
+ ('kd default T = 1', 'xml_ref.py', "cfg.temperature = 4.0 if cfg.method in ('kd', 'fitnet') else 1.0", "cfg.temperature = 1.0", 'default_temperature'),
+ ('sequential re-forward updates BN', 'xml_ref.py', "with frozen_bn_stats([part for net in parts for part in net]) if n else contextlib.nullcontext():", "with contextlib.nullcontext():", 'batchnorm'),
+ ('dml KL toward itself', 'xml_ref.py', "return {i: dml_loss(pure[i], pure[:i] + pure[i + 1:], labels, T) for i in nets}", "return {i: dml_loss(pure[i], pure[:i] + pure[i + 1:] if i else [pure[0]], labels, T) for i in nets}", 'dml or spec_names or textbook'),
+ ('feature distance summed', 'xml_ref.py', "'feature_distance': sq_dist.item() / max(n_dist, 1)", "'feature_distance': sq_dist.item() / max(n_dist, 1) * 2", 'evaluate_reports'),
+ ('core: L2 toward z22', 'xml_ref.py', "loss2 = sum(ce(z, labels) + kl(z11, z) for z in (z12, z21, z22))", "loss2 = sum(ce(z, labels) + kl(z22, z) for z in (z12, z21, z22))", 'core_copied'),
+ ('recalib exponential average', 'xml_ref.py', "        m.momentum = None  # cumulative average instead of an exponential one\n", "", 'recalibration'),
+ ('recalib touches trained stats', 'xml_ref.py', "        copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]", "        copies = [parts[i][k] for k, i in enumerate(path)]", 'recalibration'),
+ ('report transposes cross', 'tools/report.py', "c = [[cell(mean_std([m[a][b] for m in matrices])) for b in range(2)] for a in range(2)]", "c = [[cell(mean_std([m[b][a] for m in matrices])) for b in range(2)] for a in range(2)]", 'report_keeps'),
+ ('report overwrites seeds', 'tools/report.py', "rows.setdefault(key, []).append(name)", "rows[key] = [name]", 'report_keeps'),
+ ('normalize std/mean swapped', 'xml_ref.py', "scale = torch.as_tensor(std,", "scale = torch.as_tensor(mean,", 'normalize'),
+ ('flip never', 'xml_ref.py', "flip = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool()", "flip = torch.zeros((n, 1), device=dev, dtype=torch.bool)", 'augment'),
+]
+only = sys.argv[1:]
+results = []
+for name, f, old, new, k in M:
+    if only and not any(o in name for o in only):
+        continue
+    work = Path(tempfile.mkdtemp()) / 'checkout'
+    shutil.copytree(SRC, work, ignore=shutil.ignore_patterns('.venv', '.git', '.ci', '__pycache__', 'results'))
+    text = (work / f).read_text()
+    n = text.count(old)
+    if n != 1:
+        results.append((name, f'PATTERN FOUND {n}x'))
+        print(name, 'PATTERN', n, flush=True)
+        continue
+    (work / f).write_text(text.replace(old, new))
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', 'test_xml_ref.py', '-k', k],
+                       cwd=work, capture_output=True, text=True, timeout=1200)
+    verdict = 'caught' if r.returncode == 1 else f'NOT CAUGHT (rc {r.returncode})'
+    results.append((name, verdict))
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''
+    print(f'{verdict:12} {name}  [{last}]', flush=True)
+    shutil.rmtree(work.parent)
+print('\n'.join(f'{v}: {n}' for n, v in results))
+sys.exit(any(not v.startswith('caught') for _, v in results))
