@@ -4,12 +4,13 @@
 Two classifiers are cut where their feature maps have the same shape, net i = down_i ∘ up_i.
 Deep Mutual Learning (DML) trains both nets together, each with cross-entropy plus a KL term that
 pulls it toward the other's prediction. XML also trains the crossed paths up_1 → down_2 and
-up_2 → down_1, so each up-half must feed both down-halves and each down-half must read both up-halves.
-Notation: z_ab = down_b(up_a(x)); z_11, z_22 are the pure nets, z_12, z_21 the crossed paths.
+up_2 → down_1, so each up-half must feed both down-halves and each down-half must read both
+up-halves. Notation: z_ab = down_b(up_a(x)); z_11, z_22 are the pure nets, z_12, z_21 the crossed
+paths.
 
 The file reads top to bottom like a method section:
-    config → data → models → splitter → losses → training step → evaluation → training run
-    → interpolation and report → benchmark → CLI.
+    config → data → models → splitter → losses → training step → evaluation
+    → training run → interpolation and report → benchmark → CLI.
 
     python xml_ref.py --pair res18,res34 --method xml        # CIFAR-100 with the standard recipe
     python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
@@ -38,9 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------- config
-# The CIFAR-100 recipe of weiaicunzai/pytorch-cifar100, whose models the deck's parameter counts match (SPEC §4):
-# SGD, lr 0.1 warmed up linearly per step over the first epoch (against early divergence), then × 0.2 at epochs
-# 60/120/160 of 200, i.e. at 30/60/80 % of whatever --epochs says; batch 128; random crop (4 px padding), flip.
+# The CIFAR-100 recipe of weiaicunzai/pytorch-cifar100, whose models the deck's parameter counts
+# match (SPEC §4): SGD, lr 0.1 warmed up linearly per step over the first epoch (against early
+# divergence), then × 0.2 at epochs 60/120/160 of 200, i.e. at 30/60/80 % of whatever --epochs
+# says; batch 128; random crop (4 px padding), flip.
 RECIPE = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
               lr_decay=0.2, milestones=(0.3, 0.6, 0.8), warmup_epochs=1)
 PAD = 4
@@ -57,7 +59,8 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------------- data
 @dataclass
 class Data:
-    """A classification data set held whole in memory: images uint8 N×H×W×3 (CIFAR's own layout), labels int64."""
+    """A classification data set held whole in memory: images uint8 N×H×W×3 (CIFAR's own layout),
+    labels int64."""
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
@@ -90,19 +93,25 @@ def load_cifar(name, data_dir):
     import torchvision
     cls = torchvision.datasets.CIFAR100 if name == 'cifar100' else torchvision.datasets.CIFAR10
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # torchvision's download chatter stays off stdout
+        # torchvision's download chatter stays off stdout
+        with contextlib.redirect_stdout(sys.stderr):
             train, test = (cls(data_dir, train=t, download=True) for t in (True, False))
     except Exception as e:  # offline, partial or corrupt download: say how to supply a local copy
         archive = 'cifar-100-python.tar.gz' if name == 'cifar100' else 'cifar-10-python.tar.gz'
-        raise UsageError(f'cannot load {name} from --data-dir {data_dir} ({type(e).__name__}: {e}); offline, put '
-                         f'{archive} (or its extracted folder) into {data_dir}, or use --dataset folder') from None
-    as_tensors = lambda s: (torch.from_numpy(s.data), torch.tensor(s.targets, dtype=torch.int64))
+        raise UsageError(f'cannot load {name} from --data-dir {data_dir} '
+                         f'({type(e).__name__}: {e}); offline, put {archive} (or its extracted '
+                         f'folder) into {data_dir}, or use --dataset folder') from None
+
+    def as_tensors(s):
+        return (torch.from_numpy(s.data), torch.tensor(s.targets, dtype=torch.int64))
+
     return Data(*as_tensors(train), *as_tensors(test), list(train.classes))
 
 
 def load_folder(root):
-    """ImageFolder layout root/train/<class>/<image>, root/test/<class>/<image>. Any image mode is converted
-    to RGB; all images must share one size (the nets take any size, but a batch needs one)."""
+    """ImageFolder layout root/train/<class>/<image>, root/test/<class>/<image>. Any image mode is
+    converted to RGB; all images must share one size (the nets take any size, but a batch needs
+    one)."""
     import numpy as np
     import torchvision
     from PIL import Image
@@ -110,19 +119,22 @@ def load_folder(root):
     sets = {}
     for split in ('train', 'test'):
         if not (root / split).is_dir():
-            raise UsageError(f'--data-dir {root} has no {split}/ folder: expected {root}/train/<class>/<image> '
-                             f'and {root}/test/<class>/<image>')
+            raise UsageError(f'--data-dir {root} has no {split}/ folder: expected '
+                             f'{root}/train/<class>/<image> and {root}/test/<class>/<image>')
         try:
             sets[split] = torchvision.datasets.ImageFolder(str(root / split))
-        except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no image files in them
+        # no class folders, or no image files in them
+        except (FileNotFoundError, RuntimeError) as e:
             raise UsageError(f'{root / split}: {e}') from None
     if sets['train'].classes != sets['test'].classes:
         only = sorted(set(sets['train'].classes) ^ set(sets['test'].classes))
-        raise UsageError(f'{root}: train/ and test/ have different classes (in one but not the other: '
-                         f'{", ".join(only) or "same names, different order"}); give both the same class folders')
+        raise UsageError(f'{root}: train/ and test/ have different classes (in one but not the '
+                         f'other: {", ".join(only) or "same names, different order"}); give both '
+                         'the same class folders')
 
-    # One process, one image at a time: about 0.2 ms per CIFAR JPEG. Threads only queue on the GIL (seen:
-    # slower with 2 and with 16 threads), and a process pool would burden every caller with its start method.
+    # One process, one image at a time: about 0.2 ms per CIFAR JPEG. Threads only queue on the GIL
+    # (seen: slower with 2 and with 16 threads), and a process pool would burden every caller with
+    # its start method.
     out, first = [], None
     for split in ('train', 'test'):
         images = []
@@ -131,18 +143,22 @@ def load_folder(root):
                 with Image.open(path) as im:
                     images.append(np.asarray(im.convert('RGB')))
             except Exception as e:
-                raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace it') from None
+                raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); '
+                                 'remove or replace it') from None
             if first is None:
                 first = (path, images[-1].shape)
             elif images[-1].shape != first[1]:
                 h, w = images[-1].shape[:2]
-                raise UsageError(f'{path} is {w}×{h} but {first[0]} is {first[1][1]}×{first[1][0]}: all images '
-                                 f'must share one size; resize them')
-        out += [torch.from_numpy(np.stack(images)), torch.tensor(sets[split].targets, dtype=torch.int64)]
+                raise UsageError(f'{path} is {w}×{h} but {first[0]} is '
+                                 f'{first[1][1]}×{first[1][0]}: all images must share one size; '
+                                 f'resize them')
+        out += [torch.from_numpy(np.stack(images)),
+                torch.tensor(sets[split].targets, dtype=torch.int64)]
     return Data(*out, list(sets['train'].classes))
 
 
-@functools.lru_cache(maxsize=1)  # several runs in one process (reproduce drivers) decode the images once
+# several runs in one process (reproduce drivers) decode the images once
+@functools.lru_cache(maxsize=1)
 def load_data(name, data_dir):
     """The data set named by --dataset (its tensors are shared: treat them as read-only)."""
     if name == 'synthetic':
@@ -153,7 +169,8 @@ def load_data(name, data_dir):
 
 
 def channel_stats(images):
-    """Per-channel mean and std of uint8 N×H×W×3 images on the 0..1 scale, exact (from 256-bin histograms)."""
+    """Per-channel mean and std of uint8 N×H×W×3 images on the 0..1 scale, exact (from 256-bin
+    histograms)."""
     levels = torch.arange(256, dtype=torch.float64) / 255
     mean, std = [], []
     for c in range(images.shape[-1]):
@@ -165,9 +182,9 @@ def channel_stats(images):
 
 
 def augment(images, pad=PAD, generator=None):
-    """torchvision's RandomCrop(size, padding=pad) then RandomHorizontalFlip(), on a uint8 N×H×W×C batch on any
-    device: zero padding, a crop offset uniform in [0, 2·pad] per image and axis, a flip with probability ½,
-    done as one gather."""
+    """torchvision's RandomCrop(size, padding=pad) then RandomHorizontalFlip(), on a uint8
+    N×H×W×C batch on any device: zero padding, a crop offset uniform in [0, 2·pad] per image and
+    axis, a flip with probability ½, done as one gather."""
     n, h, w, _ = images.shape
     dev = images.device
     padded = F.pad(images, (0, 0, pad, pad, pad, pad))
@@ -175,22 +192,28 @@ def augment(images, pad=PAD, generator=None):
     left = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
     flip = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool()
     rows = top + torch.arange(h, device=dev)
-    cols = left + torch.where(flip, torch.arange(w - 1, -1, -1, device=dev), torch.arange(w, device=dev))
+    cols = left + torch.where(flip, torch.arange(w - 1, -1, -1, device=dev),
+                              torch.arange(w, device=dev))
     return padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def normalize(images, mean, std, memory_format=torch.contiguous_format):
-    """uint8 N×H×W×3 → float N×3×H×W, (x/255 − mean)/std: torchvision's ToTensor then Normalize. The pixels
-    are already in channels_last order, so asking for that layout (the fast one on GPUs) costs no copy."""
-    # as_tensor copies nothing when mean and std already live on the device (inside a CUDA graph capture)
-    scale = torch.as_tensor(std, dtype=torch.float32, device=images.device).reciprocal().div(255).view(1, -1, 1, 1)
-    shift = -torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale * 255
-    return (images.permute(0, 3, 1, 2).float() * scale + shift).contiguous(memory_format=memory_format)
+    """uint8 N×H×W×3 → float N×3×H×W, (x/255 − mean)/std: torchvision's ToTensor then
+    Normalize. The pixels are already in channels_last order, so asking for that layout (the fast
+    one on GPUs) costs no copy."""
+    # as_tensor copies nothing when mean and std already live on the device (inside a CUDA graph
+    # capture)
+    scale = torch.as_tensor(std, dtype=torch.float32,
+                            device=images.device).reciprocal().div(255).view(1, -1, 1, 1)
+    shift = -torch.as_tensor(mean, dtype=torch.float32,
+                             device=images.device).view(1, -1, 1, 1) * scale * 255
+    return (images.permute(0, 3, 1, 2).float() * scale
+            + shift).contiguous(memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------------------- models
-# CIFAR-style nets (SPEC §2): 3×3 stem with stride 1, no max-pool. Each is an nn.Sequential of named
-# stages, so a cut is a stage name. For all three nets layerK ends at the same shape:
+# CIFAR-style nets (SPEC §2): 3×3 stem with stride 1, no max-pool. Each is an nn.Sequential of
+# named stages, so a cut is a stage name. For all three nets layerK ends at the same shape:
 # layer1 64×32×32, layer2 128×16×16, layer3 256×8×8, layer4 512×4×4 (at width 64).
 class BasicBlock(nn.Module):
     def __init__(self, c_in, c_out, stride):
@@ -201,7 +224,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()  # identity, or a 1×1 conv + BN where the shape changes
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -209,34 +233,47 @@ class BasicBlock(nn.Module):
 
 
 def resnet(blocks, num_classes=100, width=64):
-    """CIFAR ResNet with BasicBlocks: stages of width·(1, 2, 4, 8) channels, `blocks` blocks each."""
-    stages = {'stem': nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())}
+    """CIFAR ResNet with BasicBlocks: stages of width·(1, 2, 4, 8) channels, `blocks` blocks
+    each."""
+    stages = {'stem': nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                    nn.ReLU())}
     c_in = width
     for k, n in enumerate(blocks):
         c = width * 2 ** k
-        stages[f'layer{k + 1}'] = nn.Sequential(*[BasicBlock(c_in if b == 0 else c, c, 2 if b == 0 and k > 0 else 1)
+        stages[f'layer{k + 1}'] = nn.Sequential(*[BasicBlock(c_in if b == 0 else c, c,
+                                                             2 if b == 0 and k > 0 else 1)
                                                   for b in range(n)])
         c_in = c
-    stages['head'] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+    stages['head'] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(c_in, num_classes))
     return nn.Sequential(OrderedDict(stages))
 
 
 def separable(c_in, c_out, stride):
-    """MobileNetV1 block: depthwise 3×3 (no bias) + BN + ReLU, then pointwise 1×1 (with bias, SPEC §2) + BN + ReLU."""
-    return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(),
+    """MobileNetV1 block: depthwise 3×3 (no bias) + BN + ReLU, then pointwise 1×1 (with bias,
+    SPEC §2) + BN + ReLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
+                         nn.BatchNorm2d(c_in), nn.ReLU(),
                          nn.Conv2d(c_in, c_out, 1, bias=True), nn.BatchNorm2d(c_out), nn.ReLU())
 
 
 def mobilenet_v1(num_classes=100, width=64):
-    """CIFAR MobileNetV1: 3→32 stem, then 64, 128/2, 128, 256/2, 256, 512/2, 512×5, 1024/2, 1024 (width 64 scales all)."""
-    c = lambda n: max(1, n * width // 64)
-    stages = {'stem': nn.Sequential(nn.Conv2d(3, c(32), 3, 1, 1, bias=False), nn.BatchNorm2d(c(32)), nn.ReLU()),
+    """CIFAR MobileNetV1: 3→32 stem, then 64, 128/2, 128, 256/2, 256, 512/2, 512×5, 1024/2, 1024
+    (width 64 scales all)."""
+    def c(n):
+        return max(1, n * width // 64)
+
+    stages = {'stem': nn.Sequential(nn.Conv2d(3, c(32), 3, 1, 1, bias=False), nn.BatchNorm2d(c(32)),
+                                    nn.ReLU()),
               'layer1': separable(c(32), c(64), 1),
               'layer2': nn.Sequential(separable(c(64), c(128), 2), separable(c(128), c(128), 1)),
               'layer3': nn.Sequential(separable(c(128), c(256), 2), separable(c(256), c(256), 1)),
-              'layer4': nn.Sequential(separable(c(256), c(512), 2), *[separable(c(512), c(512), 1) for _ in range(5)]),
-              'layer5': nn.Sequential(separable(c(512), c(1024), 2), separable(c(1024), c(1024), 1)),
-              'head': nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c(1024), num_classes))}
+              'layer4': nn.Sequential(separable(c(256), c(512), 2),
+                                      *[separable(c(512), c(512), 1) for _ in range(5)]),
+              'layer5': nn.Sequential(separable(c(512), c(1024), 2),
+                                      separable(c(1024), c(1024), 1)),
+              'head': nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                    nn.Linear(c(1024), num_classes))}
     return nn.Sequential(OrderedDict(stages))
 
 
@@ -246,8 +283,8 @@ MODELS = {'res18': lambda num_classes, width: resnet((2, 2, 2, 2), num_classes, 
 
 
 def build(name, num_classes=100, width=64):
-    """The net `name` (res18, res34 or mbv1) for `num_classes` classes; width 64 is the published size,
-    smaller widths scale every layer down (for fast tests)."""
+    """The net `name` (res18, res34 or mbv1) for `num_classes` classes; width 64 is the published
+    size, smaller widths scale every layer down (for fast tests)."""
     if name not in MODELS:
         raise ValueError(f'unknown model {name!r}: choose from {", ".join(MODELS)}')
     return MODELS[name](num_classes, width)
@@ -285,12 +322,13 @@ def split(model, cut):
 
 
 def split_parts(model, cuts):
-    """The model cut after each stage in `cuts` (in order): P = len(cuts) + 1 consecutive parts, sharing the
-    model's modules."""
+    """The model cut after each stage in `cuts` (in order): P = len(cuts) + 1 consecutive parts,
+    sharing the model's modules."""
     names = list(model._modules)
     for cut in cuts:
         if cut not in cut_names(model):
-            raise ValueError(f'unknown cut {cut!r}: this model can be cut after {", ".join(cut_names(model))}')
+            raise ValueError(f'unknown cut {cut!r}: this model can be cut after '
+                             f'{", ".join(cut_names(model))}')
     ends = [names.index(c) + 1 for c in cuts]
     if ends != sorted(set(ends)):
         raise ValueError(f'cuts {", ".join(cuts)} must be distinct and in the order of the stages')
@@ -299,7 +337,8 @@ def split_parts(model, cuts):
 
 
 def default_cut(names):
-    """The deck's cut: after stage 3 (256×8×8) for a pair with MobileNetV1, after stage 2 (128×16×16) otherwise."""
+    """The deck's cut: after stage 3 (256×8×8) for a pair with MobileNetV1, after stage 2
+    (128×16×16) otherwise."""
     return 'layer3' if 'mbv1' in names else 'layer2'
 
 
@@ -309,24 +348,30 @@ def cut_shape(model, cut, image_size=32):
     up, _ = split(model, cut)
     p = next(model.parameters())
     with eval_mode([up]):
-        return tuple(up(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).shape[1:])
+        return tuple(up(torch.zeros(1, 3, image_size, image_size, device=p.device,
+                                    dtype=p.dtype)).shape[1:])
 
 
 def check_cut(models, names, cut, image_size=32):
-    """The common feature shape of all nets at `cut`; a ValueError naming every shape where they differ."""
+    """The common feature shape of all nets at `cut`; a ValueError naming every shape where they
+    differ."""
     shapes = [cut_shape(m, cut, image_size) for m in models]
     if len(set(shapes)) > 1:
         found = ', '.join(f'{n} {"×".join(map(str, s))}' for n, s in zip(names, shapes))
-        raise ValueError(f'cut {cut!r} gives up-halves of different shapes ({found}); choose a cut where they agree')
+        raise ValueError(f'cut {cut!r} gives up-halves of different shapes ({found}); '
+                         'choose a cut where they agree')
     return shapes[0]
 
 
 # ----------------------------------------------------------------------------------------- losses
-# Pure functions of logits and features. The target of every KL term is detached (SPEC §1). Under bf16
-# autocast, log_softmax, cross_entropy and mse_loss compute in fp32; in fp64 they stay fp64 (the tests).
+# Pure functions of logits and features. The target of every KL term is detached (SPEC §1). Under
+# bf16 autocast, log_softmax, cross_entropy and mse_loss compute in fp32; in fp64 they stay fp64
+# (the tests).
 def kl_div(target_logits, logits, T=1.0):
-    """KL(t‖s) = T² · mean_batch Σ_c softmax(t/T)·(log softmax(t/T) − log softmax(s/T)), t detached."""
-    log_t = F.log_softmax(target_logits.detach() / T, dim=1)  # log_softmax runs in fp32 under bf16 autocast
+    """KL(t‖s) = T² · mean_batch Σ_c softmax(t/T)·(log softmax(t/T) − log softmax(s/T)), t
+    detached."""
+    # log_softmax runs in fp32 under bf16 autocast
+    log_t = F.log_softmax(target_logits.detach() / T, dim=1)
     log_s = F.log_softmax(logits / T, dim=1)
     return (log_t.exp() * (log_t - log_s)).sum(1).mean() * T * T
 
@@ -337,17 +382,20 @@ def kd_loss(logits, teacher_logits, labels, T=4.0):
 
 
 def hint_loss(regressed, teacher_feature):
-    """FitNet hint (Romero et al. 2015): mean((r(up_s(x)) − up_t(x))²), the teacher feature detached."""
+    """FitNet hint (Romero et al. 2015): mean((r(up_s(x)) − up_t(x))²), the teacher feature
+    detached."""
     return F.mse_loss(regressed, teacher_feature.detach())
 
 
 def dml_loss(logits, others, labels, T=1.0):
-    """Deep Mutual Learning: CE(z_i, y) + mean_j KL(z_j‖z_i) over the other nets' logits `others`."""
+    """Deep Mutual Learning: CE(z_i, y) + mean_j KL(z_j‖z_i) over the other nets' logits
+    `others`."""
     return F.cross_entropy(logits, labels) + sum(kl_div(t, logits, T) for t in others) / len(others)
 
 
 def xml_loss(path_logits, others, labels, weights='sum', T=1.0):
-    """XML: L_i = Σ_p [CE(z_p, y) + mean_j KL(z_jj‖z_p)] over the paths p holding a part of net i ('mean': ÷ #paths)."""
+    """XML: L_i = Σ_p [CE(z_p, y) + mean_j KL(z_jj‖z_p)] over the paths p holding a part of net i
+    ('mean': ÷ #paths)."""
     total = sum(dml_loss(z, others, labels, T) for z in path_logits)
     return total / len(path_logits) if weights == 'mean' else total
 
@@ -358,47 +406,53 @@ def feature_l2(feature, other_feature):
 
 
 def synthesis_loss(own, from_other, into_other):
-    """The deck's Experience 1, for net i: BCE(s_ii, 1) + BCE(s_ji, 0) + BCE(s_ij, 1), with s_ab the synthesis
-    logit of down_b on up_a's feature: down_i learns to tell its own up-half's feature (1) from the other's (0),
-    and up_i learns to make down_j take its feature for down_j's own."""
+    """The deck's Experience 1, for net i: BCE(s_ii, 1) + BCE(s_ji, 0) + BCE(s_ij, 1), with s_ab the
+    synthesis logit of down_b on up_a's feature: down_i learns to tell its own up-half's feature (1)
+    from the other's (0), and up_i learns to make down_j take its feature for down_j's own."""
     bce = F.binary_cross_entropy_with_logits
     return (bce(own, torch.ones_like(own)) + bce(from_other, torch.zeros_like(from_other))
             + bce(into_other, torch.ones_like(into_other)))
 
 
 def discriminator_loss(d_on_1, d_on_2):
-    """The deck's Experience 2, for the discriminator D: BCE(D(up_1(x)), 1) + BCE(D(up_2(x)), 0) on the detached
-    features (1 = net 1's)."""
+    """The deck's Experience 2, for the discriminator D: BCE(D(up_1(x)), 1) + BCE(D(up_2(x)), 0) on
+    the detached features (1 = net 1's)."""
     bce = F.binary_cross_entropy_with_logits
     return bce(d_on_1, torch.ones_like(d_on_1)) + bce(d_on_2, torch.zeros_like(d_on_2))
 
 
 def generator_loss(d_on_i, label_of_other):
-    """Experience 2, for up_i as a generator: BCE(D(up_i(x)), label of the other net): look like the other net."""
-    return F.binary_cross_entropy_with_logits(d_on_i, torch.full_like(d_on_i, float(label_of_other)))
+    """Experience 2, for up_i as a generator: BCE(D(up_i(x)), label of the other net): look like the
+    other net."""
+    return F.binary_cross_entropy_with_logits(d_on_i,
+                                              torch.full_like(d_on_i, float(label_of_other)))
 
 
 def discriminator(channels):
-    """Experience 2's independent discriminator on the cut feature: 3×3 conv + ReLU, pool, linear → one logit."""
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(channels, 1))
+    """Experience 2's independent discriminator on the cut feature: 3×3 conv + ReLU, pool,
+    linear → one logit."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(channels, 1))
 
 
 def regressor(channels):
-    """FitNet's regressor from the student's to the teacher's up-half feature (same shape here): 3×3 conv + BN."""
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+    """FitNet's regressor from the student's to the teacher's up-half feature (same shape here):
+    3×3 conv + BN."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                         nn.BatchNorm2d(channels))
 
 
-# ------------------------------------------------------------------- XML for a pair: the copyable core
-# The whole method for two nets in two functions that need nothing but torch: copy them into another codebase.
-# Everything below generalises them (K nets × P parts, the baselines, the fast path); a test checks that the
-# general training step computes exactly what these two compute.
+# -------------------------------------------------------------- XML for a pair: the copyable core
+# The whole method for two nets in two functions that need nothing but torch: copy them into another
+# codebase. Everything below generalises them (K nets × P parts, the baselines, the fast path); a
+# test checks that the general training step computes exactly what these two compute.
 def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False):
-    """XML (SPEC §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21} [CE(z_p, y) + KL(z_22‖z_p)] and
-    L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL at temperature T times T², its target detached;
-    mean=True divides each sum by its 3 paths. Each half runs once per distinct input (BatchNorm statistics
-    update once)."""
-    def kl(target, z):  # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T)), no gradient to the target
+    """XML (SPEC §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21}
+    [CE(z_p, y) + KL(z_22‖z_p)] and L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL
+    at temperature T times T², its target detached; mean=True divides each sum by its 3 paths. Each
+    half runs once per distinct input (BatchNorm statistics update once)."""
+    # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T)), no gradient to the target
+    def kl(target, z):
         log_t = torch.log_softmax(target.detach() / T, dim=1)
         return (log_t.exp() * (log_t - torch.log_softmax(z / T, dim=1))).sum(1).mean() * T * T
 
@@ -413,18 +467,20 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False):
 
 
 def routed_backward(losses, optimizers):
-    """Gradient routing (SPEC §3): L_i is differentiated with respect to the parameters of optimizers[i] only.
-    In z_12, L_1 so trains up_1 through a fixed down_2 and L_2 trains down_2 on a fixed up_1 feature; one
-    backward of L_1 + L_2 would be wrong (it would train down_2 on L_1 too). Then step each optimizer."""
+    """Gradient routing (SPEC §3): L_i is differentiated with respect to the parameters of
+    optimizers[i] only. In z_12, L_1 so trains up_1 through a fixed down_2 and L_2 trains down_2 on
+    a fixed up_1 feature; one backward of L_1 + L_2 would be wrong (it would train down_2 on L_1
+    too). Then step each optimizer."""
     for n, (loss, opt) in enumerate(zip(losses, optimizers)):
         opt.zero_grad(set_to_none=True)
         params = [p for group in opt.param_groups for p in group['params']]
         loss.backward(inputs=params, retain_graph=n + 1 < len(losses))
 
 
-# ------------------------------------------------------------------------ K nets × P parts, all methods
-# K nets, each cut into P parts: parts[i][k] is part k of net i (for a pair, parts[i] = [up_i, down_i]).
-# A path is a tuple of net indices, one per part: path (a, b) runs up_a then down_b, so z_ab = out[(a, b)].
+# ------------------------------------------------------------------ K nets × P parts, all methods
+# K nets, each cut into P parts: parts[i][k] is part k of net i (for a pair, parts[i] = [up_i,
+# down_i]). A path is a tuple of net indices, one per part: path (a, b) runs up_a then down_b, so
+# z_ab = out[(a, b)].
 def pure_paths(K, P):
     """The K unbroken nets (i, i, …, i)."""
     return [(i,) * P for i in range(K)]
@@ -436,9 +492,10 @@ def all_paths(K, P):
 
 
 def run_paths(parts, x, paths):
-    """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared prefix is
-    run once, so each part sees each distinct input once per forward and its BatchNorm running statistics are
-    updated once per distinct input (SPEC §3), however many paths go through it."""
+    """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
+    prefix is run once, so each part sees each distinct input once per forward and its BatchNorm
+    running statistics are updated once per distinct input (SPEC §3), however many paths go through
+    it."""
     out = {(): x}
     for path in paths:
         for k in range(1, len(path) + 1):
@@ -448,9 +505,10 @@ def run_paths(parts, x, paths):
 
 
 def step_paths(method, K, P, paths_per_step=None, rng=None):
-    """The paths one training step runs: the pure nets for methods without crossing, every path for the XML
-    family; or, with paths_per_step = R, the K pure paths plus R crossed paths drawn uniformly without
-    replacement from the K^P − K (each path is drawn with probability R / (K^P − K) at every step)."""
+    """The paths one training step runs: the pure nets for methods without crossing, every path for
+    the XML family; or, with paths_per_step = R, the K pure paths plus R crossed paths drawn
+    uniformly without replacement from the K^P − K (each path is drawn with probability
+    R / (K^P − K) at every step)."""
     if not method.startswith('xml'):
         return pure_paths(K, P)
     if paths_per_step is None:
@@ -459,15 +517,16 @@ def step_paths(method, K, P, paths_per_step=None, rng=None):
     return pure_paths(K, P) + rng.sample(crossed, paths_per_step)
 
 
-# One function per method: {i: L_i} for each net i in `nets` (the nets that learn), from the outputs `out` of
-# run_paths on K nets cut into P parts. The deck's methods first, then its experiments.
+# One function per method: {i: L_i} for each net i in `nets` (the nets that learn), from the outputs
+# `out` of run_paths on K nets cut into P parts. The deck's methods first, then its experiments.
 def independent_losses(out, labels, K, P, nets):
     """Each net alone: L_i = CE(z_ii, y)."""
     return {i: F.cross_entropy(out[(i,) * P], labels) for i in nets}
 
 
 def kd_losses(out, labels, K, P, nets, T=4.0):
-    """The student i of a pair: L_i = CE(z_ii, y) + KL(z_jj‖z_ii) at T, with net j the frozen teacher."""
+    """The student i of a pair: L_i = CE(z_ii, y) + KL(z_jj‖z_ii) at T, with net j the frozen
+    teacher."""
     return {i: kd_loss(out[(i,) * P], out[(1 - i,) * P], labels, T) for i in nets}
 
 
@@ -478,41 +537,47 @@ def dml_losses(out, labels, K, P, nets, T=1.0):
 
 
 def xml_losses(out, labels, K, P, nets, T=1.0, path_weights='sum'):
-    """XML: L_i = Σ_{p ∋ i} [CE(z_p, y) + mean_{j≠i} KL(z_jj‖z_p)] over the paths run that hold a part of net i
-    ('mean': ÷ their number). For a pair this is xml_pair_losses."""
+    """XML: L_i = Σ_{p ∋ i} [CE(z_p, y) + mean_{j≠i} KL(z_jj‖z_p)] over the paths run that
+    hold a part of net i ('mean': ÷ their number). For a pair this is xml_pair_losses."""
     pure = [out[p] for p in pure_paths(K, P)]
-    return {i: xml_loss([z for p, z in out.items() if len(p) == P and i in p], pure[:i] + pure[i + 1:], labels,
-                        path_weights, T) for i in nets}
+    return {i: xml_loss([z for p, z in out.items() if len(p) == P and i in p],
+                        pure[:i] + pure[i + 1:], labels, path_weights, T) for i in nets}
 
 
 def xml_l2_losses(out, labels, K, P, nets, T=1.0, path_weights='sum', l2_weight=1.0):
-    """The deck's Experience 0: XML + λ · mean over the cuts c and the other nets j of mean((f_i^c − f_j^c)²),
-    f_i^c the output of net i's first c parts (for a pair: λ·mean((up_i(x) − up_j(x))²))."""
+    """The deck's Experience 0: XML + λ · mean over the cuts c and the other nets j of
+    mean((f_i^c − f_j^c)²), f_i^c the output of net i's first c parts (for a pair:
+    λ·mean((up_i(x) − up_j(x))²))."""
     losses = xml_losses(out, labels, K, P, nets, T, path_weights)
     for i in nets:
-        l2 = sum(feature_l2(out[(i,) * c], out[(j,) * c]) for c in range(1, P) for j in range(K) if j != i)
+        l2 = sum(feature_l2(out[(i,) * c], out[(j,) * c])
+                 for c in range(1, P) for j in range(K) if j != i)
         losses[i] = losses[i] + l2_weight * l2 / ((K - 1) * (P - 1))
     return losses
 
 
 def xml_disc_losses(out, labels, K, P, nets, T=1.0, path_weights='sum', adv_weight=0.1):
-    """The deck's Experience 1 (a pair): each down-half has one output more, its synthesis score s_ab; XML on
-    the class logits + adv_weight · synthesis_loss(s_ii, s_ji, s_ij)."""
+    """The deck's Experience 1 (a pair): each down-half has one output more, its synthesis score
+    s_ab; XML on the class logits + adv_weight · synthesis_loss(s_ii, s_ji, s_ij)."""
     scores = {p: z[:, -1] for p, z in out.items() if len(p) == P}
     out = {p: z[:, :-1] if len(p) == P else z for p, z in out.items()}
     losses = xml_losses(out, labels, K, P, nets, T, path_weights)
     for i in nets:
         j = 1 - i
-        losses[i] = losses[i] + adv_weight * synthesis_loss(scores[(i, i)], scores[(j, i)], scores[(i, j)])
+        losses[i] = losses[i] + adv_weight * synthesis_loss(scores[(i, i)], scores[(j, i)],
+                                                            scores[(i, j)])
     return losses
 
 
-def xml_gan_losses(out, labels, K, P, nets, discriminator, T=1.0, path_weights='sum', adv_weight=0.1):
-    """The deck's Experience 2 (a pair): XML + adv_weight · generator_loss: up_i learns to make the independent
-    discriminator D take its feature for the other net's. D's own loss is discriminator_loss (train_step)."""
+def xml_gan_losses(out, labels, K, P, nets, discriminator, T=1.0, path_weights='sum',
+                   adv_weight=0.1):
+    """The deck's Experience 2 (a pair): XML + adv_weight · generator_loss: up_i learns to make the
+    independent discriminator D take its feature for the other net's. D's own loss is
+    discriminator_loss (train_step)."""
     losses = xml_losses(out, labels, K, P, nets, T, path_weights)
     for i in nets:
-        losses[i] = losses[i] + adv_weight * generator_loss(discriminator(out[(i,)]).squeeze(1), i == 1)
+        losses[i] = losses[i] + adv_weight * generator_loss(discriminator(out[(i,)]).squeeze(1),
+                                                            i == 1)
     return losses
 
 
@@ -522,8 +587,8 @@ LOSSES = {'independent': independent_losses, 'kd': kd_losses, 'dml': dml_losses,
 
 @contextlib.contextmanager
 def frozen_bn_stats(modules):
-    """Inside: BatchNorm layers in train mode still normalise with batch statistics but leave their running
-    statistics alone (for a repeated forward of inputs they have already seen this step)."""
+    """Inside: BatchNorm layers in train mode still normalise with batch statistics but leave their
+    running statistics alone (for a repeated forward of inputs they have already seen this step)."""
     bns = [m for mod in modules for m in mod.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     for m in bns:
@@ -541,12 +606,14 @@ def distributed():
 
 
 def step_optimizers(optimizers):
-    """optimizer.step() for each; under torchrun each gradient is first replaced by its mean over the ranks (what
-    DistributedDataParallel does; each rank's loss is a mean over its equal share of the batch, so this is the
-    gradient of the mean over the whole batch), one all-reduce of the flattened gradients per optimizer."""
+    """optimizer.step() for each; under torchrun each gradient is first replaced by its mean over
+    the ranks (what DistributedDataParallel does; each rank's loss is a mean over its equal share of
+    the batch, so this is the gradient of the mean over the whole batch), one all-reduce of the
+    flattened gradients per optimizer."""
     for opt in optimizers:
         if distributed():
-            grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None]
+            grads = [p.grad for group in opt.param_groups for p in group['params']
+                     if p.grad is not None]
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
@@ -555,14 +622,15 @@ def step_optimizers(optimizers):
         opt.step()
 
 
-def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, *, disc_optimizer=None,
-               **loss_kw):
-    """One optimisation step of every net that learns (optimizers[i] is None for a frozen net) on `paths`
-    (default: step_paths) with LOSSES[method] (loss_kw: its options); with disc_optimizer also xml+gan's
-    discriminator (loss_kw['discriminator']) on discriminator_loss. Returns {i: L_i} (and 'discriminator').
-    simultaneous: one forward, each L_i routed to net i (routed_backward), every net stepped. sequential (DML
-    paper, Algorithm 1): net 1 stepped on L_1, the paths run again, net 2 stepped on L_2, and so on; the
-    repeated forwards do not update the BatchNorm statistics."""
+def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, *,
+               disc_optimizer=None, **loss_kw):
+    """One optimisation step of every net that learns (optimizers[i] is None for a frozen net) on
+    `paths` (default: step_paths) with LOSSES[method] (loss_kw: its options); with disc_optimizer
+    also xml+gan's discriminator (loss_kw['discriminator']) on discriminator_loss. Returns {i: L_i}
+    (and 'discriminator'). simultaneous: one forward, each L_i routed to net i (routed_backward),
+    every net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1, the paths run
+    again, net 2 stepped on L_2, and so on; the repeated forwards do not update the BatchNorm
+    statistics."""
     K, P = len(parts), len(parts[0])
     paths = paths or step_paths(method, K, P)
     learners = {i: opt for i, opt in enumerate(optimizers) if opt is not None}
@@ -570,7 +638,8 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
         learners['discriminator'] = disc_optimizer
 
     def losses_of(out, keys):
-        losses = LOSSES[method](out, labels, K, P, [k for k in keys if k != 'discriminator'], **loss_kw)
+        losses = LOSSES[method](out, labels, K, P, [k for k in keys if k != 'discriminator'],
+                                **loss_kw)
         if 'discriminator' in keys:  # on features it must not train
             d = loss_kw['discriminator']
             losses['discriminator'] = discriminator_loss(d(out[(0,)].detach()).squeeze(1),
@@ -584,7 +653,8 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
         return {k: losses[k].detach() for k in learners}
     losses = {}
     for n, (k, opt) in enumerate(learners.items()):
-        with frozen_bn_stats([part for net in parts for part in net]) if n else contextlib.nullcontext():
+        with (frozen_bn_stats([part for net in parts for part in net]) if n
+              else contextlib.nullcontext()):
             out = run_paths(parts, x, paths)
         losses[k] = losses_of(out, [k])[k]
         routed_backward([losses[k]], [opt])
@@ -594,9 +664,9 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
 
 
 def hint_step(student_up, teacher_up, regressor, optimizer, x):
-    """FitNet's stage 1 (Romero et al. 2015): one step of the student's up-half and the regressor (the parameters
-    of `optimizer`) on hint_loss(regressor(up_s(x)), up_t(x)); the frozen teacher and the student's down-half
-    are not trained. Returns the loss."""
+    """FitNet's stage 1 (Romero et al. 2015): one step of the student's up-half and the regressor
+    (the parameters of `optimizer`) on hint_loss(regressor(up_s(x)), up_t(x)); the frozen teacher
+    and the student's down-half are not trained. Returns the loss."""
     teacher_feature = teacher_up(x)
     loss = hint_loss(regressor(student_up(x)), teacher_feature)
     routed_backward([loss], [optimizer])
@@ -606,11 +676,13 @@ def hint_step(student_up, teacher_up, regressor, optimizer, x):
 
 def sgd(params, cfg, fused=False):
     """The recipe's optimizer; fused (one kernel for all parameters) on the GPU."""
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=fused)
 
 
 def set_lr(optimizer, lr):
-    """Set the learning rate, in place where it is a device tensor (read by a captured CUDA graph)."""
+    """Set the learning rate, in place where it is a device tensor (read by a captured CUDA
+    graph)."""
     for group in optimizer.param_groups:
         if isinstance(group['lr'], torch.Tensor):
             group['lr'].fill_(lr)
@@ -618,30 +690,36 @@ def set_lr(optimizer, lr):
             group['lr'] = lr
 
 
-# ---------------------------------------------------------------- speed and scale: changes how, not what
+# --------------------------------------------------------- speed and scale: changes how, not what
 class TrainStep:
     """A training step function on batches of one shape: normalise the augmented uint8 images, call
-    step_fn(x, labels) → {learner: loss} (train_step or hint_step, bound to their nets and optimizers), and sum
-    each learner's loss on the device (loss_sum, so nothing waits for the host). The plain path as it stands; the
-    fast path for the GPU (all three flags on) changes how, not what, it computes:
-    - channels_last: the layout tensor-core convolutions read fastest (normalize() yields it for free);
-    - bf16: autocast for convolutions and matrix products; losses, BatchNorm statistics and weights stay fp32;
-    - graph: after `warmup` real steps, the whole step (the forward of every path, the routed backward passes,
-      the optimizers, the BatchNorm updates) is captured once in a CUDA graph and replayed for every later
-      batch: one launch instead of thousands, which is what bounds these nets at batch 128. The learning
-      rate then lives in a device tensor that set_lr() fills, and optimizers should be fused (one kernel).
-      step_fn must then run the same kernels every step (no sampled paths).
+    step_fn(x, labels) → {learner: loss} (train_step or hint_step, bound to their nets and
+    optimizers), and sum each learner's loss on the device (loss_sum, so nothing waits for the
+    host). The plain path as it stands; the fast path for the GPU (all three flags on) changes how,
+    not what, it computes:
+    - channels_last: the layout tensor-core convolutions read fastest (normalize() yields it for
+      free);
+    - bf16: autocast for convolutions and matrix products; losses, BatchNorm statistics and weights
+      stay fp32;
+    - graph: after `warmup` real steps, the whole step (the forward of every path, the routed
+      backward passes, the optimizers, the BatchNorm updates) is captured once in a CUDA graph and
+      replayed for every later batch: one launch instead of thousands, which is what bounds these
+      nets at batch 128. The learning rate then lives in a device tensor that set_lr() fills, and
+      optimizers should be fused (one kernel). step_fn must then run the same kernels every step (no
+      sampled paths).
     Every batch must have the shape given here: the training loop drops the last partial batch."""
 
-    def __init__(self, step_fn, learners, mean, std, batch_shape, device, *, graph=False, bf16=False,
-                 channels_last=False, warmup=3):
+    def __init__(self, step_fn, learners, mean, std, batch_shape, device, *, graph=False,
+                 bf16=False, channels_last=False, warmup=3):
         self.step_fn, self.graph, self.bf16, self.warmup = step_fn, graph, bf16, warmup
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=device)  # the captured step's input
+        # the captured step's input
+        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
         self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
         self.loss_sum = {k: torch.zeros((), device=device) for k in learners}
-        # the first step of the epoch (1-based; 0: none) whose loss was not finite, found without a host sync
+        # the first step of the epoch (1-based; 0: none) whose loss was not finite, found without a
+        # host sync
         self.first_bad = {k: torch.zeros((), dtype=torch.int64, device=device) for k in learners}
         self.steps_done = torch.zeros((), dtype=torch.int64, device=device)
         self.captured, self.calls = None, 0
@@ -653,8 +731,8 @@ class TrainStep:
         self.steps_done += 1
         for k, loss in losses.items():
             self.loss_sum[k] += loss
-            self.first_bad[k].copy_(torch.where((self.first_bad[k] == 0) & ~torch.isfinite(loss), self.steps_done,
-                                                self.first_bad[k]))
+            self.first_bad[k].copy_(torch.where((self.first_bad[k] == 0) & ~torch.isfinite(loss),
+                                                self.steps_done, self.first_bad[k]))
 
     def new_epoch(self):
         for total in [*self.loss_sum.values(), *self.first_bad.values(), self.steps_done]:
@@ -666,7 +744,8 @@ class TrainStep:
         self.calls += 1
         if not self.graph:
             return self.step()
-        if self.captured is None and self.calls <= self.warmup:  # real steps; capture wants them on a side stream
+        # real steps; capture wants them on a side stream
+        if self.captured is None and self.calls <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -681,7 +760,8 @@ class TrainStep:
 
 
 def graph_lr(optimizers, device):
-    """Make each optimizer's learning rate a device tensor: a replayed CUDA graph reads it from memory."""
+    """Make each optimizer's learning rate a device tensor: a replayed CUDA graph reads it from
+    memory."""
     for opt in optimizers:
         for group in opt.param_groups:
             group['lr'] = torch.tensor(float(group['lr']), device=device)
@@ -695,15 +775,17 @@ def path_name(path):
 
 @torch.no_grad()
 def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None):
-    """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of the ensemble
-    of the pure nets (mean of softmax), and the half-feature distance mean((up_i(x) − up_j(x))²) averaged over
-    net pairs and cuts, on uint8 images N×H×W×3. fast: bf16 autocast and channels_last (CUDA). classes: the
-    number of class logits, where the down-halves output more (xml+disc's synthesis score, whose accuracy at
-    telling the down-half's own up-half from the other's is then reported as 'synthesis')."""
+    """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of
+    the ensemble of the pure nets (mean of softmax), and the half-feature distance
+    mean((up_i(x) − up_j(x))²) averaged over net pairs and cuts, on uint8 images N×H×W×3.
+    fast: bf16 autocast and channels_last (CUDA). classes: the number of class logits, where the
+    down-halves output more (xml+disc's synthesis score, whose accuracy at telling the down-half's
+    own up-half from the other's is then reported as 'synthesis')."""
     K, P = len(parts), len(parts[0])
     paths = all_paths(K, P)
     dev = next(parts[0][0].parameters()).device
-    counts = torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64)  # correct per path, then the ensemble
+    # correct per path, then the ensemble
+    counts = torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64)
     synthesis = None
     sq_dist, n_dist = torch.zeros((), device=dev, dtype=torch.float64), 0
     fmt = torch.channels_last if fast else torch.contiguous_format
@@ -713,29 +795,35 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
             x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
             y = labels[s:s + batch_size].to(dev)
             out = run_paths(parts, x, paths)
-            if classes is not None and out[paths[0]].shape[1] > classes:  # xml+disc: right when > 0 means "own"
-                right = torch.stack([((out[p][:, classes] > 0) == (len(set(p)) == 1)).sum() for p in paths])
+            # xml+disc: right when > 0 means "own"
+            if classes is not None and out[paths[0]].shape[1] > classes:
+                right = torch.stack([((out[p][:, classes] > 0) == (len(set(p)) == 1)).sum()
+                                     for p in paths])
                 synthesis = right if synthesis is None else synthesis + right
                 out.update({p: out[p][:, :classes] for p in paths})
             probs = sum(F.softmax(out[p].float(), 1) for p in pure_paths(K, P)) / K
-            counts += torch.stack([(z.argmax(1) == y).sum() for z in [out[p] for p in paths] + [probs]])
+            counts += torch.stack([(z.argmax(1) == y).sum()
+                                   for z in [out[p] for p in paths] + [probs]])
             for c in range(1, P):
                 for i, j in itertools.combinations(range(K), 2):
                     sq_dist += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum()
                     n_dist += out[(i,) * c].numel()
     counts = counts.tolist()  # one host synchronisation for the whole test set
     result = {**path_table({p: 100.0 * c / len(images) for p, c in zip(paths, counts)}, K, P),
-              'ensemble': 100.0 * counts[-1] / len(images), 'feature_distance': sq_dist.item() / max(n_dist, 1)}
+              'ensemble': 100.0 * counts[-1] / len(images),
+              'feature_distance': sq_dist.item() / max(n_dist, 1)}
     if synthesis is not None and P == 2:
         syn = dict(zip(paths, synthesis.tolist()))
-        result['synthesis'] = [[100.0 * syn[(a, b)] / len(images) for b in range(K)] for a in range(K)]
+        result['synthesis'] = [[100.0 * syn[(a, b)] / len(images) for b in range(K)]
+                               for a in range(K)]
     return result
 
 
 def path_table(acc, K, P):
-    """Accuracies by path as reported: 'accuracy' of the pure nets, 'paths' by name, and for P = 2 the
-    'cross' matrix, cross[a][b] = up-half of net a+1 → down-half of net b+1."""
-    table = {'accuracy': [acc[p] for p in pure_paths(K, P)], 'paths': {path_name(p): a for p, a in acc.items()}}
+    """Accuracies by path as reported: 'accuracy' of the pure nets, 'paths' by name, and for P = 2
+    the 'cross' matrix, cross[a][b] = up-half of net a+1 → down-half of net b+1."""
+    table = {'accuracy': [acc[p] for p in pure_paths(K, P)],
+             'paths': {path_name(p): a for p, a in acc.items()}}
     if P == 2:
         table['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
     return table
@@ -743,9 +831,11 @@ def path_table(acc, K, P):
 
 @torch.no_grad()
 def recalibrate_bn(modules, batches):
-    """Re-estimate the BatchNorm running statistics of `modules` (one path's parts, applied in order) as the
-    plain average over `batches` of the statistics of the features this path itself produces."""
-    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """Re-estimate the BatchNorm running statistics of `modules` (one path's parts, applied in
+    order) as the plain average over `batches` of the statistics of the features this path itself
+    produces."""
+    bns = [m for mod in modules for m in mod.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average instead of an exponential one
@@ -758,31 +848,36 @@ def recalibrate_bn(modules, batches):
         mod.eval()
 
 
-def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False, classes=None):
-    """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies of its
-    parts, so the trained statistics stay untouched)."""
+def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False,
+                          classes=None):
+    """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies
+    of its parts, so the trained statistics stay untouched)."""
     K, P = len(parts), len(parts[0])
     acc = {}
     for path in all_paths(K, P):
         copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]
         recalibrate_bn(copies, batches)
         # the copies form a one-net model whose only path is this one
-        acc[path] = evaluate([copies], images, labels, mean, std, batch_size, fast, classes)['accuracy'][0]
+        acc[path] = evaluate([copies], images, labels, mean, std, batch_size, fast,
+                             classes)['accuracy'][0]
     return path_table(acc, K, P)
 
 
 def forward_flops(module, x):
-    """(FLOPs of one forward of `module` on x, its output): 2 × the multiply-adds of its convolutions and
-    linear layers, counted from their shapes (BatchNorm, ReLU and pooling are left out)."""
+    """(FLOPs of one forward of `module` on x, its output): 2 × the multiply-adds of its
+    convolutions and linear layers, counted from their shapes (BatchNorm, ReLU and pooling are left
+    out)."""
     total = 0
 
     def count(m, _, out):
         nonlocal total
         if isinstance(m, nn.Conv2d):
-            total += 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            total += (2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0]
+                      * m.kernel_size[1])
         else:
             total += 2 * out.numel() * m.in_features
-    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(count) for m in module.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         out = module(x)
     for h in hooks:
@@ -792,20 +887,23 @@ def forward_flops(module, x):
 
 @torch.no_grad()
 def part_flops(parts, paths, image_size=32):
-    """{prefix: forward FLOPs per image of the prefix's last part}, for every prefix of `paths`, each run once."""
+    """{prefix: forward FLOPs per image of the prefix's last part}, for every prefix of `paths`,
+    each run once."""
     p = next(parts[0][0].parameters())
     out, flops = {(): torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)}, {}
     with eval_mode([part for net in parts for part in net]):
         for path in paths:
             for k in range(1, len(path) + 1):
                 if path[:k] not in out:
-                    flops[path[:k]], out[path[:k]] = forward_flops(parts[path[k - 1]][k - 1], out[path[:k - 1]])
+                    flops[path[:k]], out[path[:k]] = forward_flops(parts[path[k - 1]][k - 1],
+                                                                   out[path[:k - 1]])
     return flops
 
 
 @torch.no_grad()
 def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.25):
-    """Median wall time (ms) of one forward of `modules` in order, eval mode, on their device, at `batch`."""
+    """Median wall time (ms) of one forward of `modules` in order, eval mode, on their device, at
+    `batch`."""
     p = next(modules[0].parameters())
     fmt = torch.channels_last if fast else torch.contiguous_format
     x = torch.randn(batch, 3, image_size, image_size, device=p.device).contiguous(memory_format=fmt)
@@ -827,9 +925,10 @@ def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.25):
 
 @torch.no_grad()
 def path_costs(parts, accuracy, image_size=32, fast=False):
-    """For every path: top-1 (from evaluate()'s 'paths'), parameters, forward GFLOPs per image and latency (ms)
-    at batch 1 and 128 on the parts' device; sorted by FLOPs, the Pareto front (no other path at most as costly
-    and at least as accurate, better in one) marked. The deck's "Dynamic Computation": pick a path by budget."""
+    """For every path: top-1 (from evaluate()'s 'paths'), parameters, forward GFLOPs per image and
+    latency (ms) at batch 1 and 128 on the parts' device; sorted by FLOPs, the Pareto front (no
+    other path at most as costly and at least as accurate, better in one) marked. The deck's
+    "Dynamic Computation": pick a path by budget."""
     K, P = len(parts), len(parts[0])
     flops = part_flops(parts, all_paths(K, P), image_size)
     rows = []
@@ -842,42 +941,47 @@ def path_costs(parts, accuracy, image_size=32, fast=False):
                      'latency_ms_b128': latency_ms(modules, 128, image_size, fast)})
     for r in rows:
         r['pareto'] = not any(q['gflops'] <= r['gflops'] and q['accuracy'] >= r['accuracy'] and
-                              (q['gflops'] < r['gflops'] or q['accuracy'] > r['accuracy']) for q in rows)
+                              (q['gflops'] < r['gflops'] or q['accuracy'] > r['accuracy'])
+                              for q in rows)
     return sorted(rows, key=lambda r: (r['gflops'], -r['accuracy']))
 
 
 def cost_table(rows):
     lines = ['path        top-1   params(M)  GFLOP/img  ms@1    ms@128  Pareto']
-    lines += [f'{r["path"]:<10} {r["accuracy"]:6.2f}  {r["params"] / 1e6:9.2f}  {r["gflops"]:9.3f}  '
-              f'{r["latency_ms_b1"]:6.2f}  {r["latency_ms_b128"]:6.2f}  {"*" if r["pareto"] else ""}' for r in rows]
+    lines += [f'{r["path"]:<10} {r["accuracy"]:6.2f}  {r["params"] / 1e6:9.2f}  '
+              f'{r["gflops"]:9.3f}  {r["latency_ms_b1"]:6.2f}  {r["latency_ms_b128"]:6.2f}  '
+              f'{"*" if r["pareto"] else ""}' for r in rows]
     return '\n'.join(lines)
 
 
 @torch.no_grad()
-def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast=False, classes=None):
-    """The deck's up-half study (SPEC §4): top-1 (%) of each down-half b fed h(a) = a·up_1(x) + (1−a)·up_2(x),
-    for each a in alphas; a = 1 gives the cross pairings of up_1, a = 0 those of up_2. Returns
-    [{'alpha': a, 'down1': …, 'down2': …}, …]."""
+def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast=False,
+                  classes=None):
+    """The deck's up-half study (SPEC §4): top-1 (%) of each down-half b fed
+    h(a) = a·up_1(x) + (1−a)·up_2(x), for each a in alphas; a = 1 gives the cross pairings of
+    up_1, a = 0 those of up_2. Returns [{'alpha': a, 'down1': …, 'down2': …}, …]."""
     dev = next(parts[0][0].parameters()).device
     correct = torch.zeros(len(alphas), 2, device=dev, dtype=torch.int64)
     fmt = torch.channels_last if fast else torch.contiguous_format
-    with eval_mode([part for net in parts for part in net]), torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+    with eval_mode([part for net in parts for part in net]), \
+            torch.autocast(dev.type, torch.bfloat16, enabled=fast):
         for s in range(0, len(images), batch_size):
             x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
             y = labels[s:s + batch_size].to(dev)
             f1, f2 = parts[0][0](x), parts[1][0](x)
             for k, a in enumerate(alphas):
                 h = a * f1 + (1 - a) * f2
-                correct[k] += torch.stack([(parts[b][1](h)[:, :classes].argmax(1) == y).sum() for b in range(2)])
+                correct[k] += torch.stack([(parts[b][1](h)[:, :classes].argmax(1) == y).sum()
+                                           for b in range(2)])
     return [{'alpha': a, 'down1': 100.0 * c[0] / len(images), 'down2': 100.0 * c[1] / len(images)}
             for a, c in zip(alphas, correct.tolist())]
 
 
 # ----------------------------------------------------------------------------------- training run
 def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
-    """The recipe's learning rate at `step` (0-based, counted from the start of training): lr·s/S at step s of
-    the first warm-up epochs' S steps (SPEC §4), then lr × 0.2 at 30, 60 and 80 % of the epochs (60, 120, 160
-    of 200), the milestones counted from the start of training."""
+    """The recipe's learning rate at `step` (0-based, counted from the start of training): lr·s/S
+    at step s of the first warm-up epochs' S steps (SPEC §4), then lr × 0.2 at 30, 60 and 80 % of
+    the epochs (60, 120, 160 of 200), the milestones counted from the start of training."""
     warmup_steps = warmup_epochs * steps_per_epoch
     if step < warmup_steps:
         return lr * step / warmup_steps
@@ -887,7 +991,8 @@ def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
 
 
 def write_atomic(path, write):
-    """write(file) into a temporary file, fsync, rename over `path`: a crash leaves the old file or the new one."""
+    """write(file) into a temporary file, fsync, rename over `path`: a crash leaves the old file or
+    the new one."""
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'wb') as f:
         write(f)
@@ -913,28 +1018,32 @@ def load_checkpoint(path):
 
 
 def load_net(path, name, model, index=None):
-    """Load into `model` the weights of the net called `name` in a checkpoint this script wrote: the one at
-    position `index` if it is called so, else the first."""
+    """Load into `model` the weights of the net called `name` in a checkpoint this script wrote: the
+    one at position `index` if it is called so, else the first."""
     ckpt = load_checkpoint(path)
     names = ckpt.get('config', {}).get('nets', []) if isinstance(ckpt, dict) else []
     if name not in names:
-        raise UsageError(f'{path} holds the nets {", ".join(names) or "(none)"}, not {name}; give a checkpoint '
-                         f'(last.pt or best.pt) of a run that trained {name}')
+        raise UsageError(f'{path} holds the nets {", ".join(names) or "(none)"}, not {name}; '
+                         f'give a checkpoint (last.pt or best.pt) of a run that trained {name}')
     try:
-        model.load_state_dict(ckpt['nets'][index if index is not None and index < len(names) and names[index] == name
+        model.load_state_dict(ckpt['nets'][index if index is not None and index < len(names)
+                                                    and names[index] == name
                                            else names.index(name)])
     except RuntimeError as e:  # another width or number of classes
-        raise UsageError(f'{path}: its {name} does not fit this run ({str(e).splitlines()[1].strip()}); '
-                         f'train the teacher with the same --dataset and --width') from None
+        raise UsageError(f'{path}: its {name} does not fit this run '
+                         f'({str(e).splitlines()[1].strip()}); train the teacher with the same '
+                         f'--dataset and --width') from None
 
 
 def build_nets(cfg, num_classes):
-    """The nets of a run; with xml+disc every net has one output more, its down-half's synthesis score."""
+    """The nets of a run; with xml+disc every net has one output more, its down-half's synthesis
+    score."""
     return [build(n, num_classes + (cfg.method == 'xml+disc'), cfg.width) for n in cfg.nets]
 
 
 def device_name(dev):
-    return torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'
+    return (torch.cuda.get_device_name(dev) if dev.type == 'cuda'
+            else f'cpu ({torch.get_num_threads()} threads)')
 
 
 def format_duration(seconds):
@@ -944,24 +1053,30 @@ def format_duration(seconds):
 
 
 def progress_line(rec, total_epochs, seconds_left):
-    """One line per epoch: losses, top-1 of each net and of the cross pairings, lr, speed, time left."""
-    fmt = lambda xs: ' '.join('-' if x is None else f'{x:.3f}' for x in xs)
+    """One line per epoch: losses, top-1 of each net and of the cross pairings, lr, speed, time
+    left."""
+    def fmt(xs):
+        return ' '.join('-' if x is None else f'{x:.3f}' for x in xs)
+
     line = (f'epoch {rec["epoch"]:>{len(str(total_epochs))}}/{total_epochs} {rec["stage"]:<5} '
             f'loss {fmt(rec["loss"])}  top1 {" ".join(f"{a:.2f}" for a in rec["accuracy"])}')
     if 'cross' in rec:
         line += '  cross ' + ' | '.join(' '.join(f'{a:.2f}' for a in row) for row in rec['cross'])
-    return (line + f'  ens {rec["ensemble"]:.2f}  dist {rec["feature_distance"]:.4f}  lr {rec["lr"]:.4g}  '
-            f'{rec["img_per_s"]:,.0f} img/s  left {format_duration(seconds_left)}')
+    return (line + f'  ens {rec["ensemble"]:.2f}  dist {rec["feature_distance"]:.4f}  '
+            f'lr {rec["lr"]:.4g}  {rec["img_per_s"]:,.0f} img/s  '
+            f'left {format_duration(seconds_left)}')
 
 
 # What a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature', 'l2_weight',
-               'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs', 'batch_size', 'lr', 'momentum',
-               'weight_decay', 'seed', 'dataset', 'width', 'bn_recalib')
+RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature',
+               'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs',
+               'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width',
+               'bn_recalib')
 
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM stopped the run after a checkpoint; main() exits with 128 + the signal number."""
+    """SIGINT or SIGTERM stopped the run after a checkpoint; main() exits with 128 + the signal
+    number."""
 
 
 class Diverged(Exception):
@@ -970,17 +1085,19 @@ class Diverged(Exception):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Inside: the first SIGINT or SIGTERM asks the run to stop after the current epoch's checkpoint (the
-    returned dict then holds the signal); a second one stops at once, losing the epoch in progress."""
+    """Inside: the first SIGINT or SIGTERM asks the run to stop after the current epoch's checkpoint
+    (the returned dict then holds the signal); a second one stops at once, losing the epoch in
+    progress."""
     request = {'signal': 0}
 
     def handler(signum, _):
         if request['signal']:
             raise KeyboardInterrupt
         request['signal'] = signum
-        print(f'\n{signal.Signals(signum).name}: stopping after this epoch\'s checkpoint (again to stop now)',
-              file=sys.stderr, flush=True)
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        print(f'\n{signal.Signals(signum).name}: stopping after this epoch\'s checkpoint '
+              '(again to stop now)', file=sys.stderr, flush=True)
+    # only the main thread may set handlers
+    if threading.current_thread() is not threading.main_thread():
         yield request
         return
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1008,7 +1125,8 @@ class Run:
     student: object  # kd, fitnet: the student's index, else None
     optimizers: list  # one per net, None for a frozen net
     regressor: object = None  # fitnet: the regressor of stage 1 …
-    hint_optimizer: object = None  # … and the optimizer of the student's up-half and the regressor
+    # … and the optimizer of the student's up-half and the regressor
+    hint_optimizer: object = None
     discriminator: object = None  # xml+gan: the discriminator …
     disc_optimizer: object = None  # … and its optimizer
     history: list = field(default_factory=list)
@@ -1018,18 +1136,20 @@ class Run:
 
     def learners(self):
         """The keys of the losses a step returns: the nets, then xml+gan's discriminator."""
-        return list(range(len(self.models))) + (['discriminator'] if self.discriminator is not None else [])
+        return list(range(len(self.models))) + (['discriminator'] if self.discriminator is not None
+                                                else [])
 
     def checkpoint_optimizers(self):
-        """Every optimizer in the checkpoint's order: nets (None where frozen), the discriminator's, then FitNet's
-        stage 1 at the student's position of K more."""
+        """Every optimizer in the checkpoint's order: nets (None where frozen), the discriminator's,
+        then FitNet's stage 1 at the student's position of K more."""
         hint = [self.hint_optimizer if i == self.student else None for i in range(len(self.models))]
         return (self.optimizers + ([self.disc_optimizer] if self.discriminator is not None else [])
                 + (hint if self.hint_optimizer is not None else []))
 
 
 def start_processes(cfg):
-    """(device, rank, world size): one process, or this one of a torchrun job (NCCL on GPUs, else gloo)."""
+    """(device, rank, world size): one process, or this one of a torchrun job (NCCL on GPUs, else
+    gloo)."""
     dev, rank, world = torch.device(cfg.device), 0, 1
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
@@ -1039,35 +1159,41 @@ def start_processes(cfg):
             dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', rank)))
             torch.cuda.set_device(dev)
     if cfg.batch_size % world:
-        raise UsageError(f'--batch-size {cfg.batch_size} does not split evenly over {world} processes')
+        raise UsageError(f'--batch-size {cfg.batch_size} does not split evenly '
+                         f'over {world} processes')
     return dev, rank, world
 
 
 def prepare_out(out, force):
-    """Create the output directory, check it can be written, and with --force clear the run already there."""
+    """Create the output directory, check it can be written, and with --force clear the run already
+    there."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / '.write-test', 'w'):
             pass
         os.remove(out / '.write-test')
     except OSError as e:
-        raise UsageError(f'--out {out} cannot be written ({e.strerror}); choose another directory') from None
+        raise UsageError(f'--out {out} cannot be written ({e.strerror}); '
+                         'choose another directory') from None
     if force:
         for name in ('summary.json', 'last.pt', 'best.pt', 'metrics.jsonl'):
             (out / name).unlink(missing_ok=True)
 
 
 def set_up(cfg):
-    """A Run of `cfg` (validated by check_args) before its first epoch: processes, data, nets, optimizers."""
+    """A Run of `cfg` (validated by check_args) before its first epoch: processes, data, nets,
+    optimizers."""
     dev, rank, world = start_processes(cfg)
     data = load_data(cfg.dataset, cfg.data_dir)
     if cfg.batch_size > len(data.train_x):
-        raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images')
+        raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} '
+                         'training images')
     if rank == 0:
         prepare_out(Path(cfg.out), cfg.force)
     fast = cfg.fast == 'on'
     fmt = torch.channels_last if fast else torch.contiguous_format
-    torch.backends.cudnn.benchmark = fast  # fixed shapes: let cuDNN time its kernels once and keep the fastest
+    # fixed shapes: let cuDNN time its kernels once and keep the fastest
+    torch.backends.cudnn.benchmark = fast
     torch.manual_seed(cfg.seed)
     models = build_nets(cfg, data.num_classes)
     if cfg.sync_bn:  # batch statistics over the whole batch, not each rank's share
@@ -1097,13 +1223,14 @@ def set_up(cfg):
         run.disc_optimizer = sgd(run.discriminator.parameters(), cfg, fast)
     if cfg.method == 'fitnet':
         run.regressor = regressor(features[0][0]).to(dev, memory_format=fmt)
-        run.hint_optimizer = sgd(list(run.parts[student][0].parameters()) + list(run.regressor.parameters()),
-                                 cfg, fast)
+        run.hint_optimizer = sgd(list(run.parts[student][0].parameters())
+                                 + list(run.regressor.parameters()), cfg, fast)
     return run
 
 
 def resume(run, gen):
-    """Continue from the checkpoint last.pt in --out, if there is one: weights, optimizers, random states."""
+    """Continue from the checkpoint last.pt in --out, if there is one: weights, optimizers, random
+    states."""
     out = Path(run.cfg.out)
     if not (out / 'last.pt').exists():
         if run.rank == 0:
@@ -1121,13 +1248,15 @@ def resume(run, gen):
     rng = ckpt['rng']['data']
     gen.set_state(rng)
     torch.set_rng_state(ckpt['rng']['torch'])
-    run.history, run.start, run.wall_before, run.best = ckpt['history'], ckpt['epoch'], ckpt['wall_s'], ckpt['best']
+    run.history, run.start, run.wall_before, run.best = (ckpt['history'], ckpt['epoch'],
+                                                          ckpt['wall_s'], ckpt['best'])
     if run.rank == 0:
         print(f'resuming {out} after epoch {run.start}', file=sys.stderr)
 
 
 def make_step(run, hint, paths_rng):
-    """The TrainStep of a stage: FitNet's hint stage, or the method's training (fitnet's second stage is kd)."""
+    """The TrainStep of a stage: FitNet's hint stage, or the method's training (fitnet's second
+    stage is kd)."""
     cfg, fast = run.cfg, run.cfg.fast == 'on'
     K, P = len(run.parts), len(run.parts[0])
     if hint:
@@ -1146,14 +1275,15 @@ def make_step(run, hint, paths_rng):
             paths = step_paths(method, K, P, cfg.paths_per_step, paths_rng)
             return train_step(run.parts, run.optimizers, x, labels, method, cfg.update, paths,
                               disc_optimizer=run.disc_optimizer, **kw)
-    # sampled paths change from step to step, which one captured graph cannot; nor are the collectives of
-    # torchrun tested inside a capture
+    # sampled paths change from step to step, which one captured graph cannot; nor are the
+    # collectives of torchrun tested inside a capture
     graph = fast and run.world == 1 and cfg.paths_per_step is None
     if graph:
         graph_lr(optimizers, run.dev)
     learners = [run.student] if hint else [k for k in run.learners() if k not in run.frozen]
     return TrainStep(step_fn, learners, run.mean, run.std, (cfg.batch_size // run.world,
-                     *run.data.train_x.shape[1:]), run.dev, graph=graph, bf16=fast, channels_last=fast), optimizers
+                     *run.data.train_x.shape[1:]), run.dev, graph=graph, bf16=fast,
+                     channels_last=fast), optimizers
 
 
 def loss_options(cfg, method, discriminator=None):
@@ -1173,11 +1303,12 @@ def loss_options(cfg, method, discriminator=None):
 
 
 def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
-    """One pass over the training set in a fresh random order, the lr set per step (lr_at); returns each
-    learner's mean loss (None for those that do not learn in this stage) and the last lr."""
+    """One pass over the training set in a fresh random order, the lr set per step (lr_at); returns
+    each learner's mean loss (None for those that do not learn in this stage) and the last lr."""
     cfg, H = run.cfg, run.cfg.hint_epochs
     hint = epoch < H
-    stage_epoch, stage_epochs = (epoch, H) if hint else (epoch - H, cfg.epochs)  # each stage its own schedule
+    # each stage its own schedule
+    stage_epoch, stage_epochs = (epoch, H) if hint else (epoch - H, cfg.epochs)
     n_steps = len(train_x) // cfg.batch_size  # the last partial batch is dropped
     share, rank = cfg.batch_size // run.world, run.rank  # each rank's share of a batch
     step.new_epoch()
@@ -1186,7 +1317,8 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
     perm = torch.randperm(len(train_x), device=run.dev, generator=gen)
     lr = None
     for s in range(n_steps):
-        # per step: the warm-up raises the lr every step; a captured graph reads it from its device tensor
+        # per step: the warm-up raises the lr every step; a captured graph reads it from its device
+        # tensor
         lr_now = lr_at(stage_epoch * n_steps + s, n_steps, stage_epochs, cfg.lr, cfg.warmup_epochs)
         if lr_now != lr:
             lr = lr_now
@@ -1205,7 +1337,8 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
                 if buf.is_floating_point():
                     dist.all_reduce(buf)
                     buf /= run.world
-    first_bad = torch.stack([step.first_bad.get(k, torch.zeros((), dtype=torch.int64, device=run.dev))
+    first_bad = torch.stack([step.first_bad.get(k, torch.zeros((), dtype=torch.int64,
+                                                               device=run.dev))
                              for k in keys])
     if run.world > 1:  # every rank must see a divergence, or the others would wait for it forever
         first_bad = torch.where(first_bad == 0, n_steps + 1, first_bad)
@@ -1214,33 +1347,37 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
     bad = [(at, n) for n, at in enumerate(first_bad.tolist()) if at]
     if bad:
         at, n = min(bad)  # the first step, and the first learner whose loss went bad at it
-        name = f'net {keys[n] + 1} ({cfg.nets[keys[n]]})' if keys[n] != 'discriminator' else 'the discriminator'
-        kept = f'{cfg.out}/last.pt still holds epoch {epoch}' if epoch else 'no checkpoint was written'
-        raise Diverged(f'the loss of {name} became NaN or infinite at epoch {epoch + 1}, batch {at} of {n_steps}; '
-                       f'{kept}; lower --lr or check the data')
+        name = (f'net {keys[n] + 1} ({cfg.nets[keys[n]]})' if keys[n] != 'discriminator'
+                else 'the discriminator')
+        kept = (f'{cfg.out}/last.pt still holds epoch {epoch}' if epoch
+                else 'no checkpoint was written')
+        raise Diverged(f'the loss of {name} became NaN or infinite at epoch {epoch + 1}, '
+                       f'batch {at} of {n_steps}; {kept}; lower --lr or check the data')
     return [v / n_steps if k in step.loss_sum else None for k, v in zip(keys, sums.tolist())], lr
 
 
 def evaluate_epoch(run, test_x, test_y, train_x):
-    """The epoch's test metrics (evaluate), and with --bn-recalib those with each path's BatchNorm statistics
-    re-estimated on the same --bn-recalib training batches every epoch."""
+    """The epoch's test metrics (evaluate), and with --bn-recalib those with each path's BatchNorm
+    statistics re-estimated on the same --bn-recalib training batches every epoch."""
     cfg, fast, dev = run.cfg, run.cfg.fast == 'on', run.dev
-    rec = evaluate(run.parts, test_x, test_y, run.mean, run.std, fast=fast, classes=run.data.num_classes)
+    rec = evaluate(run.parts, test_x, test_y, run.mean, run.std, fast=fast,
+                   classes=run.data.num_classes)
     if cfg.bn_recalib:
         g = torch.Generator(dev).manual_seed(cfg.seed + 1)
         fmt = torch.channels_last if fast else torch.contiguous_format
-        batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=dev,
-                                                           generator=g)], generator=g), run.mean, run.std, fmt)
+        batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,),
+                                                           device=dev, generator=g)],
+                                     generator=g), run.mean, run.std, fmt)
                    for _ in range(cfg.bn_recalib)]
         with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-            rec['recalib'] = evaluate_recalibrated(run.parts, test_x, test_y, run.mean, run.std, batches, fast=fast,
-                                                   classes=run.data.num_classes)
+            rec['recalib'] = evaluate_recalibrated(run.parts, test_x, test_y, run.mean, run.std,
+                                                   batches, fast=fast, classes=run.data.num_classes)
     return rec
 
 
 def save_checkpoint(run, rec, gen, wall_s):
-    """Record the epoch: best.pt when the mean top-1 of the learning nets is the best so far, last.pt, and
-    metrics.jsonl, each written atomically (rank 0 only)."""
+    """Record the epoch: best.pt when the mean top-1 of the learning nets is the best so far,
+    last.pt, and metrics.jsonl, each written atomically (rank 0 only)."""
     K, best = len(run.models), run.best
     for i in range(K):
         if rec['accuracy'][i] > best['accuracy'][i]:
@@ -1250,25 +1387,31 @@ def save_checkpoint(run, rec, gen, wall_s):
     is_best, best['mean'] = mean_acc > best['mean'], max(best['mean'], mean_acc)
     if run.rank:
         return
-    state = {'config': vars(run.cfg), 'epoch': rec['epoch'], 'nets': [m.state_dict() for m in run.models],
-             'optimizers': [opt.state_dict() if opt else None for opt in run.checkpoint_optimizers()],
+    state = {'config': vars(run.cfg), 'epoch': rec['epoch'],
+             'nets': [m.state_dict() for m in run.models],
+             'optimizers': [opt.state_dict() if opt else None
+                            for opt in run.checkpoint_optimizers()],
              'regressor': run.regressor.state_dict() if run.regressor is not None else None,
-             'discriminator': run.discriminator.state_dict() if run.discriminator is not None else None,
+             'discriminator': (run.discriminator.state_dict() if run.discriminator is not None
+                               else None),
              'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
              'history': run.history, 'best': best, 'wall_s': wall_s}
     out = Path(run.cfg.out)
     if is_best:
         write_atomic(out / 'best.pt', lambda f: torch.save(state, f))
     write_atomic(out / 'last.pt', lambda f: torch.save(state, f))
-    write_atomic(out / 'metrics.jsonl', lambda f: f.write(''.join(json.dumps(r) + '\n' for r in run.history).encode()))
+    write_atomic(out / 'metrics.jsonl',
+                 lambda f: f.write(''.join(json.dumps(r) + '\n' for r in run.history).encode()))
 
 
 def train(cfg):
-    """Train the nets of `cfg` (a validated configuration, see check_args) with its method, evaluating after every
-    epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into cfg.out and returns the summary.
-    Under torchrun (several processes) every rank trains on its share of each batch and rank 0 writes."""
+    """Train the nets of `cfg` (a validated configuration, see check_args) with its method,
+    evaluating after every epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into
+    cfg.out and returns the summary. Under torchrun (several processes) every rank trains on its
+    share of each batch and rank 0 writes."""
     run = set_up(cfg)
-    gen = torch.Generator(run.dev).manual_seed(cfg.seed)  # data order and augmentation, the same on every rank
+    # data order and augmentation, the same on every rank
+    gen = torch.Generator(run.dev).manual_seed(cfg.seed)
     if cfg.resume:
         resume(run, gen)
     train_x, train_y = run.data.train_x.to(run.dev), run.data.train_y.to(run.dev)
@@ -1281,52 +1424,62 @@ def train(cfg):
             if hint not in steps:  # one TrainStep (one CUDA graph) per stage
                 steps[hint] = make_step(run, hint, paths_rng)
             step, optimizers = steps[hint]
-            paths_rng.seed(cfg.seed * 1_000_003 + epoch)  # the sampled paths of an epoch, also after a resume
+            # the sampled paths of an epoch, also after a resume
+            paths_rng.seed(cfg.seed * 1_000_003 + epoch)
             t0 = time.time()
             losses, lr = train_epoch(run, step, optimizers, epoch, train_x, train_y, gen)
             train_s = time.time() - t0
-            rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr, 'loss': losses,
-                   **evaluate_epoch(run, test_x, test_y, train_x)}
+            rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr,
+                   'loss': losses, **evaluate_epoch(run, test_x, test_y, train_x)}
             rec.update(img_per_s=len(train_x) // cfg.batch_size * cfg.batch_size / train_s,
                        epoch_s=time.time() - t0)
             run.history.append(rec)
             save_checkpoint(run, rec, gen, run.wall_before + time.time() - t_run)
             if run.rank == 0:
                 done = epoch + 1 - run.start
-                print(progress_line(rec, total, (time.time() - t_run) / done * (total - epoch - 1)), flush=True)
+                print(progress_line(rec, total, (time.time() - t_run) / done * (total - epoch - 1)),
+                      flush=True)
             signalled = torch.tensor([stop['signal']], device=run.dev)
             if run.world > 1:  # stop together, or the others would wait for the stopped one forever
                 dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
             if signalled.item() and epoch + 1 < total:
-                raise Stopped(f'stopped after epoch {epoch + 1}; add --resume to the same command to continue',
-                              signalled.item())
+                raise Stopped(f'stopped after epoch {epoch + 1}; add --resume to the same command '
+                              'to continue', signalled.item())
     return summarize(run, run.wall_before + time.time() - t_run)
 
 
 def summarize(run, wall_s):
-    """summary.json (rank 0 writes it): the settings, the last epoch's numbers, the best epochs, each path's cost."""
+    """summary.json (rank 0 writes it): the settings, the last epoch's numbers, the best epochs,
+    each path's cost."""
     cfg, last, student = run.cfg, run.history[-1], run.student
     costs = path_costs(run.parts, last['paths'], run.data.train_x.shape[1], cfg.fast == 'on')
     features = [list(f) for f in run.features]
-    summary = {'method': cfg.method, 'pair': ','.join(cfg.nets), 'nets': cfg.nets, 'cut': ','.join(cfg.cuts),
-               'cuts': cfg.cuts, 'feature_shape': features if len(features) > 1 else features[0],
-               'update': cfg.update, 'path_weights': cfg.path_weights, 'paths_per_step': cfg.paths_per_step,
-               'temperature': cfg.temperature, 'l2_weight': cfg.l2_weight, 'adv_weight': cfg.adv_weight,
-               'frozen': sorted(i + 1 for i in run.frozen), 'init': {'1': cfg.init1, '2': cfg.init2},
-               'teacher': None if student is None else {'net': 2 - student, 'checkpoint': cfg.teacher},
+    summary = {'method': cfg.method, 'pair': ','.join(cfg.nets), 'nets': cfg.nets,
+               'cut': ','.join(cfg.cuts), 'cuts': cfg.cuts,
+               'feature_shape': features if len(features) > 1 else features[0],
+               'update': cfg.update, 'path_weights': cfg.path_weights,
+               'paths_per_step': cfg.paths_per_step, 'temperature': cfg.temperature,
+               'l2_weight': cfg.l2_weight, 'adv_weight': cfg.adv_weight,
+               'frozen': sorted(i + 1 for i in run.frozen),
+               'init': {'1': cfg.init1, '2': cfg.init2},
+               'teacher': (None if student is None
+                           else {'net': 2 - student, 'checkpoint': cfg.teacher}),
                'student': None if student is None else student + 1, 'hint_epochs': cfg.hint_epochs,
-               'epochs': cfg.epochs, 'warmup_epochs': cfg.warmup_epochs, 'batch_size': cfg.batch_size,
-               'lr': cfg.lr, 'momentum': cfg.momentum, 'weight_decay': cfg.weight_decay, 'seed': cfg.seed,
-               'dataset': cfg.dataset, 'width': cfg.width, 'bn_recalib': cfg.bn_recalib, 'fast': cfg.fast,
+               'epochs': cfg.epochs, 'warmup_epochs': cfg.warmup_epochs,
+               'batch_size': cfg.batch_size, 'lr': cfg.lr, 'momentum': cfg.momentum,
+               'weight_decay': cfg.weight_decay, 'seed': cfg.seed, 'dataset': cfg.dataset,
+               'width': cfg.width, 'bn_recalib': cfg.bn_recalib, 'fast': cfg.fast,
                'processes': run.world, 'sync_bn': cfg.sync_bn,
                'params': [[num_params(part) for part in net] for net in run.parts],
-               'accuracy': last['accuracy'], 'best_accuracy': run.best['accuracy'], 'best_epoch': run.best['epoch'],
+               'accuracy': last['accuracy'], 'best_accuracy': run.best['accuracy'],
+               'best_epoch': run.best['epoch'],
                'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
                'feature_distance': last['feature_distance'], 'recalib': last.get('recalib'),
                'synthesis': last.get('synthesis'), 'path_costs': costs,
-               'device': device_name(run.dev), 'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'),
-               'wall_s': wall_s,
-               'command': ('torchrun ' if run.world > 1 else 'python ') + 'xml_ref.py ' + shlex.join(cfg.argv)}
+               'device': device_name(run.dev), 'torch': torch.__version__,
+               'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_s,
+               'command': ('torchrun ' if run.world > 1 else 'python ') + 'xml_ref.py '
+                          + shlex.join(cfg.argv)}
     if run.rank == 0:
         print(cost_table(costs), flush=True)
         write_json(Path(cfg.out) / 'summary.json', summary)
@@ -1338,28 +1491,33 @@ ALPHAS = [round(-1 + 0.1 * k, 1) for k in range(31)]  # −1.0, −0.9, …, 2.0
 
 
 def interpolate_run(run_dir, device=None):
-    """The interpolation study of a finished pair run: interpolation.csv (and interpolation.png where
-    matplotlib is installed) in run_dir, from its last.pt, on the test set it was evaluated on."""
+    """The interpolation study of a finished pair run: interpolation.csv (and interpolation.png
+    where matplotlib is installed) in run_dir, from its last.pt, on the test set it was evaluated
+    on."""
     run_dir = Path(run_dir)
     if not (run_dir / 'last.pt').exists():
-        raise UsageError(f'--interpolate {run_dir}: no last.pt there; give the --out directory of a training run')
+        raise UsageError(f'--interpolate {run_dir}: no last.pt there; '
+                         'give the --out directory of a training run')
     ckpt = load_checkpoint(run_dir / 'last.pt')
     cfg = argparse.Namespace(**ckpt['config'])
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    fast = dev.type == 'cuda' and cfg.fast == 'on'  # evaluate as the run did, so a = 0, 1 give its cross matrix
+    # evaluate as the run did, so a = 0, 1 give its cross matrix
+    fast = dev.type == 'cuda' and cfg.fast == 'on'
     data = load_data(cfg.dataset, cfg.data_dir)
     mean, std = channel_stats(data.train_x)
     if len(cfg.nets) != 2 or len(cfg.cuts) != 1:
-        raise UsageError(f'--interpolate {run_dir}: the study is defined for a pair cut once, not {cfg.nets} '
-                         f'cut at {cfg.cuts}')
+        raise UsageError(f'--interpolate {run_dir}: the study is defined for a pair cut once, '
+                         f'not {cfg.nets} cut at {cfg.cuts}')
     models = build_nets(cfg, data.num_classes)
     for m, state in zip(models, ckpt['nets']):
         m.load_state_dict(state)
         m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
     torch.backends.cudnn.benchmark = fast
-    rows = interpolation([list(split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev), data.test_y.to(dev),
-                         mean, std, ALPHAS, fast=fast, classes=data.num_classes)
-    csv = 'alpha,down1,down2\n' + ''.join(f'{r["alpha"]:.1f},{r["down1"]:.2f},{r["down2"]:.2f}\n' for r in rows)
+    rows = interpolation([list(split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev),
+                         data.test_y.to(dev), mean, std, ALPHAS, fast=fast,
+                         classes=data.num_classes)
+    csv = 'alpha,down1,down2\n' + ''.join(f'{r["alpha"]:.1f},{r["down1"]:.2f},{r["down2"]:.2f}\n'
+                                          for r in rows)
     write_atomic(run_dir / 'interpolation.csv', lambda f: f.write(csv.encode()))
     try:  # the plot is an optional extra
         import matplotlib
@@ -1370,12 +1528,14 @@ def interpolate_run(run_dir, device=None):
         return rows
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for b in (1, 2):
-        ax.plot([r['alpha'] for r in rows], [r[f'down{b}'] for r in rows], marker='.', label=f'down-half of net {b} '
-                f'({cfg.nets[b - 1]})')
+        ax.plot([r['alpha'] for r in rows], [r[f'down{b}'] for r in rows], marker='.',
+                label=f'down-half of net {b} ({cfg.nets[b - 1]})')
     ax.axvline(0, color='grey', lw=0.5)
     ax.axvline(1, color='grey', lw=0.5)
-    ax.set(xlabel=f'a   (h = a·up_1(x) + (1−a)·up_2(x); up_1: {cfg.nets[0]}, up_2: {cfg.nets[1]})',
-           ylabel='test top-1 (%)', title=f'{cfg.method} {",".join(cfg.nets)}, epoch {ckpt["epoch"]}')
+    ax.set(xlabel=f'a   (h = a·up_1(x) + (1−a)·up_2(x); '
+                  f'up_1: {cfg.nets[0]}, up_2: {cfg.nets[1]})',
+           ylabel='test top-1 (%)',
+           title=f'{cfg.method} {",".join(cfg.nets)}, epoch {ckpt["epoch"]}')
     ax.legend()
     fig.tight_layout()
     fig.savefig(run_dir / 'interpolation.png', dpi=120)
@@ -1390,7 +1550,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """--help names an option's default where it has one that its help text does not already give."""
+    """--help names an option's default where it has one that its help text does not already
+    give."""
 
     def _get_help_string(self, action):
         text = action.help or ''
@@ -1400,64 +1561,89 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def make_parser():
-    """What each option is, with its default; check_args says which values and combinations are refused."""
+    """What each option is, with its default; check_args says which values and combinations are
+    refused."""
     p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
                formatter_class=HelpFormatter)
     what = p.add_argument_group('what is trained')
-    what.add_argument('--pair', default='res18,res34', help=f'net 1,net 2, from {", ".join(MODELS)}')
-    what.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 (cut with --cuts)')
+    what.add_argument('--pair', default='res18,res34',
+                      help=f'net 1,net 2, from {", ".join(MODELS)}')
+    what.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 '
+                                     '(cut with --cuts)')
     what.add_argument('--method', choices=METHODS, default='xml', help='the loss (SPEC §3)')
-    what.add_argument('--cut', help='the stage both nets are cut after, layer1 … layer4 (default: layer3 with '
-                                    'mbv1, else layer2: the deck\'s cuts)')
-    what.add_argument('--cuts', help='several stages to cut every net after, in order (P − 1 cuts: P parts), '
-                                     'e.g. layer2,layer3')
-    what.add_argument('--width', type=int, default=64, help='channels of the first stage (64: the published nets)')
+    what.add_argument('--cut', help='the stage both nets are cut after, layer1 … layer4 '
+                                    '(default: layer3 with mbv1, else layer2: the deck\'s cuts)')
+    what.add_argument('--cuts', help='several stages to cut every net after, in order '
+                                     '(P − 1 cuts: P parts), e.g. layer2,layer3')
+    what.add_argument('--width', type=int, default=64,
+                      help='channels of the first stage (64: the published nets)')
     how = p.add_argument_group('the method\'s options')
-    how.add_argument('--update', choices=UPDATES, default='simultaneous', help='order of the nets\' updates')
+    how.add_argument('--update', choices=UPDATES, default='simultaneous',
+                     help='order of the nets\' updates')
     how.add_argument('--path-weights', choices=('sum', 'mean'), default='sum',
                      help='the xml family: L_i sums its paths (the deck) or takes their mean')
-    how.add_argument('--paths-per-step', type=int, metavar='R', help='xml, xml+l2 with K nets in P parts: train '
-                     'the pure paths and R crossed paths drawn at random each step, not all K^P')
-    how.add_argument('--temperature', type=float, help='KL temperature (default: 4 for kd and fitnet, else 1)')
+    how.add_argument('--paths-per-step', type=int, metavar='R',
+                     help='xml, xml+l2 with K nets in P parts: train the pure paths and R crossed '
+                     'paths drawn at random each step, not all K^P')
+    how.add_argument('--temperature', type=float,
+                     help='KL temperature (default: 4 for kd and fitnet, else 1)')
     how.add_argument('--l2-weight', type=float, default=1.0, help='λ of the xml+l2 feature term')
-    how.add_argument('--adv-weight', type=float, default=0.1, help='weight of the adversarial terms of xml+disc '
-                                                                   'and xml+gan')
-    how.add_argument('--teacher', metavar='PATH', help='kd, fitnet: a last.pt or best.pt of an earlier run that '
-                                                       'trained the teacher (the larger net of the pair)')
-    how.add_argument('--hint-epochs', type=int, help='fitnet: epochs of stage 1 (default: epochs/10, at least 1)')
-    how.add_argument('--freeze', type=int, choices=(1, 2), help='teacher-student XML: net 1 or 2 stays fixed '
-                                                                '(eval mode), loaded with --init1 / --init2')
-    how.add_argument('--init1', metavar='PATH', help='start net 1 from the net of that name in a checkpoint')
-    how.add_argument('--init2', metavar='PATH', help='start net 2 from the net of that name in a checkpoint')
+    how.add_argument('--adv-weight', type=float, default=0.1,
+                     help='weight of the adversarial terms of xml+disc and xml+gan')
+    how.add_argument('--teacher', metavar='PATH',
+                     help='kd, fitnet: a last.pt or best.pt of an earlier run that trained the '
+                          'teacher (the larger net of the pair)')
+    how.add_argument('--hint-epochs', type=int,
+                     help='fitnet: epochs of stage 1 (default: epochs/10, at least 1)')
+    how.add_argument('--freeze', type=int, choices=(1, 2),
+                     help='teacher-student XML: net 1 or 2 stays fixed (eval mode), loaded with '
+                          '--init1 / --init2')
+    how.add_argument('--init1', metavar='PATH',
+                     help='start net 1 from the net of that name in a checkpoint')
+    how.add_argument('--init2', metavar='PATH',
+                     help='start net 2 from the net of that name in a checkpoint')
     recipe = p.add_argument_group('the recipe (SPEC §4)')
     recipe.add_argument('--epochs', type=int, default=RECIPE['epochs'],
                         help='training epochs; the lr drops × 0.2 at 30, 60 and 80 %% of them')
     recipe.add_argument('--warmup-epochs', type=int, default=RECIPE['warmup_epochs'], metavar='W',
-                        help='linear per-step lr warm-up over the first W epochs of each stage (0: none)')
-    recipe.add_argument('--batch-size', type=int, default=RECIPE['batch_size'], help='images per step')
-    recipe.add_argument('--lr', type=float, default=RECIPE['lr'], help='SGD learning rate after the warm-up')
+                        help='linear per-step lr warm-up over the first W epochs of each stage '
+                             '(0: none)')
+    recipe.add_argument('--batch-size', type=int, default=RECIPE['batch_size'],
+                        help='images per step')
+    recipe.add_argument('--lr', type=float, default=RECIPE['lr'],
+                        help='SGD learning rate after the warm-up')
     recipe.add_argument('--momentum', type=float, default=RECIPE['momentum'], help='SGD momentum')
-    recipe.add_argument('--weight-decay', type=float, default=RECIPE['weight_decay'], help='SGD weight decay')
-    recipe.add_argument('--seed', type=int, default=0, help='nets\' initialisation, data order and augmentation')
-    recipe.add_argument('--bn-recalib', type=int, default=0, metavar='N', help='also evaluate each path with its '
-                        'BatchNorm statistics re-estimated on N training batches (0: only as trained)')
+    recipe.add_argument('--weight-decay', type=float, default=RECIPE['weight_decay'],
+                        help='SGD weight decay')
+    recipe.add_argument('--seed', type=int, default=0,
+                        help='nets\' initialisation, data order and augmentation')
+    recipe.add_argument('--bn-recalib', type=int, default=0, metavar='N',
+                        help='also evaluate each path with its BatchNorm statistics re-estimated '
+                        'on N training batches (0: only as trained)')
     data = p.add_argument_group('data and device')
-    data.add_argument('--dataset', choices=DATASETS, default='cifar100', help='synthetic: a tiny stand-in')
-    data.add_argument('--data-dir', default='data', help='cifar*: where it is or is downloaded to; folder: the '
-                                                         'root holding train/<class>/ and test/<class>/')
+    data.add_argument('--dataset', choices=DATASETS, default='cifar100',
+                      help='synthetic: a tiny stand-in')
+    data.add_argument('--data-dir', default='data',
+                      help='cifar*: where it is or is downloaded to; folder: the root holding '
+                           'train/<class>/ and test/<class>/')
     data.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
     data.add_argument('--fast', choices=('auto', 'on', 'off'), default='auto',
-                      help='on: bf16, channels_last, fused SGD, the step in a CUDA graph (auto: on with CUDA); '
+                      help='on: bf16, channels_last, fused SGD, the step in a CUDA graph '
+                           '(auto: on with CUDA); '
                            'off: the plain fp32 eager loop it is tested against')
-    data.add_argument('--sync-bn', action='store_true', help='torchrun on GPUs: BatchNorm statistics over the '
-                                                             'whole batch (SyncBatchNorm), not each process\'s share')
+    data.add_argument('--sync-bn', action='store_true',
+                      help='torchrun on GPUs: BatchNorm statistics over the whole batch '
+                           '(SyncBatchNorm), not each process\'s share')
     files = p.add_argument_group('output')
-    files.add_argument('--out', help='output directory (default: runs/<nets>_<method>_<cuts>_seed<seed>)')
-    files.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt (or '
-                                                             'start it if it has none yet)')
+    files.add_argument('--out',
+                       help='output directory (default: runs/<nets>_<method>_<cuts>_seed<seed>)')
+    files.add_argument('--resume', action='store_true',
+                       help='continue the run in --out from its last.pt '
+                            '(or start it if it has none yet)')
     files.add_argument('--force', action='store_true', help='overwrite a run already in --out')
-    files.add_argument('--interpolate', metavar='RUN_DIR', help='instead of training: the interpolation study of '
-                       'a finished pair run, written into RUN_DIR as interpolation.csv (and .png)')
+    files.add_argument('--interpolate', metavar='RUN_DIR',
+                       help='instead of training: the interpolation study of a finished pair run, '
+                       'written into RUN_DIR as interpolation.csv (and .png)')
     return p
 
 
@@ -1469,12 +1655,13 @@ def parse_args(argv=None):
 
 
 def check_args(cfg):
-    """Fill in the defaults that depend on other options, and refuse (UsageError, one line) any value or
-    combination that would fail later, before anything is loaded or written."""
-    flag, cfg.nets = ('--nets', cfg.nets.split(',')) if cfg.nets else ('--pair', cfg.pair.split(','))
+    """Fill in the defaults that depend on other options, and refuse (UsageError, one line) any
+    value or combination that would fail later, before anything is loaded or written."""
+    flag, cfg.nets = (('--nets', cfg.nets.split(',')) if cfg.nets
+                      else ('--pair', cfg.pair.split(',')))
     if len(cfg.nets) < 2 or (flag == '--pair' and len(cfg.nets) != 2) or not all(cfg.nets):
-        raise UsageError(f'{flag} takes {"two" if flag == "--pair" else "two or more"} nets joined by a comma, '
-                         f'like res18,res34; got {",".join(cfg.nets)!r}')
+        raise UsageError(f'{flag} takes {"two" if flag == "--pair" else "two or more"} nets joined '
+                         f'by a comma, like res18,res34; got {",".join(cfg.nets)!r}')
     for name in cfg.nets:
         if name not in MODELS:
             raise UsageError(f'unknown model {name!r} in {flag}: choose from {", ".join(MODELS)}')
@@ -1483,28 +1670,33 @@ def check_args(cfg):
     cfg.cuts = cfg.cuts.split(',') if cfg.cuts else [cfg.cut or default_cut(cfg.nets)]
     K, P = len(cfg.nets), len(cfg.cuts) + 1
     if cfg.method in PAIR_ONLY and (K, P) != (2, 2):
-        raise UsageError(f'--method {cfg.method} is defined for a pair cut once, not {K} nets in {P} parts')
+        raise UsageError(f'--method {cfg.method} is defined for a pair cut once, '
+                         f'not {K} nets in {P} parts')
     if cfg.paths_per_step is not None:
         crossed = K ** P - K
         if cfg.method not in ('xml', 'xml+l2') or not 1 <= cfg.paths_per_step <= crossed:
-            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 (the others train every path) '
-                             f'and must be 1 … {crossed}, the crossed paths of {K} nets in {P} parts; '
-                             f'got {cfg.paths_per_step}')
+            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 (the others train '
+                             f'every path) and must be 1 … {crossed}, the crossed paths of {K} '
+                             f'nets in {P} parts; got {cfg.paths_per_step}')
     if cfg.freeze:
         if cfg.method in ('kd', 'fitnet') or K != 2:
-            raise UsageError('--freeze is for a pair trained with a mutual method (kd and fitnet freeze the '
-                             'teacher themselves)')
+            raise UsageError('--freeze is for a pair trained with a mutual method (kd and fitnet '
+                             'freeze the teacher themselves)')
         if not getattr(cfg, f'init{cfg.freeze}'):
-            raise UsageError(f'--freeze {cfg.freeze} needs --init{cfg.freeze} PATH, the trained net to keep fixed')
+            raise UsageError(f'--freeze {cfg.freeze} needs --init{cfg.freeze} PATH, '
+                             'the trained net to keep fixed')
     for i, path in enumerate((cfg.init1, cfg.init2)):
         if path and not Path(path).is_file():
-            raise UsageError(f'--init{i + 1} {path}: no such file; give a last.pt or best.pt of an earlier run')
+            raise UsageError(f'--init{i + 1} {path}: no such file; '
+                             'give a last.pt or best.pt of an earlier run')
     for flag in ('epochs', 'batch_size', 'lr', 'width'):
         if not getattr(cfg, flag) > 0:
-            raise UsageError(f'--{flag.replace("_", "-")} must be positive, got {getattr(cfg, flag)}')
+            raise UsageError(f'--{flag.replace("_", "-")} must be positive, '
+                             f'got {getattr(cfg, flag)}')
     for flag in ('momentum', 'weight_decay', 'l2_weight', 'adv_weight', 'bn_recalib'):
         if getattr(cfg, flag) < 0:
-            raise UsageError(f'--{flag.replace("_", "-")} must not be negative, got {getattr(cfg, flag)}')
+            raise UsageError(f'--{flag.replace("_", "-")} must not be negative, '
+                             f'got {getattr(cfg, flag)}')
     if cfg.temperature is None:
         cfg.temperature = 4.0 if cfg.method in ('kd', 'fitnet') else 1.0
     if not cfg.temperature > 0:
@@ -1516,11 +1708,13 @@ def check_args(cfg):
     longest = min(cfg.epochs, cfg.hint_epochs or cfg.epochs)  # each stage warms up on its own
     if not 0 <= cfg.warmup_epochs <= longest:
         raise UsageError(f'--warmup-epochs must be 0 … {longest} (at most --epochs'
-                         + (' and --hint-epochs' if cfg.hint_epochs else '') + f'), got {cfg.warmup_epochs}')
+                         + (' and --hint-epochs' if cfg.hint_epochs else '')
+                         + f'), got {cfg.warmup_epochs}')
     if cfg.method in ('kd', 'fitnet'):
         if not cfg.teacher or not Path(cfg.teacher).is_file():
-            raise UsageError(f'--method {cfg.method} needs --teacher PATH, a checkpoint of a trained teacher '
-                             f'(got {cfg.teacher}); train one first, e.g. --method independent')
+            raise UsageError(f'--method {cfg.method} needs --teacher PATH, '
+                             f'a checkpoint of a trained teacher (got {cfg.teacher}); '
+                             f'train one first, e.g. --method independent')
     elif cfg.teacher:
         raise UsageError('--teacher goes with --method kd or fitnet')
     try:  # the nets on the CPU: cheap, and before anything is loaded or written
@@ -1536,60 +1730,74 @@ def check_args(cfg):
     check_device(cfg)
     if cfg.interpolate:
         return cfg
-    cfg.out = cfg.out or f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}_seed{cfg.seed}'
+    cfg.out = cfg.out or (f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}'
+                          f'_seed{cfg.seed}')
     check_out(cfg)
     return cfg
 
 
 def check_device(cfg):
-    """--device (default: cuda if there is one), --fast auto → on or off, --sync-bn only under torchrun on GPUs."""
+    """--device (default: cuda if there is one), --fast auto → on or off, --sync-bn only under
+    torchrun on GPUs."""
     cfg.device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         dev = torch.device(cfg.device)
     except RuntimeError:
-        raise UsageError(f'--device {cfg.device!r} is not a device; use cuda, cuda:N or cpu') from None
+        raise UsageError(f'--device {cfg.device!r} is not a device; '
+                         'use cuda, cuda:N or cpu') from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f'--device {cfg.device}: no CUDA GPU is visible; use --device cpu')
     if cfg.fast == 'on' and dev.type != 'cuda':
-        raise UsageError('--fast on needs a CUDA device (CUDA graphs, bf16); use --fast off on the CPU')
-    cfg.fast = 'on' if cfg.fast == 'auto' and dev.type == 'cuda' else 'off' if cfg.fast == 'auto' else cfg.fast
+        raise UsageError('--fast on needs a CUDA device (CUDA graphs, bf16); '
+                         'use --fast off on the CPU')
+    cfg.fast = ('on' if cfg.fast == 'auto' and dev.type == 'cuda'
+                else 'off' if cfg.fast == 'auto' else cfg.fast)
     if cfg.sync_bn and (dev.type != 'cuda' or int(os.environ.get('WORLD_SIZE', 1)) < 2):
-        raise UsageError('--sync-bn needs several GPU processes: launch with torchrun --nproc_per_node=N on GPUs')
+        raise UsageError('--sync-bn needs several GPU processes: '
+                         'launch with torchrun --nproc_per_node=N on GPUs')
 
 
 def check_out(cfg):
-    """--out must be writable; a finished run there is never overwritten without --force, an unfinished one is
-    continued only with --resume and the same settings, on the same kind of device."""
+    """--out must be writable; a finished run there is never overwritten without --force, an
+    unfinished one is continued only with --resume and the same settings, on the same kind of
+    device."""
     out = Path(cfg.out)
     existing = next(p for p in [out, *out.parents] if p.exists())  # check now, write nothing yet
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f'--out {out} cannot be written ({existing} is not a writable directory); choose another')
+        raise UsageError(f'--out {out} cannot be written ({existing} is not a writable directory); '
+                         'choose another')
     if cfg.resume and cfg.force:
         raise UsageError('--resume and --force contradict each other: pick one')
     if cfg.resume and (out / 'summary.json').exists():
         raise UsageError(f'--out {out} holds a finished run: nothing to resume')
     if cfg.resume and (out / 'last.pt').exists():
         saved = load_checkpoint(out / 'last.pt').get('config', {})
-        saved.setdefault('warmup_epochs', 0)  # checkpoints written before the warm-up existed had none
+        # checkpoints written before the warm-up existed had none
+        saved.setdefault('warmup_epochs', 0)
         differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differ:
             k = differ[0]
             raise UsageError(f'--resume: {out}/last.pt was written with {k}={saved.get(k)!r}, not '
-                             f'{getattr(cfg, k)!r}; resume with the same settings or use another --out')
+                             f'{getattr(cfg, k)!r}; resume with the same settings '
+                             'or use another --out')
         was = torch.device(saved.get('device', 'cpu')).type
-        if was != torch.device(cfg.device).type:  # the data order's random generator is the device's own
-            raise UsageError(f'--resume: {out}/last.pt was written on {was}, this run is on {cfg.device}; '
+        # the data order's random generator is the device's own
+        if was != torch.device(cfg.device).type:
+            raise UsageError(f'--resume: {out}/last.pt was written on {was}, '
+                             f'this run is on {cfg.device}; '
                              f'resume it with --device {was} (or start over with --force)')
     elif not cfg.force:
         if (out / 'summary.json').exists():
-            raise UsageError(f'--out {out} already holds a finished run; use --force to overwrite it or another '
-                             f'--out')
+            raise UsageError(f'--out {out} already holds a finished run; '
+                             f'use --force to overwrite it or another --out')
         if (out / 'last.pt').exists():
-            raise UsageError(f'--out {out} holds an unfinished run; --resume continues it, --force starts over')
+            raise UsageError(f'--out {out} holds an unfinished run; '
+                             '--resume continues it, --force starts over')
 
 
 def main(argv=None):
-    """The command line; returns the exit status: 0 done, 1 diverged, 2 bad input, 128 + N stopped by signal N."""
+    """The command line; returns the exit status: 0 done, 1 diverged, 2 bad input, 128 + N stopped
+    by signal N."""
     try:
         cfg = parse_args(argv)
         if cfg.interpolate:
@@ -1597,8 +1805,9 @@ def main(argv=None):
         else:
             summary = train(cfg)
             if not distributed() or dist.get_rank() == 0:
-                print(json.dumps({k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy', 'best_accuracy',
-                                                          'cross', 'ensemble', 'feature_distance', 'wall_s')}))
+                print(json.dumps({k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy',
+                                                          'best_accuracy', 'cross', 'ensemble',
+                                                          'feature_distance', 'wall_s')}))
         return 0
     except UsageError as e:
         print(f'xml_ref.py: error: {e}', file=sys.stderr)
