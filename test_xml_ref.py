@@ -1318,6 +1318,21 @@ def test_gan_discriminator_learns_only_from_its_own_loss():
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
 
+def test_xml_gan_up_halves_learn_to_pass_for_the_other_net():
+    """D labels net 1's feature 1 and net 2's 0 (discriminator_loss), so up_1 as a generator is pulled toward
+    D(up_1(x)) = 0 and up_2 toward 1: L_i = L_i^xml + w·BCE(D(up_i(x)), label of net j)."""
+    models, x, y = pair_setup(seed=8)
+    torch.manual_seed(0)
+    disc = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+    out = X.run_paths(halves(models), x, X.all_paths(2, 2))
+    gan = X.xml_gan_losses(out, y, 2, 2, [0, 1], disc, adv_weight=0.5)
+    plain = X.xml_losses(out, y, 2, 2, [0, 1])
+    for i, other_label in ((0, 0.0), (1, 1.0)):
+        d = disc(out[(i,)]).squeeze(1)
+        bce = -(other_label * F.logsigmoid(d) + (1 - other_label) * F.logsigmoid(-d)).mean()
+        torch.testing.assert_close(gan[i] - plain[i], 0.5 * bce)
+
+
 @pytest.mark.parametrize('method', ['xml+disc', 'xml+gan'])
 def test_cli_discriminator_experiments_run(method, tmp_path, capsys):
     code, cap = run_cli(['--pair', 'res18,mbv1', '--method', method, *TINY, '--out', str(tmp_path / 'r')], capsys)

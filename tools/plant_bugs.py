@@ -35,7 +35,7 @@ M = [  # (name, file, old, new, -k expression)
  ('l2 weight ignored', 'xml_ref.py', "losses[i] = losses[i] + l2_weight * l2 / ((K - 1) * (P - 1))", "losses[i] = losses[i] + l2 / ((K - 1) * (P - 1))", 'xml_l2'),
  ('l2 summed over cuts', 'xml_ref.py', "losses[i] = losses[i] + l2_weight * l2 / ((K - 1) * (P - 1))", "losses[i] = losses[i] + l2_weight * l2 / (K - 1)", 'xml_l2'),
  ('synthesis labels flipped', 'xml_ref.py', "synthesis_loss(scores[(i, i)], scores[(j, i)],", "synthesis_loss(scores[(j, i)], scores[(i, i)],", 'xml_disc or adversarial'),
- ('discriminator trains the up-halves', 'xml_ref.py', "discriminator_loss(d(out[(0,)].detach()).squeeze(1),", "discriminator_loss(d(out[(0,)]).squeeze(1),", 'gan or descends'),
+ ('generator aims at its own label', 'xml_ref.py', "                                                            i == 1)", "                                                            i == 0)", 'gan'),
  ('hint stage skips the regressor', 'xml_ref.py', "loss = hint_loss(regressor(student_up(x)), teacher_feature)", "loss = hint_loss(student_up(x), teacher_feature)", 'hint'),
  ('crop rows only 0..2pad-1', 'xml_ref.py', "top = torch.randint(0, 2 * pad + 1, (n, 1)", "top = torch.randint(0, 2 * pad, (n, 1)", 'augment'),
  ('crop cols start at 1', 'xml_ref.py', "left = torch.randint(0, 2 * pad + 1, (n, 1)", "left = torch.randint(1, 2 * pad + 1, (n, 1)", 'augment'),
