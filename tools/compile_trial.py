@@ -76,52 +76,20 @@ def parse_args(argv=None):
     return args
 
 
-class Step:
-    """What xml_ref.TrainStep does around xml_ref.train_step, restated here so that the trial does
-    not hang on TrainStep's constructor (refactored as this is written): copy the batch into fixed
-    buffers, normalise it, run train_step under bf16 autocast, sum each net's loss on the device.
-    `fn` is what a call runs, the eager step() or a compiled one; with graph: `warmup` real steps
-    on a side stream, then one CUDA-graph capture of fn, replayed for every later batch."""
+class Step(X.TrainStep):
+    """xml_ref.TrainStep around xml_ref.train_step, whose step can be swapped: use(fn) makes a call run
+    `fn` (the eager step or a compiled one) instead of the eager step, with graph: `warmup` real steps,
+    then one CUDA-graph capture of fn, replayed for every later batch (TrainStep's own logic)."""
 
     def __init__(self, parts, opts, method, mean, std, batch_shape, dev, bf16, channels_last,
                  warmup=3):
-        self.parts, self.opts, self.method = parts, opts, method
-        self.bf16, self.warmup = bf16, warmup
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean, self.std = torch.tensor(mean, device=dev), torch.tensor(std, device=dev)
-        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=dev)
-        self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=dev)
-        self.loss_sum = {i: torch.zeros((), device=dev) for i in range(len(opts))}
-        self.use(self.step)
-
-    def step(self):
-        x = X.normalize(self.images, self.mean, self.std, self.memory_format)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            losses = X.train_step(self.parts, self.opts, x, self.labels, self.method)
-        for i, loss in losses.items():
-            self.loss_sum[i] += loss
+        def step_fn(x, labels):
+            return X.train_step(parts, opts, x, labels, method)
+        super().__init__(step_fn, list(range(len(opts))), mean, std, batch_shape, dev, bf16=bf16,
+                         channels_last=channels_last, warmup=warmup)
 
     def use(self, fn, graph=False):
-        self.fn, self.graph, self.captured, self.calls = fn, graph, None, 0
-
-    def __call__(self, images, labels):
-        self.images.copy_(images)
-        self.labels.copy_(labels)
-        self.calls += 1
-        if not self.graph:
-            return self.fn()
-        if self.captured is None and self.calls <= self.warmup:  # capture wants real steps first
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.fn()
-            torch.cuda.current_stream().wait_stream(side)
-            return
-        if self.captured is None:
-            self.captured = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.captured):
-                self.fn()  # recorded, not run
-        self.captured.replay()
+        self.step, self.graph, self.captured, self.calls = fn, graph, None, 0
 
 
 class Trial:
