@@ -1093,6 +1093,8 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
     fake_summary(runs, 'xml_warm0', warmup_epochs=0, cross=((10.0, 11.0), (12.0, 13.0)))
     fake_summary(runs, 'xml_recalib', bn_recalib=4, recalib={'cross': [[70.0, 71.0], [72.0, 73.0]]})
     fake_summary(runs, 'dml', method='dml', cross=((66.0, 6.0), (7.0, 55.0)))
+    fake_summary(runs, 'xml_r1', paths_per_step=1, cross=((1.0, 2.0), (3.0, 4.0)))
+    fake_summary(runs, 'xml_cut2', cut='layer2', cross=((5.0, 6.0), (7.0, 8.0)))
     R.report(runs, tmp_path / 'out')
     md = (tmp_path / 'out' / 'RESULTS.md').read_text()
     rows = {}  # the first line of each label: its row of the accuracy table
@@ -1102,15 +1104,19 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
     # the two seeds are one row: mean ± sample std over n = 2
     assert rows['xml'].startswith('| xml | 61.00 ± 1.41 / 62.00 ± 1.41 | 31.00 ± 1.41 / 32.00 ± 1.41 |')
     assert rows['xml'].endswith('| 2 |')
+    assert '| xml, 1 crossed paths a step | 1.00 / 2.00 | 4.00 / 5.00 |' in md
+    assert '## res18,mbv1, cut layer2, folder, 8 epochs, width 16' in md  # another cut: another table
+    assert '| xml | 5.00 / 6.00 | 8.00 / 9.00 |' in md
     for label in ('xml, sequential update', 'xml, warm-up 0 epochs', 'xml, BN recalibrated on 4 batches', 'dml'):
-        lines = sum(line.startswith(f'| {label} |') for line in md.split('## Runs')[0].splitlines())
+        lines = sum(line.startswith(f'| {label} |') for line in md.split('## res18,mbv1, cut layer2')[0].splitlines())
         assert lines == (3 if 'recalib' in label else 2), label  # accuracy, cross pairings (, recalibrated)
     cross = [line for line in md.splitlines() if line.startswith('| dml | 66.00 |')]
     assert cross == ['| dml | 66.00 | 7.00 | 6.00 | 55.00 |']  # up1→down1, up2→down1, up1→down2, up2→down2
     assert '| xml, BN recalibrated on 4 batches | 70.00 | 72.00 | 71.00 | 73.00 |' in md
     assert 'Shared by these runs:' in md and 'simultaneous update' not in md.split('Shared by these runs:')[1][:200]
     results = json.loads((tmp_path / 'out' / 'results.json').read_text())
-    assert set(results['runs']) == {'xml_s0', 'xml_s1', 'xml_seq', 'xml_warm0', 'xml_recalib', 'dml'}
+    assert set(results['runs']) == {'xml_s0', 'xml_s1', 'xml_seq', 'xml_warm0', 'xml_recalib', 'dml', 'xml_r1',
+                                    'xml_cut2'}
     pooled = next(r for r in results['rows'] if r['label'] == 'xml')
     assert pooled['seeds'] == [0, 1] and pooled['accuracy'][0] == pytest.approx([61.0, math.sqrt(2)])
 
@@ -1162,7 +1168,8 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
                                                                            'xml+l2', 'kd', 'fitnet')}
     assert set(results['runs']) == names
     for pair in ('res18,mbv1', 'res18,res34'):
-        assert f'## {pair}, synthetic, 1 epoch, width 8' in md
+        cut = 'layer3' if 'mbv1' in pair else 'layer2'
+        assert f'## {pair}, cut {cut}, synthetic, 1 epoch, width 8' in md
         assert f'| xml (mean) |' in md
     for name in ('res18-mbv1_xml', 'res18-res34_xml', 'res18-res34_xml-mean'):
         run = results['runs'][name]

@@ -470,7 +470,7 @@ def routed_backward(losses, optimizers):
     """Gradient routing (SPEC §3): L_i is differentiated with respect to the parameters of
     optimizers[i] only. In z_12, L_1 so trains up_1 through a fixed down_2 and L_2 trains down_2 on
     a fixed up_1 feature; one backward of L_1 + L_2 would be wrong (it would train down_2 on L_1
-    too). Then step each optimizer."""
+    too). The caller then steps each optimizer: for opt in optimizers: opt.step()."""
     for n, (loss, opt) in enumerate(zip(losses, optimizers)):
         opt.zero_grad(set_to_none=True)
         params = [p for group in opt.param_groups for p in group['params']]
@@ -1071,7 +1071,7 @@ def progress_line(rec, total_epochs, seconds_left):
 RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature',
                'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs',
                'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width',
-               'bn_recalib')
+               'bn_recalib', 'fast', 'sync_bn')
 
 
 class Stopped(Exception):
@@ -1188,8 +1188,19 @@ def set_up(cfg):
     if cfg.batch_size > len(data.train_x):
         raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} '
                          'training images')
+    problem = None
     if rank == 0:
-        prepare_out(Path(cfg.out), cfg.force)
+        try:
+            prepare_out(Path(cfg.out), cfg.force)
+        except UsageError as e:
+            problem = e
+    if world > 1:  # every rank stops on rank 0's problem, or the others would wait for it forever
+        failed = torch.tensor([problem is not None], device=dev)
+        dist.broadcast(failed, 0)
+        problem = problem or (UsageError(f'--out {cfg.out}: rank 0 could not prepare it')
+                              if failed.item() else None)
+    if problem:
+        raise problem
     fast = cfg.fast == 'on'
     fmt = torch.channels_last if fast else torch.contiguous_format
     # fixed shapes: let cuDNN time its kernels once and keep the fastest
@@ -1675,8 +1686,9 @@ def check_args(cfg):
     if cfg.paths_per_step is not None:
         crossed = K ** P - K
         if cfg.method not in ('xml', 'xml+l2') or not 1 <= cfg.paths_per_step <= crossed:
-            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 (the others train '
-                             f'every path) and must be 1 … {crossed}, the crossed paths of {K} '
+            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 (independent, '
+                             f'kd, fitnet and dml train only the pure paths, xml+disc and xml+gan '
+                             f'need all four) and must be 1 … {crossed}, the crossed paths of {K} '
                              f'nets in {P} parts; got {cfg.paths_per_step}')
     if cfg.freeze:
         if cfg.method in ('kd', 'fitnet') or K != 2:

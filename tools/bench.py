@@ -113,12 +113,12 @@ def bench(out_dir, device='cuda', fresh=False):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [] if fresh or not (out_dir / 'bench.json').exists() else json.loads((out_dir / 'bench.json').read_text())
-    done = {(r['loop'], r['method'], r['pair'], r['batch']) for r in rows}
+    done = {(r['loop'], r['method'], r['pair'], r['batch'], r['device'], r['torch']) for r in rows}
     configs = [(pair, method, batch, loop) for pair in (['res18', 'res34'], ['res18', 'mbv1'])
                for method in ('xml', 'dml', 'independent') for batch in (128, 512) for loop in ('usual', 'ours')]
     configs += [(['res18', 'res34'], 'xml', batch, 'ours-eager') for batch in (128, 512)]  # what the graph buys
     for pair, method, batch, loop in configs:
-        if (loop, method, ','.join(pair), batch) in done:
+        if (loop, method, ','.join(pair), batch, stamp['device'], stamp['torch']) in done:
             continue
         steps = max(10, 4_000 // batch) if loop == 'usual' else max(20, 12_000 // batch)
         img_per_s, flops = bench_loop(loop, pair, method, batch, data, dev, steps)
@@ -149,9 +149,9 @@ def bench_table(rows):
              'part run); FLOP fraction: img/s × GFLOP/img over the measured matmul rate.', '',
              '| pair | method | batch | usual img/s | ours img/s | speed-up | GFLOP/img | ours FLOP fraction | date |',
              '|---|---|---|---|---|---|---|---|---|']
-    usual = {(r['pair'], r['method'], r['batch']): r for r in rows if r['loop'] == 'usual'}
-    for r in rows:
-        u = usual.get((r['pair'], r['method'], r['batch']))
+    usual = {(r['pair'], r['method'], r['batch'], r['device']): r for r in rows if r['loop'] == 'usual'}
+    for r in rows:  # the speed-up compares two loops on the same device only
+        u = usual.get((r['pair'], r['method'], r['batch'], r['device']))
         if r['loop'] == 'ours':
             lines.append(f'| {r["pair"]} | {r["method"]} | {r["batch"]} | '
                          + (f'{u["img_per_s"]:,.0f}' if u else '–') + f' | {r["img_per_s"]:,.0f} | '

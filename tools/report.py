@@ -42,7 +42,10 @@ SETTINGS = {'path_weights': ('sum', 'sum', lambda v: f'{v} over paths'),
             'weight_decay': (5e-4, 5e-4, lambda v: f'weight decay {v:g}'),
             'bn_recalib': (0, 0, lambda v: f'BN recalibrated on {v} batches' if v else 'no BN recalibration'),
             'fast': ('off', 'off', lambda v: 'bf16 + CUDA graph' if v == 'on' else 'fp32'),
-            'sync_bn': (False, False, lambda v: 'SyncBatchNorm' if v else 'per-process BatchNorm')}
+            'processes': (1, 1, lambda v: f'{v} process' + ('es' if v != 1 else '')),
+            'sync_bn': (False, False, lambda v: 'SyncBatchNorm' if v else 'per-process BatchNorm'),
+            'init': ({'1': None, '2': None}, {'1': None, '2': None},
+                     lambda v: ', '.join(f'net {k} from {p}' for k, p in v.items() if p) or 'fresh nets')}
 XML_FAMILY = ('xml', 'xml+l2', 'xml+disc', 'xml+gan')
 # Only where the method uses them: T for the KL methods, λ for xml+l2, … (independent has no T to differ in).
 USES = {'path_weights': XML_FAMILY, 'temperature': ('kd', 'fitnet', 'dml') + XML_FAMILY, 'l2_weight': ('xml+l2',),
@@ -50,9 +53,17 @@ USES = {'path_weights': XML_FAMILY, 'temperature': ('kd', 'fitnet', 'dml') + XML
         'frozen': ('independent', 'dml') + XML_FAMILY}  # kd and fitnet freeze their teacher by definition
 
 
+def applies(summary, key):
+    """Whether the run's method has the setting (independent has no temperature, …)."""
+    return summary['method'] in USES.get(key, X.METHODS)
+
+
 def setting(summary, key):
-    """The run's value of a setting; None where its method has no such setting."""
-    return summary.get(key, SETTINGS[key][0]) if summary['method'] in USES.get(key, X.METHODS) else None
+    """The run's value of a setting (None is a value: e.g. all paths a step); NA where it has none."""
+    return summary.get(key, SETTINGS[key][0]) if applies(summary, key) else NA
+
+
+NA = object()  # a setting the run's method does not have
 
 
 def default(method, key):
@@ -92,21 +103,22 @@ def load_runs(runs_dir):
 def rows_of(group):
     """The group's runs as rows: one per setting (seeds pooled), each with its label and its runs."""
     varying = [k for k in SETTINGS if len({json.dumps(setting(s, k)) for s in group.values()
-                                           if setting(s, k) is not None}) > 1]
+                                           if applies(s, k)}) > 1]
     rows = {}
     for name, s in group.items():
-        key = (s['method'],) + tuple(json.dumps(setting(s, k)) for k in SETTINGS)
+        key = (s['method'],) + tuple(json.dumps(setting(s, k)) if applies(s, k) else '-' for k in SETTINGS)
         rows.setdefault(key, []).append(name)
     table = []
     for key in rows:
         first = group[rows[key][0]]
         extras = [SETTINGS[k][2](setting(first, k)) for k in varying
-                  if k != 'path_weights' and setting(first, k) not in (None, default(first['method'], k))]
+                  if k != 'path_weights' and applies(first, k)
+                  and setting(first, k) != default(first['method'], k)]
         label = first['method'] + (f' ({first["path_weights"]})' if setting(first, 'path_weights') == 'mean' else '')
         table.append({'label': label + (', ' + ', '.join(extras) if extras else ''), 'method': first['method'],
                       'runs': sorted(rows[key]), 'seeds': sorted(group[r]['seed'] for r in rows[key]),
                       'order': (X.METHODS.index(first['method']), label, len(extras))})
-    table.sort(key=lambda row: row.pop('order') + (row['label'],))  # by method, then the recipe's own first
+    table.sort(key=lambda row: row.pop('order'))  # by method, then the recipe's own setting first
     return table, varying
 
 
@@ -117,10 +129,10 @@ def shared_settings(group, varying):
     for k in SETTINGS:
         if k in varying:
             continue
-        values = [setting(s, k) for s in group.values() if setting(s, k) is not None]
+        values = [setting(s, k) for s in group.values() if applies(s, k)]
         if values:
             words.append(SETTINGS[k][2](values[0]))
-    return f'{some["dataset"]}, cut {some["cut"]}; ' + ', '.join(words)
+    return ', '.join(words)
 
 
 def report(runs_dir, out_dir, name='RESULTS'):
@@ -133,14 +145,15 @@ def report(runs_dir, out_dir, name='RESULTS'):
              'reports one.', '']
     groups = {}
     for run, s in runs.items():
-        groups.setdefault((s['pair'], s['dataset'], s['epochs'], s['width']), {})[run] = s
+        groups.setdefault((s['pair'], s['cut'], s['dataset'], s['epochs'], s['width']), {})[run] = s
     json_rows = []
-    for (pair, dataset, epochs, width), group in groups.items():
+    for (pair, cut, dataset, epochs, width), group in groups.items():
         table, varying = rows_of(group)
         deck = DECK.get(pair) if dataset == 'cifar100' else None  # the deck's numbers are CIFAR-100's
         deck = deck or {'accuracy': {}, 'cross': None, 'feature_distance': {}}
         nets = next(iter(group.values()))['nets']
-        lines += [f'## {pair}, {dataset}, {epochs} epoch{"s" if epochs != 1 else ""}, width {width}', '',
+        lines += [f'## {pair}, cut {cut}, {dataset}, {epochs} epoch{"s" if epochs != 1 else ""}, '
+                  f'width {width}', '',
                   f'Shared by these runs: {shared_settings(group, varying)}.', '',
                   '| method | ' + ' | '.join(f'net {i + 1}: {n}' for i, n in enumerate(nets)) +
                   ' | ensemble | feature distance | n |', '|---' * (len(nets) + 4) + '|']
