@@ -51,7 +51,7 @@ for pair in res18,mbv1 res18,res34; do
     train "${name}_$method" --pair "$pair" --method "$method" --teacher "$runs/${name}_independent/last.pt"
   done
   for run in xml xml-mean xml+l2; do
-    [ -f "$runs/${name}_$run/interpolation.csv" ] || "$PY" xml_ref.py --interpolate "$runs/${name}_$run"
+    [ -f "$runs/${name}_$run/interpolation.csv" ] || "$PY" tools/interpolate.py "$runs/${name}_$run"
   done
 done
 "$PY" tools/report.py "$runs" --out "$results"

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch.distributions import Categorical, kl_divergence
 
 import xml_ref as X
-from tools import bench as B, report as R
+from tools import bench as B, interpolate as I, report as R
 
 HERE = Path(__file__).resolve().parent
 FAST = settings(max_examples=25, deadline=None)
@@ -875,6 +875,13 @@ def run_cli(args, capsys):
         code = e.code
     return code, capsys.readouterr()
 
+
+def test_interpolate_tool_refuses_a_folder_without_a_run_in_one_line(tmp_path, capsys):
+    (tmp_path / 'keep.txt').write_text('mine')
+    assert I.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'no last.pt' in err and 'interpolate.py: error:' in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.txt']  # nothing written
 
 def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
     out = tmp_path / 'xml'

@@ -8,9 +8,9 @@ up_2 → down_1, so each up-half must feed both down-halves and each down-half m
 up-halves. Notation: z_ab = down_b(up_a(x)); z_11, z_22 are the pure nets, z_12, z_21 the crossed
 paths.
 
-The file reads top to bottom like a method section:
-    config → data → models → splitter → losses → training step → evaluation
-    → training run → interpolation and report → benchmark → CLI.
+The file reads top to bottom like a method section: the method (config → data → models →
+splitter → losses → training step → evaluation), then speed and scale (changes how, not what),
+cost, and I/O (the training run, the CLI). Measurement that is not the method lives in tools/.
 
     python xml_ref.py --pair res18,res34 --method xml        # CIFAR-100 with the standard recipe
     python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
@@ -690,83 +690,6 @@ def set_lr(optimizer, lr):
             group['lr'] = lr
 
 
-# --------------------------------------------------------- speed and scale: changes how, not what
-class TrainStep:
-    """A training step function on batches of one shape: normalise the augmented uint8 images, call
-    step_fn(x, labels) → {learner: loss} (train_step or hint_step, bound to their nets and
-    optimizers), and sum each learner's loss on the device (loss_sum, so nothing waits for the
-    host). The plain path as it stands; the fast path for the GPU (all three flags on) changes how,
-    not what, it computes:
-    - channels_last: the layout tensor-core convolutions read fastest (normalize() yields it for
-      free);
-    - bf16: autocast for convolutions and matrix products; losses, BatchNorm statistics and weights
-      stay fp32;
-    - graph: after `warmup` real steps, the whole step (the forward of every path, the routed
-      backward passes, the optimizers, the BatchNorm updates) is captured once in a CUDA graph and
-      replayed for every later batch: one launch instead of thousands, which is what bounds these
-      nets at batch 128. The learning rate then lives in a device tensor that set_lr() fills, and
-      optimizers should be fused (one kernel). step_fn must then run the same kernels every step (no
-      sampled paths).
-    Every batch must have the shape given here: the training loop drops the last partial batch."""
-
-    def __init__(self, step_fn, learners, mean, std, batch_shape, device, *, graph=False,
-                 bf16=False, channels_last=False, warmup=3):
-        self.step_fn, self.graph, self.bf16, self.warmup = step_fn, graph, bf16, warmup
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-        # the captured step's input
-        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
-        self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
-        self.loss_sum = {k: torch.zeros((), device=device) for k in learners}
-        # the first step of the epoch (1-based; 0: none) whose loss was not finite, found without a
-        # host sync
-        self.first_bad = {k: torch.zeros((), dtype=torch.int64, device=device) for k in learners}
-        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)
-        self.captured, self.calls = None, 0
-
-    def step(self):
-        x = normalize(self.images, self.mean, self.std, self.memory_format)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            losses = self.step_fn(x, self.labels)
-        self.steps_done += 1
-        for k, loss in losses.items():
-            self.loss_sum[k] += loss
-            self.first_bad[k].copy_(torch.where((self.first_bad[k] == 0) & ~torch.isfinite(loss),
-                                                self.steps_done, self.first_bad[k]))
-
-    def new_epoch(self):
-        for total in [*self.loss_sum.values(), *self.first_bad.values(), self.steps_done]:
-            total.zero_()
-
-    def __call__(self, images, labels):
-        self.images.copy_(images)
-        self.labels.copy_(labels)
-        self.calls += 1
-        if not self.graph:
-            return self.step()
-        # real steps; capture wants them on a side stream
-        if self.captured is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.step()
-            torch.cuda.current_stream().wait_stream(side)
-            return
-        if self.captured is None:
-            self.captured = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.captured):
-                self.step()  # recorded, not run
-        self.captured.replay()
-
-
-def graph_lr(optimizers, device):
-    """Make each optimizer's learning rate a device tensor: a replayed CUDA graph reads it from
-    memory."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group['lr'] = torch.tensor(float(group['lr']), device=device)
-
-
 # ------------------------------------------------------------------------------------- evaluation
 def path_name(path):
     """'1-2' for the 0-based path (0, 1): up-half of net 1, then down-half of net 2."""
@@ -863,6 +786,111 @@ def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=
     return path_table(acc, K, P)
 
 
+ALPHAS = [round(-1 + 0.1 * k, 1) for k in range(31)]  # −1.0, −0.9, …, 2.0
+
+
+@torch.no_grad()
+def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast=False,
+                  classes=None):
+    """The deck's up-half study (SPEC §4): top-1 (%) of each down-half b fed
+    h(a) = a·up_1(x) + (1−a)·up_2(x), for each a in alphas; a = 1 gives the cross pairings of
+    up_1, a = 0 those of up_2. Returns [{'alpha': a, 'down1': …, 'down2': …}, …]."""
+    dev = next(parts[0][0].parameters()).device
+    correct = torch.zeros(len(alphas), 2, device=dev, dtype=torch.int64)
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    with eval_mode([part for net in parts for part in net]), \
+            torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+        for s in range(0, len(images), batch_size):
+            x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
+            y = labels[s:s + batch_size].to(dev)
+            f1, f2 = parts[0][0](x), parts[1][0](x)
+            for k, a in enumerate(alphas):
+                h = a * f1 + (1 - a) * f2
+                correct[k] += torch.stack([(parts[b][1](h)[:, :classes].argmax(1) == y).sum()
+                                           for b in range(2)])
+    return [{'alpha': a, 'down1': 100.0 * c[0] / len(images), 'down2': 100.0 * c[1] / len(images)}
+            for a, c in zip(alphas, correct.tolist())]
+
+
+# --------------------------------------------------------- speed and scale: changes how, not what
+class TrainStep:
+    """A training step function on batches of one shape: normalise the augmented uint8 images, call
+    step_fn(x, labels) → {learner: loss} (train_step or hint_step, bound to their nets and
+    optimizers), and sum each learner's loss on the device (loss_sum, so nothing waits for the
+    host). The plain path as it stands; the fast path for the GPU (all three flags on) changes how,
+    not what, it computes:
+    - channels_last: the layout tensor-core convolutions read fastest (normalize() yields it for
+      free);
+    - bf16: autocast for convolutions and matrix products; losses, BatchNorm statistics and weights
+      stay fp32;
+    - graph: after `warmup` real steps, the whole step (the forward of every path, the routed
+      backward passes, the optimizers, the BatchNorm updates) is captured once in a CUDA graph and
+      replayed for every later batch: one launch instead of thousands, which is what bounds these
+      nets at batch 128. The learning rate then lives in a device tensor that set_lr() fills, and
+      optimizers should be fused (one kernel). step_fn must then run the same kernels every step (no
+      sampled paths).
+    Every batch must have the shape given here: the training loop drops the last partial batch."""
+
+    def __init__(self, step_fn, learners, mean, std, batch_shape, device, *, graph=False,
+                 bf16=False, channels_last=False, warmup=3):
+        self.step_fn, self.graph, self.bf16, self.warmup = step_fn, graph, bf16, warmup
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+        # the captured step's input
+        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
+        self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
+        self.loss_sum = {k: torch.zeros((), device=device) for k in learners}
+        # the first step of the epoch (1-based; 0: none) whose loss was not finite, found without a
+        # host sync
+        self.first_bad = {k: torch.zeros((), dtype=torch.int64, device=device) for k in learners}
+        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)
+        self.captured, self.calls = None, 0
+
+    def step(self):
+        x = normalize(self.images, self.mean, self.std, self.memory_format)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            losses = self.step_fn(x, self.labels)
+        self.steps_done += 1
+        for k, loss in losses.items():
+            self.loss_sum[k] += loss
+            self.first_bad[k].copy_(torch.where((self.first_bad[k] == 0) & ~torch.isfinite(loss),
+                                                self.steps_done, self.first_bad[k]))
+
+    def new_epoch(self):
+        for total in [*self.loss_sum.values(), *self.first_bad.values(), self.steps_done]:
+            total.zero_()
+
+    def __call__(self, images, labels):
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.calls += 1
+        if not self.graph:
+            return self.step()
+        # real steps; capture wants them on a side stream
+        if self.captured is None and self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        if self.captured is None:
+            self.captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.captured):
+                self.step()  # recorded, not run
+        self.captured.replay()
+
+
+def graph_lr(optimizers, device):
+    """Make each optimizer's learning rate a device tensor: a replayed CUDA graph reads it from
+    memory."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group['lr'] = torch.tensor(float(group['lr']), device=device)
+
+
+# ------------------------------------------------------------------------------------------- cost
+# The deck's "Dynamic Computation" (SPEC §5): what each path costs, to pick one by budget.
 def forward_flops(module, x):
     """(FLOPs of one forward of `module` on x, its output): 2 × the multiply-adds of its
     convolutions and linear layers, counted from their shapes (BatchNorm, ReLU and pooling are left
@@ -952,29 +980,6 @@ def cost_table(rows):
               f'{r["gflops"]:9.3f}  {r["latency_ms_b1"]:6.2f}  {r["latency_ms_b128"]:6.2f}  '
               f'{"*" if r["pareto"] else ""}' for r in rows]
     return '\n'.join(lines)
-
-
-@torch.no_grad()
-def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast=False,
-                  classes=None):
-    """The deck's up-half study (SPEC §4): top-1 (%) of each down-half b fed
-    h(a) = a·up_1(x) + (1−a)·up_2(x), for each a in alphas; a = 1 gives the cross pairings of
-    up_1, a = 0 those of up_2. Returns [{'alpha': a, 'down1': …, 'down2': …}, …]."""
-    dev = next(parts[0][0].parameters()).device
-    correct = torch.zeros(len(alphas), 2, device=dev, dtype=torch.int64)
-    fmt = torch.channels_last if fast else torch.contiguous_format
-    with eval_mode([part for net in parts for part in net]), \
-            torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-        for s in range(0, len(images), batch_size):
-            x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
-            y = labels[s:s + batch_size].to(dev)
-            f1, f2 = parts[0][0](x), parts[1][0](x)
-            for k, a in enumerate(alphas):
-                h = a * f1 + (1 - a) * f2
-                correct[k] += torch.stack([(parts[b][1](h)[:, :classes].argmax(1) == y).sum()
-                                           for b in range(2)])
-    return [{'alpha': a, 'down1': 100.0 * c[0] / len(images), 'down2': 100.0 * c[1] / len(images)}
-            for a, c in zip(alphas, correct.tolist())]
 
 
 # ----------------------------------------------------------------------------------- training run
@@ -1497,63 +1502,6 @@ def summarize(run, wall_s):
     return summary
 
 
-# ----------------------------------------------------------------------------- interpolation study
-ALPHAS = [round(-1 + 0.1 * k, 1) for k in range(31)]  # −1.0, −0.9, …, 2.0
-
-
-def interpolate_run(run_dir, device=None):
-    """The interpolation study of a finished pair run: interpolation.csv (and interpolation.png
-    where matplotlib is installed) in run_dir, from its last.pt, on the test set it was evaluated
-    on."""
-    run_dir = Path(run_dir)
-    if not (run_dir / 'last.pt').exists():
-        raise UsageError(f'--interpolate {run_dir}: no last.pt there; '
-                         'give the --out directory of a training run')
-    ckpt = load_checkpoint(run_dir / 'last.pt')
-    cfg = argparse.Namespace(**ckpt['config'])
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    # evaluate as the run did, so a = 0, 1 give its cross matrix
-    fast = dev.type == 'cuda' and cfg.fast == 'on'
-    data = load_data(cfg.dataset, cfg.data_dir)
-    mean, std = channel_stats(data.train_x)
-    if len(cfg.nets) != 2 or len(cfg.cuts) != 1:
-        raise UsageError(f'--interpolate {run_dir}: the study is defined for a pair cut once, '
-                         f'not {cfg.nets} cut at {cfg.cuts}')
-    models = build_nets(cfg, data.num_classes)
-    for m, state in zip(models, ckpt['nets']):
-        m.load_state_dict(state)
-        m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
-    torch.backends.cudnn.benchmark = fast
-    rows = interpolation([list(split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev),
-                         data.test_y.to(dev), mean, std, ALPHAS, fast=fast,
-                         classes=data.num_classes)
-    csv = 'alpha,down1,down2\n' + ''.join(f'{r["alpha"]:.1f},{r["down1"]:.2f},{r["down2"]:.2f}\n'
-                                          for r in rows)
-    write_atomic(run_dir / 'interpolation.csv', lambda f: f.write(csv.encode()))
-    try:  # the plot is an optional extra
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('matplotlib is not installed: wrote interpolation.csv only', file=sys.stderr)
-        return rows
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for b in (1, 2):
-        ax.plot([r['alpha'] for r in rows], [r[f'down{b}'] for r in rows], marker='.',
-                label=f'down-half of net {b} ({cfg.nets[b - 1]})')
-    ax.axvline(0, color='grey', lw=0.5)
-    ax.axvline(1, color='grey', lw=0.5)
-    ax.set(xlabel=f'a   (h = a·up_1(x) + (1−a)·up_2(x); '
-                  f'up_1: {cfg.nets[0]}, up_2: {cfg.nets[1]})',
-           ylabel='test top-1 (%)',
-           title=f'{cfg.method} {",".join(cfg.nets)}, epoch {ckpt["epoch"]}')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / 'interpolation.png', dpi=120)
-    plt.close(fig)
-    return rows
-
-
 # -------------------------------------------------------------------------------------------- CLI
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2
@@ -1652,9 +1600,6 @@ def make_parser():
                        help='continue the run in --out from its last.pt '
                             '(or start it if it has none yet)')
     files.add_argument('--force', action='store_true', help='overwrite a run already in --out')
-    files.add_argument('--interpolate', metavar='RUN_DIR',
-                       help='instead of training: the interpolation study of a finished pair run, '
-                       'written into RUN_DIR as interpolation.csv (and .png)')
     return p
 
 
@@ -1740,8 +1685,6 @@ def check_args(cfg):
         raise UsageError(f'--data-dir {cfg.data_dir} is not a directory; --dataset folder needs '
                          f'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
     check_device(cfg)
-    if cfg.interpolate:
-        return cfg
     cfg.out = cfg.out or (f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}'
                           f'_seed{cfg.seed}')
     check_out(cfg)
@@ -1811,15 +1754,11 @@ def main(argv=None):
     """The command line; returns the exit status: 0 done, 1 diverged, 2 bad input, 128 + N stopped
     by signal N."""
     try:
-        cfg = parse_args(argv)
-        if cfg.interpolate:
-            interpolate_run(cfg.interpolate, cfg.device)
-        else:
-            summary = train(cfg)
-            if not distributed() or dist.get_rank() == 0:
-                print(json.dumps({k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy',
-                                                          'best_accuracy', 'cross', 'ensemble',
-                                                          'feature_distance', 'wall_s')}))
+        summary = train(parse_args(argv))
+        if not distributed() or dist.get_rank() == 0:
+            print(json.dumps({k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy',
+                                                      'best_accuracy', 'cross', 'ensemble',
+                                                      'feature_distance', 'wall_s')}))
         return 0
     except UsageError as e:
         print(f'xml_ref.py: error: {e}', file=sys.stderr)

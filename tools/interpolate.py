@@ -1,0 +1,86 @@
+"""The deck's up-half interpolation study (SPEC §4) of a finished pair run: interpolation.csv, and
+interpolation.png where matplotlib is installed, written into the run's folder.
+
+    python tools/interpolate.py RUN_DIR [--device cpu]
+
+Top-1 of each down-half fed h(a) = a·up_1(x) + (1−a)·up_2(x) for a = −1.0, −0.9, …, 2.0
+(xml_ref.interpolation), from the run's last.pt, on the test set it was evaluated on; a = 1 and a = 0
+give the run's own cross matrix (the run is evaluated as it was: bf16 when it trained with --fast on
+and a GPU is used here too)."""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import xml_ref as X  # noqa: E402
+
+
+def interpolate_run(run_dir, device=None):
+    """interpolation.csv (and .png) in run_dir from its last.pt; returns the rows."""
+    run_dir = Path(run_dir)
+    if not (run_dir / 'last.pt').exists():
+        raise X.UsageError(f'{run_dir}: no last.pt there; give the --out directory of a training run')
+    ckpt = X.load_checkpoint(run_dir / 'last.pt')
+    cfg = argparse.Namespace(**ckpt['config'])
+    if len(cfg.nets) != 2 or len(cfg.cuts) != 1:
+        raise X.UsageError(f'{run_dir}: the study is defined for a pair cut once, '
+                           f'not {cfg.nets} cut at {cfg.cuts}')
+    try:
+        dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise X.UsageError(f'--device {device!r} is not a device; use cuda, cuda:N or cpu') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise X.UsageError(f'--device {device}: no CUDA GPU is visible; use --device cpu')
+    fast = dev.type == 'cuda' and cfg.fast == 'on'
+    data = X.load_data(cfg.dataset, cfg.data_dir)
+    mean, std = X.channel_stats(data.train_x)
+    models = X.build_nets(cfg, data.num_classes)
+    for m, state in zip(models, ckpt['nets']):
+        m.load_state_dict(state)
+        m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
+    torch.backends.cudnn.benchmark = fast
+    rows = X.interpolation([list(X.split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev),
+                           data.test_y.to(dev), mean, std, X.ALPHAS, fast=fast,
+                           classes=data.num_classes)
+    csv = 'alpha,down1,down2\n' + ''.join(f'{r["alpha"]:.1f},{r["down1"]:.2f},{r["down2"]:.2f}\n'
+                                          for r in rows)
+    X.write_atomic(run_dir / 'interpolation.csv', lambda f: f.write(csv.encode()))
+    try:  # the plot is an optional extra
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('matplotlib is not installed: wrote interpolation.csv only', file=sys.stderr)
+        return rows
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for b in (1, 2):
+        ax.plot([r['alpha'] for r in rows], [r[f'down{b}'] for r in rows], marker='.',
+                label=f'down-half of net {b} ({cfg.nets[b - 1]})')
+    ax.axvline(0, color='grey', lw=0.5)
+    ax.axvline(1, color='grey', lw=0.5)
+    ax.set(xlabel=f'a   (h = a·up_1(x) + (1−a)·up_2(x); up_1: {cfg.nets[0]}, up_2: {cfg.nets[1]})',
+           ylabel='test top-1 (%)', title=f'{cfg.method} {",".join(cfg.nets)}, epoch {ckpt["epoch"]}')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / 'interpolation.png', dpi=120)
+    plt.close(fig)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('run_dir', help='the --out folder of a finished (or stopped) pair run')
+    p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
+    args = p.parse_args(argv)
+    try:
+        interpolate_run(args.run_dir, args.device)
+    except X.UsageError as e:
+        print(f'interpolate.py: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
