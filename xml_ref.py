@@ -696,6 +696,14 @@ def path_name(path):
     return '-'.join(str(i + 1) for i in path)
 
 
+def eval_batches(images, labels, mean, std, batch_size, device, fast=False):
+    """The test set in order, batch by batch: (normalised images, labels) on `device`."""
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    for s in range(0, len(images), batch_size):
+        yield (normalize(images[s:s + batch_size].to(device), mean, std, fmt),
+               labels[s:s + batch_size].to(device))
+
+
 @torch.no_grad()
 def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None):
     """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of
@@ -711,12 +719,9 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
     counts = torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64)
     synthesis = None
     sq_dist, n_dist = torch.zeros((), device=dev, dtype=torch.float64), 0
-    fmt = torch.channels_last if fast else torch.contiguous_format
     with eval_mode([part for net in parts for part in net]), \
             torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-        for s in range(0, len(images), batch_size):
-            x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
-            y = labels[s:s + batch_size].to(dev)
+        for x, y in eval_batches(images, labels, mean, std, batch_size, dev, fast):
             out = run_paths(parts, x, paths)
             # xml+disc: right when > 0 means "own"
             if classes is not None and out[paths[0]].shape[1] > classes:
@@ -797,12 +802,9 @@ def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast
     up_1, a = 0 those of up_2. Returns [{'alpha': a, 'down1': …, 'down2': …}, …]."""
     dev = next(parts[0][0].parameters()).device
     correct = torch.zeros(len(alphas), 2, device=dev, dtype=torch.int64)
-    fmt = torch.channels_last if fast else torch.contiguous_format
     with eval_mode([part for net in parts for part in net]), \
             torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-        for s in range(0, len(images), batch_size):
-            x = normalize(images[s:s + batch_size].to(dev), mean, std, fmt)
-            y = labels[s:s + batch_size].to(dev)
+        for x, y in eval_batches(images, labels, mean, std, batch_size, dev, fast):
             f1, f2 = parts[0][0](x), parts[1][0](x)
             for k, a in enumerate(alphas):
                 h = a * f1 + (1 - a) * f2
