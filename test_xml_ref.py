@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch.distributions import Categorical, kl_divergence
 
 import xml_ref as X
-from tools import bench as B, interpolate as I, report as R
+from tools import bench as B, bn_recalib as BN, interpolate as I, report as R
 
 HERE = Path(__file__).resolve().parent
 FAST = settings(max_examples=25, deadline=None)
@@ -882,6 +882,16 @@ def test_interpolate_tool_refuses_a_folder_without_a_run_in_one_line(tmp_path, c
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'no last.pt' in err and 'interpolate.py: error:' in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.txt']  # nothing written
+
+def test_bn_recalib_tool_reproduces_the_runs_own_numbers_before_recalibrating(tmp_path, capsys):
+    out = tmp_path / 'xml'
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(out)], capsys)[0] == 0
+    summary = json.loads((out / 'summary.json').read_text())
+    result = BN.study(out, 2, torch.device('cpu'))
+    assert result['trained'] == pytest.approx(summary['paths'])  # as trained = what the run reported
+    assert set(result['recalibrated']) == set(summary['paths'])
+    assert BN.main([str(tmp_path / 'nothing')]) == 2
+    assert 'no last.pt' in capsys.readouterr().err
 
 def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
     out = tmp_path / 'xml'
