@@ -890,6 +890,10 @@ def test_bn_recalib_tool_reproduces_the_runs_own_numbers_before_recalibrating(tm
     result = BN.study(out, 2, torch.device('cpu'))
     assert result['trained'] == pytest.approx(summary['paths'])  # as trained = what the run reported
     assert set(result['recalibrated']) == set(summary['paths'])
+    assert BN.main([str(out), '--batches', '2', '--out', str(tmp_path / 'study')]) == 0
+    written = json.loads((tmp_path / 'study.json').read_text())[0]
+    assert written['recalibrated'] == pytest.approx(result['recalibrated'])  # same batches, same numbers
+    assert f"| 2-2 | {summary['paths']['2-2']:.2f} |" in (tmp_path / 'study.md').read_text()
     assert BN.main([str(tmp_path / 'nothing')]) == 2
     assert 'no last.pt' in capsys.readouterr().err
 

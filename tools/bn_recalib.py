@@ -4,9 +4,9 @@ statistics re-estimated on its own features (xml_ref.evaluate_recalibrated, the 
 training). Under XML each down-half normalises features from both up-halves, so its running statistics
 describe a mixture of the two; if that is what costs accuracy, re-estimating them per path recovers it.
 
-    python tools/bn_recalib.py RUN_DIR [RUN_DIR ...] [--batches 20] [--device cpu] [--out FILE.json]
+    python tools/bn_recalib.py RUN_DIR [RUN_DIR ...] [--batches 20] [--device cpu] [--out NAME]
 
-Prints a table per run and, with --out, writes the numbers as JSON. Recalibration batches: --batches
+Prints a table per run and, with --out, writes NAME.json (the numbers) and NAME.md (the tables). Recalibration batches: --batches
 augmented training batches of the run's batch size, drawn with seed (run seed + 1) as --bn-recalib does."""
 import argparse
 import json
@@ -48,12 +48,27 @@ def study(run_dir, n_batches, device):
             'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d')}
 
 
+def markdown(results, command):
+    """The tables of `results` (study()'s dicts) as markdown, with the command that made them."""
+    lines = ['# Top-1 (%) of every path, BatchNorm statistics as trained and re-estimated per path', '',
+             f'`{command}` on {results[0]["device"]}, torch {results[0]["torch"]}, {results[0]["date"]}; '
+             'path a-b: up-half of net a, then down-half of net b.', '']
+    for r in results:
+        lines += [f'## {r["run"]}: {r["method"]} {",".join(r["nets"])}, epoch {r["epoch"]}, '
+                  f'{r["batches"]} batches', '', '| path | as trained | re-estimated | change |',
+                  '|---|---|---|---|']
+        lines += [f'| {path} | {acc:.2f} | {r["recalibrated"][path]:.2f} | '
+                  f'{r["recalibrated"][path] - acc:+.2f} |' for path, acc in r['trained'].items()]
+        lines.append('')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('run_dirs', nargs='+', help='--out folders of training runs (their last.pt is used)')
     p.add_argument('--batches', type=int, default=20, help='training batches to re-estimate the statistics on')
     p.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
-    p.add_argument('--out', help='also write the numbers to this JSON file')
+    p.add_argument('--out', metavar='NAME', help='also write NAME.json and NAME.md')
     args = p.parse_args(argv)
     try:
         if args.batches < 1:
@@ -71,7 +86,9 @@ def main(argv=None):
         print(f'bn_recalib.py: error: {e}', file=sys.stderr)
         return 2
     if args.out:
-        X.write_json(Path(args.out), results)
+        command = 'python tools/bn_recalib.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+        X.write_json(Path(args.out + '.json'), results)
+        Path(args.out + '.md').write_text(markdown(results, command))
     return 0
 
 
