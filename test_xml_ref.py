@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch.distributions import Categorical, kl_divergence
 
 import xml_ref as X
-from tools import bench as B, bn_recalib as BN, interpolate as I, report as R
+from tools import bench as B, bn_recalib as BN, grad_norms as GN, interpolate as I, report as R
 
 HERE = Path(__file__).resolve().parent
 FAST = settings(max_examples=25, deadline=None)
@@ -883,19 +883,21 @@ def test_interpolate_tool_refuses_a_folder_without_a_run_in_one_line(tmp_path, c
     assert err.count('\n') == 1 and 'no last.pt' in err and 'interpolate.py: error:' in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.txt']  # nothing written
 
-def test_bn_recalib_tool_reproduces_the_runs_own_numbers_before_recalibrating(tmp_path, capsys):
+
+def test_bn_recalib_tool_reproduces_the_runs_numbers_as_trained_and_recalibrated(tmp_path, capsys):
     out = tmp_path / 'xml'
-    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(out)], capsys)[0] == 0
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--bn-recalib', '2', '--out', str(out)],
+                   capsys)[0] == 0
     summary = json.loads((out / 'summary.json').read_text())
-    result = BN.study(out, 2, torch.device('cpu'))
-    assert result['trained'] == pytest.approx(summary['paths'])  # as trained = what the run reported
-    assert set(result['recalibrated']) == set(summary['paths'])
-    assert BN.main([str(out), '--batches', '2', '--out', str(tmp_path / 'study')]) == 0
-    written = json.loads((tmp_path / 'study.json').read_text())[0]
-    assert written['recalibrated'] == pytest.approx(result['recalibrated'])  # same batches, same numbers
+    assert summary['recalib']['paths'] != summary['paths']  # so a recalibration that does nothing fails
+    assert BN.main([str(out), '--device', 'cpu', '--out', str(tmp_path / 'study')]) == 0  # --batches: 2
+    result = json.loads((tmp_path / 'study.json').read_text())[0]
+    assert result['trained'] == pytest.approx(summary['paths'])  # as trained: what the run reported
+    assert result['recalibrated'] == pytest.approx(summary['recalib']['paths'])  # what --bn-recalib gave
     assert f"| 2-2 | {summary['paths']['2-2']:.2f} |" in (tmp_path / 'study.md').read_text()
-    assert BN.main([str(tmp_path / 'nothing')]) == 2
+    assert BN.main([str(tmp_path / 'nothing'), '--device', 'cpu']) == 2
     assert 'no last.pt' in capsys.readouterr().err
+
 
 def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
     out = tmp_path / 'xml'
@@ -1461,6 +1463,14 @@ def make_folder(root, classes=('ant', 'bee'), n=3, size=8, mode='RGB'):
                 pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels).convert(mode).save(root / split / c / f'{k}.png')
     return root
+
+
+def test_grad_norms_study_runs_on_an_image_folder(tmp_path):
+    root = make_folder(tmp_path / 'data', n=2)
+    GN.main([str(root), '--width', '4', '--batches', '1', '--seeds', '0', '--out', str(tmp_path / 'g.md')])
+    md = (tmp_path / 'g.md').read_text()
+    assert '## res18,mbv1, cut after layer3' in md and '## res18,res34, cut after layer2' in md
+    assert md.count('| up_1 (res18) |') == 2 and md.count('| down_2 (') == 2
 
 
 def folder_cli(root, tmp_path, capsys, *extra):

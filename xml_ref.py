@@ -21,7 +21,6 @@ import copy
 import functools
 import itertools
 import json
-import math
 import os
 import random
 import shlex
@@ -776,15 +775,28 @@ def recalibrate_bn(modules, batches):
         mod.eval()
 
 
+def recalibration_batches(train_x, n, batch_size, seed, mean, std, fast=False):
+    """n augmented, normalised training batches drawn with a generator of train_x's device seeded
+    with `seed`: the same batches every call (every epoch), on the same kind of device."""
+    dev = train_x.device
+    g = torch.Generator(dev).manual_seed(seed)
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    return [normalize(augment(train_x[torch.randint(len(train_x), (batch_size,), device=dev,
+                                                    generator=g)], generator=g), mean, std, fmt)
+            for _ in range(n)]
+
+
 def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False,
                           classes=None):
     """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies
-    of its parts, so the trained statistics stay untouched)."""
+    of its parts, so the trained statistics stay untouched); fast: in bf16 autocast, as evaluate."""
     K, P = len(parts), len(parts[0])
+    dev = next(parts[0][0].parameters()).device
     acc = {}
     for path in all_paths(K, P):
         copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]
-        recalibrate_bn(copies, batches)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+            recalibrate_bn(copies, batches)
         # the copies form a one-net model whose only path is this one
         acc[path] = evaluate([copies], images, labels, mean, std, batch_size, fast,
                              classes)['accuracy'][0]
@@ -1377,19 +1389,14 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
 def evaluate_epoch(run, test_x, test_y, train_x):
     """The epoch's test metrics (evaluate), and with --bn-recalib those with each path's BatchNorm
     statistics re-estimated on the same --bn-recalib training batches every epoch."""
-    cfg, fast, dev = run.cfg, run.cfg.fast == 'on', run.dev
+    cfg, fast = run.cfg, run.cfg.fast == 'on'
     rec = evaluate(run.parts, test_x, test_y, run.mean, run.std, fast=fast,
                    classes=run.data.num_classes)
     if cfg.bn_recalib:
-        g = torch.Generator(dev).manual_seed(cfg.seed + 1)
-        fmt = torch.channels_last if fast else torch.contiguous_format
-        batches = [normalize(augment(train_x[torch.randint(len(train_x), (cfg.batch_size,),
-                                                           device=dev, generator=g)],
-                                     generator=g), run.mean, run.std, fmt)
-                   for _ in range(cfg.bn_recalib)]
-        with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-            rec['recalib'] = evaluate_recalibrated(run.parts, test_x, test_y, run.mean, run.std,
-                                                   batches, fast=fast, classes=run.data.num_classes)
+        batches = recalibration_batches(train_x, cfg.bn_recalib, cfg.batch_size, cfg.seed + 1,
+                                        run.mean, run.std, fast)
+        rec['recalib'] = evaluate_recalibrated(run.parts, test_x, test_y, run.mean, run.std,
+                                               batches, fast=fast, classes=run.data.num_classes)
     return rec
 
 

@@ -1,15 +1,19 @@
-"""Does a finished run lose accuracy to its BatchNorm running statistics? Every path of the run's last.pt is
-evaluated twice on the test set: with the statistics as trained (what the run reports) and with each path's
-statistics re-estimated on its own features (xml_ref.evaluate_recalibrated, the same as --bn-recalib N during
-training). Under XML each down-half normalises features from both up-halves, so its running statistics
-describe a mixture of the two; if that is what costs accuracy, re-estimating them per path recovers it.
+"""Does a finished run lose accuracy to its BatchNorm running statistics? Every path of the run's last.pt
+is evaluated twice on the test set: with the statistics as trained (what the run reports) and with each
+path's statistics re-estimated on its own features (xml_ref.evaluate_recalibrated, what --bn-recalib N
+does during training). Under XML each down-half normalises the features of both up-halves, so its running
+statistics describe their mixture; if that costs accuracy, re-estimating them per path recovers it.
 
-    python tools/bn_recalib.py RUN_DIR [RUN_DIR ...] [--batches 20] [--device cpu] [--out NAME]
+    python tools/bn_recalib.py RUN_DIR [RUN_DIR ...] [--batches N] [--device cpu] [--out NAME]
 
-Prints a table per run and, with --out, writes NAME.json (the numbers) and NAME.md (the tables). Recalibration batches: --batches
-augmented training batches of the run's batch size, drawn with seed (run seed + 1) as --bn-recalib does."""
+Study an independent or dml run of the same pair and schedule beside the xml one: their down-halves see
+one up-half only, so their change is the baseline (the lag of the running averages, sampling noise).
+The batches are xml_ref.recalibration_batches with the run's seed + 1 and batch size, as --bn-recalib
+draws them (the same batches where the device type is the run's); N defaults to the run's --bn-recalib,
+else 20. The run is evaluated as it was (bf16 and channels_last where it trained with --fast on and a GPU
+is used here too). Prints a table per run; --out NAME also writes NAME.json and NAME.md."""
 import argparse
-import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,32 +24,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
 
 
-def study(run_dir, n_batches, device):
-    """{'trained': evaluate()'s path table, 'recalibrated': the same with per-path BN statistics}."""
+def study(run_dir, n_batches=None, device=None):
+    """{'trained': each path's top-1 as trained, 'recalibrated': with its own BN statistics, …}."""
     run_dir = Path(run_dir)
     if not (run_dir / 'last.pt').exists():
         raise X.UsageError(f'{run_dir}: no last.pt there; give the --out directory of a training run')
     ckpt = X.load_checkpoint(run_dir / 'last.pt')
     cfg = argparse.Namespace(**ckpt['config'])
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    fast = dev.type == 'cuda' and cfg.fast == 'on'
+    n_batches = n_batches or cfg.bn_recalib or 20
     data = X.load_data(cfg.dataset, cfg.data_dir)
     mean, std = X.channel_stats(data.train_x)
     models = X.build_nets(cfg, data.num_classes)
     for m, state in zip(models, ckpt['nets']):
         m.load_state_dict(state)
-        m.to(device)
+        m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
+    torch.backends.cudnn.benchmark = fast
     parts = [X.split_parts(m, cfg.cuts) for m in models]
-    test_x, test_y, train_x = data.test_x.to(device), data.test_y.to(device), data.train_x.to(device)
-    trained = X.evaluate(parts, test_x, test_y, mean, std, classes=data.num_classes)
-    g = torch.Generator(device).manual_seed(cfg.seed + 1)
-    batches = [X.normalize(X.augment(train_x[torch.randint(len(train_x), (cfg.batch_size,), device=device,
-                                                           generator=g)], generator=g), mean, std)
-               for _ in range(n_batches)]
-    recalibrated = X.evaluate_recalibrated(parts, test_x, test_y, mean, std, batches,
-                                           classes=data.num_classes)
+    test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
+    trained = X.evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes)['paths']
+    reported = ckpt['history'][-1]['paths']
+    if any(abs(trained[p] - reported[p]) > 0.5 for p in reported):
+        print(f'{run_dir}: as trained here {trained} but the run reported {reported} (another device '
+              'or precision?)', file=sys.stderr)
+    batches = X.recalibration_batches(data.train_x.to(dev), n_batches, cfg.batch_size, cfg.seed + 1,
+                                      mean, std, fast)
+    recalibrated = X.evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
+                                           classes=data.num_classes)['paths']
     return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.cuts,
-            'epoch': ckpt['epoch'], 'batches': n_batches, 'trained': trained['paths'],
-            'recalibrated': recalibrated['paths'], 'device': X.device_name(device),
-            'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d')}
+            'path_weights': cfg.path_weights, 'warmup_epochs': getattr(cfg, 'warmup_epochs', 0),
+            'epoch': ckpt['epoch'], 'batches': n_batches, 'trained': trained, 'recalibrated': recalibrated,
+            'device': X.device_name(dev), 'fast': fast, 'torch': torch.__version__,
+            'date': time.strftime('%Y-%m-%d')}
+
+
+def label(r):
+    """What the run was: method, pair, the settings that set it apart, epoch."""
+    extra = [f'{r["path_weights"]} over paths'] if r['method'].startswith('xml') else []
+    extra += [f'warm-up {r["warmup_epochs"]}'] if r['warmup_epochs'] != 1 else []
+    return f'{r["method"]} {",".join(r["nets"])}{"".join(", " + e for e in extra)}, epoch {r["epoch"]}'
 
 
 def markdown(results, command):
@@ -54,9 +72,8 @@ def markdown(results, command):
              f'`{command}` on {results[0]["device"]}, torch {results[0]["torch"]}, {results[0]["date"]}; '
              'path a-b: up-half of net a, then down-half of net b.', '']
     for r in results:
-        lines += [f'## {r["run"]}: {r["method"]} {",".join(r["nets"])}, epoch {r["epoch"]}, '
-                  f'{r["batches"]} batches', '', '| path | as trained | re-estimated | change |',
-                  '|---|---|---|---|']
+        lines += [f'## {r["run"]}: {label(r)}, {r["batches"]} batches', '',
+                  '| path | as trained | re-estimated | change |', '|---|---|---|---|']
         lines += [f'| {path} | {acc:.2f} | {r["recalibrated"][path]:.2f} | '
                   f'{r["recalibrated"][path] - acc:+.2f} |' for path, acc in r['trained'].items()]
         lines.append('')
@@ -66,19 +83,24 @@ def markdown(results, command):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('run_dirs', nargs='+', help='--out folders of training runs (their last.pt is used)')
-    p.add_argument('--batches', type=int, default=20, help='training batches to re-estimate the statistics on')
-    p.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
+    p.add_argument('--batches', type=int,
+                   help='training batches to re-estimate on (default: the run\'s --bn-recalib, else 20)')
+    p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
     p.add_argument('--out', metavar='NAME', help='also write NAME.json and NAME.md')
     args = p.parse_args(argv)
+    command = 'python tools/bn_recalib.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        if args.batches < 1:
+        if args.batches is not None and args.batches < 1:
             raise X.UsageError(f'--batches must be at least 1, got {args.batches}')
+        device = argparse.Namespace(device=args.device, fast='auto', sync_bn=False)
+        X.check_device(device)  # a one-line error for a device that is not there
+        if args.out and not Path(args.out).resolve().parent.is_dir():
+            raise X.UsageError(f'--out {args.out}: {Path(args.out).parent} is not a directory')
         results = []
         for run_dir in args.run_dirs:
-            r = study(run_dir, args.batches, torch.device(args.device))
+            r = study(run_dir, args.batches, device.device)
             results.append(r)
-            print(f'{r["run"]} ({r["method"]} {",".join(r["nets"])}, epoch {r["epoch"]}, '
-                  f'{r["batches"]} batches)\npath   trained  recalibrated  change')
+            print(f'{r["run"]} ({label(r)}, {r["batches"]} batches)\npath   trained  recalibrated  change')
             for path, acc in r['trained'].items():
                 new = r['recalibrated'][path]
                 print(f'{path:<6} {acc:7.2f}  {new:12.2f}  {new - acc:+6.2f}', flush=True)
@@ -86,9 +108,8 @@ def main(argv=None):
         print(f'bn_recalib.py: error: {e}', file=sys.stderr)
         return 2
     if args.out:
-        command = 'python tools/bn_recalib.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
         X.write_json(Path(args.out + '.json'), results)
-        Path(args.out + '.md').write_text(markdown(results, command))
+        X.write_atomic(Path(args.out + '.md'), lambda f: f.write(markdown(results, command).encode()))
     return 0
 
 

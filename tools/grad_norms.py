@@ -38,14 +38,14 @@ def term_grad_norms(parts, x, y, T=1.0):
     return norms
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument('data_dir')
     p.add_argument('--width', type=int, default=64)
     p.add_argument('--batches', type=int, default=4)
     p.add_argument('--seeds', default='0,1')
-    p.add_argument('--out', default=str(Path(__file__).resolve().parent / 'grad_norms.md'))
-    a = p.parse_args()
+    p.add_argument('--out', default=str(Path(__file__).resolve().parent.parent / 'results' / 'grad_norms.md'))
+    a = p.parse_args(argv)
     data = X.load_folder(a.data_dir)
     mean, std = X.channel_stats(data.train_x)
     g = torch.Generator().manual_seed(0)
@@ -53,7 +53,7 @@ def main():
                for idx in torch.randint(len(data.train_x), (a.batches, 128), generator=g)]
     seeds = [int(s) for s in a.seeds.split(',')]
     lines = [f'# Gradient of each path term, per half, at initialisation\n',
-             f'`python tools/grad_norms.py {" ".join(sys.argv[1:])}`; {a.batches} augmented training batches of 128 '
+             f'`python tools/grad_norms.py {" ".join(sys.argv[1:] if argv is None else argv)}`; {a.batches} augmented training batches of 128 '
              f'real CIFAR-10 images (`--dataset folder`), init seeds {a.seeds}, width {a.width}, train mode; '
              f'{X.device_name(torch.device("cpu"))}, torch {torch.__version__}, {time.strftime("%Y-%m-%d")}.\n',
              'Each entry is the mean over batches and seeds of ‖∂(CE(z_p) + KL(z_jj‖z_p))/∂θ_half‖, the gradient '
@@ -72,7 +72,7 @@ def main():
                     acc[key] = acc.get(key, 0.0) + v * share
                 out = X.run_paths(parts, x, X.all_paths(2, 2))
                 for method in ('dml', 'xml'):
-                    L = X.net_losses(method, out, y, [0, 1])
+                    L = X.LOSSES[method](out, y, 2, 2, [0, 1])
                     for i in range(2):
                         for k in range(2):
                             norm = grad_norm(L[i], parts[i][k]) * share

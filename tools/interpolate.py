@@ -27,12 +27,7 @@ def interpolate_run(run_dir, device=None):
     if len(cfg.nets) != 2 or len(cfg.cuts) != 1:
         raise X.UsageError(f'{run_dir}: the study is defined for a pair cut once, '
                            f'not {cfg.nets} cut at {cfg.cuts}')
-    try:
-        dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise X.UsageError(f'--device {device!r} is not a device; use cuda, cuda:N or cpu') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise X.UsageError(f'--device {device}: no CUDA GPU is visible; use --device cpu')
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     fast = dev.type == 'cuda' and cfg.fast == 'on'
     data = X.load_data(cfg.dataset, cfg.data_dir)
     mean, std = X.channel_stats(data.train_x)
@@ -75,7 +70,9 @@ def main(argv=None):
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
     args = p.parse_args(argv)
     try:
-        interpolate_run(args.run_dir, args.device)
+        device = argparse.Namespace(device=args.device, fast='auto', sync_bn=False)
+        X.check_device(device)  # a one-line error for a device that is not there
+        interpolate_run(args.run_dir, device.device)
     except X.UsageError as e:
         print(f'interpolate.py: error: {e}', file=sys.stderr)
         return 2
