@@ -53,6 +53,7 @@ M = [  # (name, file, old, new, -k expression)
  ('Pareto front keeps ties', 'xml_ref.py', "q['gflops'] <= r['gflops'] and q['accuracy'] >= r['accuracy'] and", "q['gflops'] <= r['gflops'] and q['accuracy'] > r['accuracy'] and", 'pareto'),
  ('normalize std/mean swapped', 'xml_ref.py', "scale = torch.as_tensor(std,", "scale = torch.as_tensor(mean,", 'normalize'),
  ('flip never', 'xml_ref.py', "flip = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool()", "flip = torch.zeros((n, 1), device=dev, dtype=torch.bool)", 'augment'),
+ ('bn_recalib tool: no recalibration', 'tools/bn_recalib.py', "recalibrated = X.evaluate_recalibrated(", "recalibrated = trained if 1 else X.evaluate_recalibrated(", 'bn_recalib_tool'),
 ]
 only = sys.argv[1:]
 results = []
