@@ -1479,22 +1479,14 @@ def summarize(run, wall_s):
     cfg, last, student = run.cfg, run.history[-1], run.student
     costs = path_costs(run.parts, last['paths'], run.data.train_x.shape[1], cfg.fast == 'on')
     features = [list(f) for f in run.features]
-    summary = {'method': cfg.method, 'pair': ','.join(cfg.nets), 'nets': cfg.nets,
-               'cut': ','.join(cfg.cuts), 'cuts': cfg.cuts,
+    summary = {'pair': ','.join(cfg.nets), 'cut': ','.join(cfg.cuts),
+               **{k: getattr(cfg, k) for k in RESUME_KEYS},  # every setting of the run
                'feature_shape': features if len(features) > 1 else features[0],
-               'update': cfg.update, 'path_weights': cfg.path_weights,
-               'paths_per_step': cfg.paths_per_step, 'temperature': cfg.temperature,
-               'l2_weight': cfg.l2_weight, 'adv_weight': cfg.adv_weight,
                'frozen': sorted(i + 1 for i in run.frozen),
                'init': {'1': cfg.init1, '2': cfg.init2},
                'teacher': (None if student is None
                            else {'net': 2 - student, 'checkpoint': cfg.teacher}),
-               'student': None if student is None else student + 1, 'hint_epochs': cfg.hint_epochs,
-               'epochs': cfg.epochs, 'warmup_epochs': cfg.warmup_epochs,
-               'batch_size': cfg.batch_size, 'lr': cfg.lr, 'momentum': cfg.momentum,
-               'weight_decay': cfg.weight_decay, 'seed': cfg.seed, 'dataset': cfg.dataset,
-               'width': cfg.width, 'bn_recalib': cfg.bn_recalib, 'fast': cfg.fast,
-               'processes': run.world, 'sync_bn': cfg.sync_bn,
+               'student': None if student is None else student + 1, 'processes': run.world,
                'params': [[num_params(part) for part in net] for net in run.parts],
                'accuracy': last['accuracy'], 'best_accuracy': run.best['accuracy'],
                'best_epoch': run.best['epoch'],
