@@ -22,25 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
+from tools.interpolate import load_run  # noqa: E402
 
 
 def study(run_dir, n_batches=None, device=None):
     """{'trained': each path's top-1 as trained, 'recalibrated': with its own BN statistics, …}."""
-    run_dir = Path(run_dir)
-    if not (run_dir / 'last.pt').exists():
-        raise X.UsageError(f'{run_dir}: no last.pt there; give the --out directory of a training run')
-    ckpt = X.load_checkpoint(run_dir / 'last.pt')
-    cfg = argparse.Namespace(**ckpt['config'])
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    fast = dev.type == 'cuda' and cfg.fast == 'on'
+    cfg, ckpt, data, mean, std, models, dev, fast = load_run(run_dir, device)
     n_batches = n_batches or cfg.bn_recalib or 20
-    data = X.load_data(cfg.dataset, cfg.data_dir)
-    mean, std = X.channel_stats(data.train_x)
-    models = X.build_nets(cfg, data.num_classes)
-    for m, state in zip(models, ckpt['nets']):
-        m.load_state_dict(state)
-        m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
-    torch.backends.cudnn.benchmark = fast
     parts = [X.split_parts(m, cfg.cuts) for m in models]
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
     trained = X.evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes)['paths']

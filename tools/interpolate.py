@@ -17,14 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
 
 
-def interpolate_run(run_dir, device=None):
-    """interpolation.csv (and .png) in run_dir from its last.pt; returns the rows."""
+def load_run(run_dir, device=None, pair_only=False):
+    """A run's last.pt ready to evaluate as the run did (bf16 and channels_last where it trained with
+    --fast on and `device` is a GPU): (config, checkpoint, data, mean, std, nets, device, fast)."""
     run_dir = Path(run_dir)
     if not (run_dir / 'last.pt').exists():
         raise X.UsageError(f'{run_dir}: no last.pt there; give the --out directory of a training run')
     ckpt = X.load_checkpoint(run_dir / 'last.pt')
     cfg = argparse.Namespace(**ckpt['config'])
-    if len(cfg.nets) != 2 or len(cfg.cuts) != 1:
+    if pair_only and (len(cfg.nets) != 2 or len(cfg.cuts) != 1):
         raise X.UsageError(f'{run_dir}: the study is defined for a pair cut once, '
                            f'not {cfg.nets} cut at {cfg.cuts}')
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -36,6 +37,13 @@ def interpolate_run(run_dir, device=None):
         m.load_state_dict(state)
         m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
     torch.backends.cudnn.benchmark = fast
+    return cfg, ckpt, data, mean, std, models, dev, fast
+
+
+def interpolate_run(run_dir, device=None):
+    """interpolation.csv (and .png) in run_dir from its last.pt; returns the rows."""
+    run_dir = Path(run_dir)
+    cfg, ckpt, data, mean, std, models, dev, fast = load_run(run_dir, device, pair_only=True)
     rows = X.interpolation([list(X.split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev),
                            data.test_y.to(dev), mean, std, X.ALPHAS, fast=fast,
                            classes=data.num_classes)
