@@ -827,21 +827,22 @@ def test_bn_recalibration_averages_each_paths_own_statistics_and_leaves_the_trai
 
 
 def torch_schedule(epochs, steps_per_epoch, warmup_epochs, lr=0.1):
-    """The recipe from torch.optim.lr_scheduler alone: LinearLR stepped per step over the warm-up (from ~0 to lr),
-    then MultiStepLR (gamma 0.2) stepped per epoch with milestones at 30/60/80 % of the epochs."""
+    """The recipe from torch.optim.lr_scheduler alone, in pytorch-cifar100's loop: LinearLR stepped per step over the
+    warm-up (from ~0 to lr), and MultiStepLR (gamma 0.2, milestones at 30/60/80 % of the epochs) stepped at the start
+    of every epoch e = 1, 2, … (the codebase calls step(e) there), so that its last_epoch is e during epoch e."""
     param = torch.zeros(1, requires_grad=True)
     warm_opt, step_opt = torch.optim.SGD([param], lr=lr), torch.optim.SGD([param], lr=lr)
     warm_steps = warmup_epochs * steps_per_epoch
     # LinearLR cannot start at exactly 0; 1e-12 · lr is far below any difference the test could confuse
     warm = torch.optim.lr_scheduler.LinearLR(warm_opt, start_factor=1e-12, end_factor=1.0,
                                              total_iters=max(warm_steps, 1))
-    milestones = [max(1, round(f * epochs)) for f in (0.3, 0.6, 0.8)]
+    milestones = [round(f * epochs) for f in (0.3, 0.6, 0.8)]
     steps = torch.optim.lr_scheduler.MultiStepLR(step_opt, milestones=milestones, gamma=0.2)
     by_epoch = []
     for _ in range(epochs):
-        by_epoch.append(step_opt.param_groups[0]['lr'])
         step_opt.step()
         steps.step()
+        by_epoch.append(step_opt.param_groups[0]['lr'])
     lrs = []
     for s in range(epochs * steps_per_epoch):
         lrs.append(warm_opt.param_groups[0]['lr'] if s < warm_steps else by_epoch[s // steps_per_epoch])
@@ -856,12 +857,12 @@ def test_lr_per_step_equals_torch_linear_warmup_then_multistep(epochs, steps_per
     ours = [X.lr_at(s, steps_per_epoch, epochs, 0.1, warmup) for s in range(epochs * steps_per_epoch)]
     ref = torch_schedule(epochs, steps_per_epoch, warmup)
     for s, (a, b) in enumerate(zip(ours, ref)):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), f'step {s} (epoch {s // steps_per_epoch})'
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), f'step {s} (epoch {s // steps_per_epoch + 1})'
     assert ours[0] == 0.0 if warmup else ours[0] == 0.1
-    if epochs == 200:  # the steps right at each milestone: epochs 60, 120, 160
+    if epochs == 200:  # epochs 60, 120, 160 (counted from 1) are the first at the lower lr, as in pytorch-cifar100
         for e, before, after in ((60, 0.1, 0.02), (120, 0.02, 0.004), (160, 0.004, 0.0008)):
-            assert ours[e * steps_per_epoch - 1] == pytest.approx(before)
-            assert ours[e * steps_per_epoch] == pytest.approx(after)
+            assert ours[(e - 1) * steps_per_epoch - 1] == pytest.approx(before)
+            assert ours[(e - 1) * steps_per_epoch] == pytest.approx(after)
 
 
 # --------------------------------------------------------------------------------------- the CLI
@@ -980,7 +981,8 @@ def test_the_schedule_is_what_the_optimizers_hold_at_every_step(tmp_path, capsys
     assert run_cli([*args, '--method', 'dml', '--epochs', '3', '--out', str(tmp_path / 'dml')], capsys)[0] == 0
     expected = [X.lr_at(s, 8, 3, 0.2, 1) for s in range(24)]
     assert [lrs for _, lrs in seen] == [[pytest.approx(lr)] * 2 for lr in expected]
-    assert expected[0] == 0 and expected[7] == pytest.approx(0.2 * 7 / 8) and expected[8] == pytest.approx(0.04)
+    # 3 epochs: milestones round(0.9, 1.8, 2.4) = 1, 2, 2, so epoch 2 (after the warm-up) trains at 0.2 × 0.2³
+    assert expected[0] == 0 and expected[7] == pytest.approx(0.2 * 7 / 8) and expected[8] == pytest.approx(0.0016)
     seen.clear()
     teacher = str(tmp_path / 'dml' / 'last.pt')
     assert run_cli([*args, '--method', 'fitnet', '--teacher', teacher, '--epochs', '3', '--hint-epochs', '2',

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------- config
 # The CIFAR-100 recipe of weiaicunzai/pytorch-cifar100, whose models the deck's parameter counts
 # match (SPEC §4): SGD, lr 0.1 warmed up linearly per step over the first epoch (against early
-# divergence), then × 0.2 at epochs 60/120/160 of 200, i.e. at 30/60/80 % of whatever --epochs
-# says; batch 128; random crop (4 px padding), flip.
+# divergence), then × 0.2 from epochs 60/120/160 of 200 on (epochs counted from 1, so epoch 60
+# already trains at 0.02), i.e. at 30/60/80 % of whatever --epochs says; batch 128; random crop
+# (4 px padding), flip.
 RECIPE = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
               lr_decay=0.2, milestones=(0.3, 0.6, 0.8), warmup_epochs=1)
 PAD = 4
@@ -999,13 +1000,14 @@ def cost_table(rows):
 # ----------------------------------------------------------------------------------- training run
 def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
     """The recipe's learning rate at `step` (0-based, counted from the start of training): lr·s/S
-    at step s of the first warm-up epochs' S steps (SPEC §4), then lr × 0.2 at 30, 60 and 80 % of
-    the epochs (60, 120, 160 of 200), the milestones counted from the start of training."""
+    at step s of the first warm-up epochs' S steps (SPEC §4), then in epoch e = 1, 2, … lr × 0.2
+    per milestone m ≤ e, m = 30, 60 and 80 % of the epochs (60, 120, 160 of 200). As in
+    pytorch-cifar100, which calls MultiStepLR.step(e) before epoch e: epoch 60 trains at lr × 0.2."""
     warmup_steps = warmup_epochs * steps_per_epoch
     if step < warmup_steps:
         return lr * step / warmup_steps
-    epoch = step // steps_per_epoch
-    drops = sum(epoch >= max(1, round(f * epochs)) for f in RECIPE['milestones'])
+    epoch = step // steps_per_epoch + 1  # counted from 1, as the codebase counts
+    drops = sum(epoch >= round(f * epochs) for f in RECIPE['milestones'])
     return lr * RECIPE['lr_decay'] ** drops
 
 
@@ -1564,7 +1566,7 @@ def make_parser():
                      help='start net 2 from the net of that name in a checkpoint')
     recipe = p.add_argument_group('the recipe (SPEC §4)')
     recipe.add_argument('--epochs', type=int, default=RECIPE['epochs'],
-                        help='training epochs; the lr drops × 0.2 at 30, 60 and 80 %% of them')
+                        help='training epochs; the lr drops × 0.2 from 30, 60 and 80 %% of them on')
     recipe.add_argument('--warmup-epochs', type=int, default=RECIPE['warmup_epochs'], metavar='W',
                         help='linear per-step lr warm-up over the first W epochs of each stage '
                              '(0: none)')
