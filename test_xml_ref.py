@@ -1322,6 +1322,13 @@ def test_teacher_student_xml_leaves_the_frozen_net_untouched(tmp_path, capsys):
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['frozen'] == [2] and summary['accuracy'][1] == json.loads(
         (teacher / 'summary.json').read_text())['accuracy'][1]
+    # the frozen net's parameters count in its size and in every path's cost
+    fresh = [X.split(X.build(name, 10, 4), 'layer3') for name in ('res18', 'mbv1')]
+    counts = [[sum(p.numel() for p in half.parameters()) for half in net] for net in fresh]
+    assert summary['params'] == counts
+    costs = {row['path']: row['params'] for row in summary['path_costs']}
+    assert costs == {'1-1': sum(counts[0]), '1-2': counts[0][0] + counts[1][1], '2-1': counts[1][0] + counts[0][1],
+                     '2-2': sum(counts[1])}
 
 
 def test_adversarial_loss_formulas():
@@ -1530,7 +1537,39 @@ def test_resume_refuses_a_checkpoint_of_another_pair_cut_or_method(tmp_path, cap
                          (['--method', 'dml'], 'method')):
         code, cap = run_cli([*RUN[2:], '--epochs', '2', *change, '--out', str(out), '--resume'], capsys)
         one_line_error(code, cap, word, '--resume')
+    with monkeypatch.context() as m:  # as if relaunched by torchrun with two processes
+        m.setenv('WORLD_SIZE', '2')
+        code, cap = run_cli([*RUN[2:], '--epochs', '2', '--out', str(out), '--resume'], capsys)
+        one_line_error(code, cap, 'processes=1', '--resume')
     assert (out / 'last.pt').read_bytes() == before
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """As --init1 and as the last.pt to resume: pickled objects torch.load(weights_only=True) refuses (its message
+    runs over several lines), a tensor file that is not a dict with a config, and a text file."""
+    files = {'objects.pt': lambda f: torch.save(argparse.Namespace(nets=['res18']), f),
+             'list.pt': lambda f: torch.save([torch.zeros(2)], f), 'text.pt': lambda f: f.write_text('hello')}
+    for name, write in files.items():
+        write(tmp_path / name)
+        code, cap = run_cli(['--pair', 'res18,mbv1', '--method', 'dml', *TINY, '--init1', str(tmp_path / name),
+                             '--out', str(tmp_path / 'init')], capsys)
+        one_line_error(code, cap, str(tmp_path / name), 'xml_ref.py wrote')
+        out = tmp_path / f'resume-{name}'
+        out.mkdir()
+        write(out / 'last.pt')
+        before = (out / 'last.pt').read_bytes()
+        code, cap = run_cli(['--pair', 'res18,mbv1', '--method', 'dml', *TINY, '--out', str(out), '--resume'], capsys)
+        one_line_error(code, cap, 'last.pt', 'xml_ref.py wrote')
+        assert (out / 'last.pt').read_bytes() == before
+
+
+def test_a_gpu_index_beyond_the_visible_gpus_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # one GPU, without needing one
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    code, cap = run_cli(['--pair', 'res18,mbv1', *TINY[:4], '--device', 'cuda:3', '--out', str(tmp_path / 'n')],
+                        capsys)
+    one_line_error(code, cap, '--device cuda:3', 'only 1 CUDA GPU')
+    assert not (tmp_path / 'n').exists()
 
 
 def _data_parallel_worker(rank, world, init_file, out_file):

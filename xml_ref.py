@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -291,8 +292,8 @@ def build(name, num_classes=100, width=64):
 
 
 def num_params(module):
-    """Trainable parameters, the count SPEC §2's table gives."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    """Parameters, frozen or not: the count SPEC §2's table gives."""
+    return sum(p.numel() for p in module.parameters())
 
 
 # --------------------------------------------------------------------------------------- splitter
@@ -608,8 +609,8 @@ def distributed():
 def step_optimizers(optimizers):
     """optimizer.step() for each; under torchrun each gradient is first replaced by its mean over
     the ranks (what DistributedDataParallel does; each rank's loss is a mean over its equal share of
-    the batch, so this is the gradient of the mean over the whole batch), one all-reduce of the
-    flattened gradients per optimizer."""
+    the batch, so this is the gradient of the mean over the whole batch, up to BatchNorm normalising
+    each share by its own statistics), one all-reduce of the flattened gradients per optimizer."""
     for opt in optimizers:
         if distributed():
             grads = [p.grad for group in opt.param_groups for p in group['params']
@@ -707,8 +708,9 @@ def eval_batches(images, labels, mean, std, batch_size, device, fast=False):
 @torch.no_grad()
 def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None):
     """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of
-    the ensemble of the pure nets (mean of softmax), and the half-feature distance
-    mean((up_i(x) − up_j(x))²) averaged over net pairs and cuts, on uint8 images N×H×W×3.
+    the ensemble of the pure nets (mean of softmax), and the half-feature distance: the mean of
+    (f_i − f_j)² over all elements of the features of every pair of nets at every cut (for a pair
+    cut once, mean((up_1(x) − up_2(x))²)), on uint8 images N×H×W×3.
     fast: bf16 autocast and channels_last (CUDA). classes: the number of class logits, where the
     down-halves output more (xml+disc's synthesis score, whose accuracy at telling the down-half's
     own up-half from the other's is then reported as 'synthesis')."""
@@ -761,9 +763,11 @@ def path_table(acc, K, P):
 def recalibrate_bn(modules, batches):
     """Re-estimate the BatchNorm running statistics of `modules` (one path's parts, applied in
     order) as the plain average over `batches` of the statistics of the features this path itself
-    produces."""
+    produces. Overwrites the statistics (run it on copies to keep the trained ones); leaves the
+    modules in eval mode."""
     bns = [m for mod in modules for m in mod.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average instead of an exponential one
@@ -772,6 +776,8 @@ def recalibrate_bn(modules, batches):
     for x in batches:
         for mod in modules:
             x = mod(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
     for mod in modules:
         mod.eval()
 
@@ -1032,17 +1038,25 @@ def write_json(path, obj):
 
 
 def load_checkpoint(path):
+    """A checkpoint this script wrote (a dict with the run's 'config'), loaded onto the CPU; a
+    one-line UsageError for any other file."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UsageError(f'cannot read checkpoint {path} ({type(e).__name__}: {e})') from None
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or objects weights_only refuses
+        first = re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().split('\n')[0][:160]
+        raise UsageError(f'cannot read checkpoint {path} ({type(e).__name__}: {first}); give a '
+                         'last.pt or best.pt that xml_ref.py wrote') from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict):
+        raise UsageError(f'{path} is not a checkpoint of xml_ref.py (it holds no run config); give '
+                         'a last.pt or best.pt that xml_ref.py wrote')
+    return ckpt
 
 
 def load_net(path, name, model, index=None):
     """Load into `model` the weights of the net called `name` in a checkpoint this script wrote: the
     one at position `index` if it is called so, else the first."""
     ckpt = load_checkpoint(path)
-    names = ckpt.get('config', {}).get('nets', []) if isinstance(ckpt, dict) else []
+    names = ckpt['config'].get('nets', [])
     if name not in names:
         raise UsageError(f'{path} holds the nets {", ".join(names) or "(none)"}, not {name}; '
                          f'give a checkpoint (last.pt or best.pt) of a run that trained {name}')
@@ -1092,7 +1106,7 @@ def progress_line(rec, total_epochs, seconds_left):
 RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature',
                'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs',
                'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width',
-               'bn_recalib', 'fast', 'sync_bn')
+               'bn_recalib', 'fast', 'sync_bn', 'processes')
 
 
 class Stopped(Exception):
@@ -1488,7 +1502,7 @@ def summarize(run, wall_s):
                'init': {'1': cfg.init1, '2': cfg.init2},
                'teacher': (None if student is None
                            else {'net': 2 - student, 'checkpoint': cfg.teacher}),
-               'student': None if student is None else student + 1, 'processes': run.world,
+               'student': None if student is None else student + 1,
                'params': [[num_params(part) for part in net] for net in run.parts],
                'accuracy': last['accuracy'], 'best_accuracy': run.best['accuracy'],
                'best_epoch': run.best['epoch'],
@@ -1696,7 +1710,7 @@ def check_args(cfg):
 
 def check_device(cfg):
     """--device (default: cuda if there is one), --fast auto → on or off, --sync-bn only under
-    torchrun on GPUs."""
+    torchrun on GPUs; cfg.processes: the number of torchrun processes (1 without torchrun)."""
     cfg.device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         dev = torch.device(cfg.device)
@@ -1705,12 +1719,16 @@ def check_device(cfg):
                          'use cuda, cuda:N or cpu') from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f'--device {cfg.device}: no CUDA GPU is visible; use --device cpu')
+    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f'--device {cfg.device}: only {torch.cuda.device_count()} CUDA GPU(s) are '
+                         f'visible, cuda:0 … cuda:{torch.cuda.device_count() - 1}')
     if cfg.fast == 'on' and dev.type != 'cuda':
         raise UsageError('--fast on needs a CUDA device (CUDA graphs, bf16); '
                          'use --fast off on the CPU')
     cfg.fast = ('on' if cfg.fast == 'auto' and dev.type == 'cuda'
                 else 'off' if cfg.fast == 'auto' else cfg.fast)
-    if cfg.sync_bn and (dev.type != 'cuda' or int(os.environ.get('WORLD_SIZE', 1)) < 2):
+    cfg.processes = int(os.environ.get('WORLD_SIZE', 1))
+    if cfg.sync_bn and (dev.type != 'cuda' or cfg.processes < 2):
         raise UsageError('--sync-bn needs several GPU processes: '
                          'launch with torchrun --nproc_per_node=N on GPUs')
 
@@ -1730,8 +1748,9 @@ def check_out(cfg):
         raise UsageError(f'--out {out} holds a finished run: nothing to resume')
     if cfg.resume and (out / 'last.pt').exists():
         saved = load_checkpoint(out / 'last.pt').get('config', {})
-        # checkpoints written before the warm-up existed had none
+        # checkpoints written before the warm-up existed had none, before 'processes' one process
         saved.setdefault('warmup_epochs', 0)
+        saved.setdefault('processes', 1)
         differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differ:
             k = differ[0]
@@ -1755,7 +1774,7 @@ def check_out(cfg):
 
 def main(argv=None):
     """The command line; returns the exit status: 0 done, 1 diverged, 2 bad input, 128 + N stopped
-    by signal N."""
+    by signal N after a checkpoint (argparse's own errors exit with 2 through SystemExit)."""
     try:
         summary = train(parse_args(argv))
         if not distributed() or dist.get_rank() == 0:
