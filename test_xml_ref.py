@@ -1196,6 +1196,8 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
         cut = 'layer3' if 'mbv1' in pair else 'layer2'
         assert f'## {pair}, cut {cut}, synthetic, 1 epoch, width 8' in md
         assert f'| xml (mean) |' in md
+    assert md.count('re-estimated on its own features (--bn-recalib)') == 2  # both pairs' second cross table
+    assert all(run['bn_recalib'] == 2 and run['recalib']['cross'] for run in results['runs'].values())
     for name in ('res18-mbv1_xml', 'res18-res34_xml', 'res18-res34_xml-mean'):
         run = results['runs'][name]
         by_alpha = {row['alpha']: row for row in run['interpolation']}
