@@ -1378,7 +1378,8 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
     if run.world > 1:  # the mean over ranks; BatchNorm statistics too (each rank saw its own share)
         dist.all_reduce(sums)
         sums /= run.world
-        for m in run.models:
+        # a frozen net's statistics are the same on every rank: left exact, not re-averaged
+        for m in (m for i, m in enumerate(run.models) if i not in run.frozen):
             for buf in m.buffers():
                 if buf.is_floating_point():
                     dist.all_reduce(buf)
