@@ -836,7 +836,7 @@ def torch_schedule(epochs, steps_per_epoch, warmup_epochs, lr=0.1):
     # LinearLR cannot start at exactly 0; 1e-12 · lr is far below any difference the test could confuse
     warm = torch.optim.lr_scheduler.LinearLR(warm_opt, start_factor=1e-12, end_factor=1.0,
                                              total_iters=max(warm_steps, 1))
-    milestones = [round(f * epochs) for f in (0.3, 0.6, 0.8)]
+    milestones = [max(2, round(f * epochs)) for f in (0.3, 0.6, 0.8)]  # a short run's epoch 1 at lr
     steps = torch.optim.lr_scheduler.MultiStepLR(step_opt, milestones=milestones, gamma=0.2)
     by_epoch = []
     for _ in range(epochs):
@@ -852,13 +852,16 @@ def torch_schedule(epochs, steps_per_epoch, warmup_epochs, lr=0.1):
 
 
 @pytest.mark.parametrize('epochs, steps_per_epoch, warmup', [(200, 391, 1), (200, 7, 1), (10, 13, 1), (10, 5, 2),
-                                                             (4, 9, 1), (3, 11, 1), (3, 4, 3), (8, 6, 0)])
+                                                             (4, 9, 1), (3, 11, 1), (3, 4, 3), (8, 6, 0), (1, 5, 0),
+                                                             (2, 5, 0), (4, 5, 0)])
 def test_lr_per_step_equals_torch_linear_warmup_then_multistep(epochs, steps_per_epoch, warmup):
     ours = [X.lr_at(s, steps_per_epoch, epochs, 0.1, warmup) for s in range(epochs * steps_per_epoch)]
     ref = torch_schedule(epochs, steps_per_epoch, warmup)
     for s, (a, b) in enumerate(zip(ours, ref)):
         assert a == pytest.approx(b, rel=1e-9, abs=1e-12), f'step {s} (epoch {s // steps_per_epoch + 1})'
     assert ours[0] == 0.0 if warmup else ours[0] == 0.1
+    if not warmup:  # without a warm-up the first epoch trains at lr itself, however short the run
+        assert ours[:steps_per_epoch] == [0.1] * steps_per_epoch
     if epochs == 200:  # epochs 60, 120, 160 (counted from 1) are the first at the lower lr, as in pytorch-cifar100
         for e, before, after in ((60, 0.1, 0.02), (120, 0.02, 0.004), (160, 0.004, 0.0008)):
             assert ours[(e - 1) * steps_per_epoch - 1] == pytest.approx(before)
@@ -1044,6 +1047,24 @@ def test_resuming_on_another_kind_of_device_is_refused(tmp_path, capsys, monkeyp
     assert (tmp_path / 'r' / 'last.pt').read_bytes() == before
 
 
+def test_a_checkpoint_of_the_older_schedule_is_not_resumed(tmp_path, capsys, monkeypatch):
+    """A last.pt written before the lr milestones moved one epoch earlier (no 'schedule' in its config) would switch
+    schedules in mid-run: refused, the file untouched."""
+    args = ['--pair', 'res18,mbv1', '--method', 'dml', *TINY[:-4], '--batch-size', '64', '--epochs', '2',
+            '--out', str(tmp_path / 'r')]
+    with monkeypatch.context() as m:
+        m.setattr(X, 'progress_line', lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            X.main(args)
+    ckpt = torch.load(tmp_path / 'r' / 'last.pt', weights_only=True)
+    assert ckpt['config']['schedule'] == 'pytorch-cifar100'
+    del ckpt['config']['schedule']
+    torch.save(ckpt, tmp_path / 'r' / 'last.pt')
+    before = (tmp_path / 'r' / 'last.pt').read_bytes()
+    one_line_error(*run_cli([*args, '--resume'], capsys), 'older xml_ref.py', '--force')
+    assert (tmp_path / 'r' / 'last.pt').read_bytes() == before
+
+
 BAD_INPUTS = [
     (['--pair', 'res18,vgg16'], 'unknown model'),
     (['--method', 'distill'], 'invalid choice'),
@@ -1102,7 +1123,8 @@ def fake_summary(root, name, method='xml', seed=0, cross=((60.0, 40.0), (50.0, 3
          'path_weights': 'sum', 'paths_per_step': None, 'temperature': 1.0, 'l2_weight': 1.0, 'adv_weight': 0.1,
          'frozen': [], 'teacher': None, 'hint_epochs': 0, 'epochs': 8, 'warmup_epochs': 1, 'batch_size': 128,
          'lr': 0.1, 'momentum': 0.9, 'weight_decay': 5e-4, 'seed': seed, 'dataset': 'folder', 'width': 16,
-         'bn_recalib': 0, 'fast': 'off', 'sync_bn': False, 'accuracy': [cross[0][0], cross[1][1]],
+         'bn_recalib': 0, 'fast': 'off', 'sync_bn': False, 'schedule': X.SCHEDULE,
+         'accuracy': [cross[0][0], cross[1][1]],
          'best_accuracy': [cross[0][0] + 1, cross[1][1] + 1], 'cross': [list(r) for r in cross], 'ensemble': 55.0,
          'feature_distance': 0.5, 'recalib': None, 'device': 'cpu (2 threads)', 'torch': '2', 'date': '2026-11-29',
          'wall_s': 60.0, 'command': f'python xml_ref.py {name}', **settings}
@@ -1120,6 +1142,7 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
     fake_summary(runs, 'dml', method='dml', cross=((66.0, 6.0), (7.0, 55.0)))
     fake_summary(runs, 'xml_r1', paths_per_step=1, cross=((1.0, 2.0), (3.0, 4.0)))
     fake_summary(runs, 'xml_cut2', cut='layer2', cross=((5.0, 6.0), (7.0, 8.0)))
+    fake_summary(runs, 'xml_old', schedule=None, cross=((20.0, 21.0), (22.0, 23.0)))  # before the milestone fix
     R.report(runs, tmp_path / 'out')
     md = (tmp_path / 'out' / 'RESULTS.md').read_text()
     rows = {}  # the first line of each label: its row of the accuracy table
@@ -1132,7 +1155,8 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
     assert '| xml, 1 crossed paths a step | 1.00 / 2.00 | 4.00 / 5.00 |' in md
     assert '## res18,mbv1, cut layer2, folder, 8 epochs, width 16' in md  # another cut: another table
     assert '| xml | 5.00 / 6.00 | 8.00 / 9.00 |' in md
-    for label in ('xml, sequential update', 'xml, warm-up 0 epochs', 'xml, BN recalibrated on 4 batches', 'dml'):
+    for label in ('xml, sequential update', 'xml, warm-up 0 epochs', 'xml, BN recalibrated on 4 batches', 'dml',
+                  'xml, lr × 0.2 one epoch after each milestone (code before 2026-11-29)'):
         lines = sum(line.startswith(f'| {label} |') for line in md.split('## res18,mbv1, cut layer2')[0].splitlines())
         assert lines == (3 if 'recalib' in label else 2), label  # accuracy, cross pairings (, recalibrated)
     cross = [line for line in md.splitlines() if line.startswith('| dml | 66.00 |')]
@@ -1141,7 +1165,7 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
     assert 'Shared by these runs:' in md and 'simultaneous update' not in md.split('Shared by these runs:')[1][:200]
     results = json.loads((tmp_path / 'out' / 'results.json').read_text())
     assert set(results['runs']) == {'xml_s0', 'xml_s1', 'xml_seq', 'xml_warm0', 'xml_recalib', 'dml', 'xml_r1',
-                                    'xml_cut2'}
+                                    'xml_cut2', 'xml_old'}
     pooled = next(r for r in results['rows'] if r['label'] == 'xml')
     assert pooled['seeds'] == [0, 1] and pooled['accuracy'][0] == pytest.approx([61.0, math.sqrt(2)])
 

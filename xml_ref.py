@@ -46,6 +46,9 @@ import torch.nn.functional as F
 # (4 px padding), flip.
 RECIPE = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
               lr_decay=0.2, milestones=(0.3, 0.6, 0.8), warmup_epochs=1)
+# The schedule's convention, recorded in every checkpoint and summary: runs before 2026-11-29 have
+# none; their lr dropped one epoch after each milestone, and they are not resumed by this code.
+SCHEDULE = 'pytorch-cifar100'
 PAD = 4
 METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2', 'xml+disc', 'xml+gan')
 PAIR_ONLY = ('kd', 'fitnet', 'xml+disc', 'xml+gan')  # defined for two nets cut once
@@ -1007,13 +1010,14 @@ def cost_table(rows):
 def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
     """The recipe's learning rate at `step` (0-based, counted from the start of training): lr·s/S
     at step s of the first warm-up epochs' S steps (SPEC §4), then in epoch e = 1, 2, … lr × 0.2
-    per milestone m ≤ e, m = 30, 60 and 80 % of the epochs (60, 120, 160 of 200). As in
+    per milestone m ≤ e, m = 30, 60 and 80 % of the epochs (60, 120, 160 of 200), at least 2. As in
     pytorch-cifar100, which calls MultiStepLR.step(e) before epoch e: epoch 60 trains at lr × 0.2."""
     warmup_steps = warmup_epochs * steps_per_epoch
     if step < warmup_steps:
         return lr * step / warmup_steps
     epoch = step // steps_per_epoch + 1  # counted from 1, as the codebase counts
-    drops = sum(epoch >= round(f * epochs) for f in RECIPE['milestones'])
+    # never before epoch 2: a short run's first epoch trains at lr
+    drops = sum(epoch >= max(2, round(f * epochs)) for f in RECIPE['milestones'])
     return lr * RECIPE['lr_decay'] ** drops
 
 
@@ -1106,7 +1110,7 @@ def progress_line(rec, total_epochs, seconds_left):
 RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature',
                'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs',
                'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width',
-               'bn_recalib', 'fast', 'sync_bn', 'processes')
+               'bn_recalib', 'fast', 'sync_bn', 'processes', 'schedule')
 
 
 class Stopped(Exception):
@@ -1581,7 +1585,7 @@ def make_parser():
                      help='start net 2 from the net of that name in a checkpoint')
     recipe = p.add_argument_group('the recipe (SPEC §4)')
     recipe.add_argument('--epochs', type=int, default=RECIPE['epochs'],
-                        help='training epochs; the lr drops × 0.2 from 30, 60 and 80 %% of them on')
+                        help='training epochs; lr × 0.2 from the epochs at 30, 60 and 80 %% of them on')
     recipe.add_argument('--warmup-epochs', type=int, default=RECIPE['warmup_epochs'], metavar='W',
                         help='linear per-step lr warm-up over the first W epochs of each stage '
                              '(0: none)')
@@ -1703,6 +1707,7 @@ def check_args(cfg):
         raise UsageError(f'--data-dir {cfg.data_dir} is not a directory; --dataset folder needs '
                          f'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
     check_device(cfg)
+    cfg.schedule = SCHEDULE
     cfg.out = cfg.out or (f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}'
                           f'_seed{cfg.seed}')
     check_out(cfg)
@@ -1728,7 +1733,8 @@ def check_device(cfg):
                          'use --fast off on the CPU')
     cfg.fast = ('on' if cfg.fast == 'auto' and dev.type == 'cuda'
                 else 'off' if cfg.fast == 'auto' else cfg.fast)
-    cfg.processes = int(os.environ.get('WORLD_SIZE', 1))
+    cfg.processes = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
+                     else int(os.environ.get('WORLD_SIZE', 1)))
     if cfg.sync_bn and (dev.type != 'cuda' or cfg.processes < 2):
         raise UsageError('--sync-bn needs several GPU processes: '
                          'launch with torchrun --nproc_per_node=N on GPUs')
@@ -1752,6 +1758,10 @@ def check_out(cfg):
         # checkpoints written before the warm-up existed had none, before 'processes' one process
         saved.setdefault('warmup_epochs', 0)
         saved.setdefault('processes', 1)
+        if saved.get('schedule') != cfg.schedule:
+            raise UsageError(f'--resume: {out}/last.pt was written by an older xml_ref.py, whose lr '
+                             'dropped one epoch after each milestone; finish it with that version '
+                             'or start over with --force')
         differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differ:
             k = differ[0]

@@ -25,7 +25,7 @@ M = [  # (name, file, old, new, -k expression)
  ('swapped interpolation', 'xml_ref.py', "h = a * f1 + (1 - a) * f2", "h = (1 - a) * f1 + a * f2", 'interpolation'),
  ('interpolation off at a≠0,1', 'xml_ref.py', "h = a * f1 + (1 - a) * f2", "h = a * f1 + (1 - a) * f2 if a in (0, 1) else f1", 'interpolation'),
  ('crop range 0..2pad-1', 'xml_ref.py', "top = torch.randint(0, 2 * pad + 1, (n, 1)", "top = torch.randint(0, 2 * pad, (n, 1)", 'augment'),
- ('milestone off by one epoch', 'xml_ref.py', "drops = sum(epoch >= round(f * epochs)", "drops = sum(epoch > round(f * epochs)", 'lr_per_step or schedule'),
+ ('milestone off by one epoch', 'xml_ref.py', "drops = sum(epoch >= max(2, round(f * epochs))", "drops = sum(epoch > max(2, round(f * epochs))", 'lr_per_step or schedule'),
  ('warm-up off by one step', 'xml_ref.py', "return lr * step / warmup_steps", "return lr * (step + 1) / warmup_steps", 'lr_per_step or schedule'),
  ('lr set once an epoch', 'xml_ref.py', "        if lr_now != lr:", "        if lr is None:", 'schedule_is_what or resumed_inside'),
  ('resume drops optimizer state', 'xml_ref.py', "        if opt is not None:\n            opt.load_state_dict(state)", "        if opt is None:\n            opt.load_state_dict(state)", 'killed or resume_continues'),
@@ -58,6 +58,8 @@ M = [  # (name, file, old, new, -k expression)
  ('any pickle taken for a checkpoint', 'xml_ref.py', "    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict):", "    if False:", 'no_checkpoint'),
  ('GPU index unchecked', 'xml_ref.py', "    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():", "    if False:", 'gpu_index'),
  ('resume ignores the process count', 'xml_ref.py', "'bn_recalib', 'fast', 'sync_bn', 'processes')", "'bn_recalib', 'fast', 'sync_bn')", 'resume_refuses'),
+ ('short runs start below lr', 'xml_ref.py', "drops = sum(epoch >= max(2, round(f * epochs))", "drops = sum(epoch >= round(f * epochs)", 'lr_per_step'),
+ ('resume across the schedule change', 'xml_ref.py', "        if saved.get('schedule') != cfg.schedule:", "        if False:", 'older_schedule'),
  ('bn_recalib tool: no recalibration', 'tools/bn_recalib.py', "recalibrated = X.evaluate_recalibrated(", "recalibrated = trained if 1 else X.evaluate_recalibrated(", 'bn_recalib_tool'),
 ]
 only = sys.argv[1:]

@@ -30,6 +30,9 @@ DECK = {'res18,mbv1': {'accuracy': {'independent': [74.0, 62.6], 'dml': [74.3, 6
 SETTINGS = {'path_weights': ('sum', 'sum', lambda v: f'{v} over paths'),
             'update': ('simultaneous', 'simultaneous', lambda v: f'{v} update'),
             'warmup_epochs': (0, 1, lambda v: f'warm-up {v} epoch' + ('s' if v != 1 else '')),
+            'schedule': (None, X.SCHEDULE, lambda v: ('lr × 0.2 from each milestone epoch on' if v == X.SCHEDULE
+                                                      else 'lr × 0.2 one epoch after each milestone (code before '
+                                                           '2026-11-29)')),
             'temperature': (1.0, 1.0, lambda v: f'T {v:g}'),
             'l2_weight': (1.0, 1.0, lambda v: f'λ {v:g}'),
             'adv_weight': (0.1, 0.1, lambda v: f'adversarial weight {v:g}'),
