@@ -57,7 +57,7 @@ M = [  # (name, file, old, new, -k expression)
  ('checkpoint error over several lines', 'xml_ref.py', ".strip().split('\\n')[0][:160]", "", 'no_checkpoint'),
  ('any pickle taken for a checkpoint', 'xml_ref.py', "    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict):", "    if False:", 'no_checkpoint'),
  ('GPU index unchecked', 'xml_ref.py', "    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():", "    if False:", 'gpu_index'),
- ('resume ignores the process count', 'xml_ref.py', "'bn_recalib', 'fast', 'sync_bn', 'processes')", "'bn_recalib', 'fast', 'sync_bn')", 'resume_refuses'),
+ ('resume ignores the process count', 'xml_ref.py', "'sync_bn', 'processes', 'schedule')", "'sync_bn', 'schedule')", 'resume_refuses'),
  ('short runs start below lr', 'xml_ref.py', "drops = sum(epoch >= max(2, round(f * epochs))", "drops = sum(epoch >= round(f * epochs)", 'lr_per_step'),
  ('resume across the schedule change', 'xml_ref.py', "        if saved.get('schedule') != cfg.schedule:", "        if False:", 'older_schedule'),
  ('bn_recalib tool: no recalibration', 'tools/bn_recalib.py', "recalibrated = X.evaluate_recalibrated(", "recalibrated = trained if 1 else X.evaluate_recalibrated(", 'bn_recalib_tool'),
