@@ -7,7 +7,9 @@ xml with mean path weights, on CIFAR-10 JPEGs with the deck's recipe, all in ONE
 Why one process: decoding the 60k JPEGs takes about 12 s and xml_ref.load_data is lru_cached, so the
 runs share one decode (and cuDNN's benchmark cache). Each run trains into RUNS/<name> through
 xml_ref.main([... --resume]): a finished run (summary.json there) is skipped, a stopped one
-continues from its last.pt.
+continues from its last.pt. After each finished run, every path is evaluated once more with its
+own BatchNorm statistics (tools/bn_recalib.py, 20 batches, a few seconds on a GPU): the numbers
+that say whether XML loses to its down-halves' mixed statistics (README, Results).
 
 Time: at --deadline-s the process sends itself SIGTERM; xml_ref then stops the run in progress after
 its epoch's checkpoint (exit status 143), and no further run starts; nor does one with less than
@@ -32,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
+from tools.bn_recalib import study  # noqa: E402
 
 PAIRS = ('res18,res34', 'res18,mbv1')
 # The most valuable first: XML and its independent baseline on both pairs, then DML (the deck's
@@ -127,6 +130,18 @@ def describe(rec, run_dir):
     return rec
 
 
+def recalibrate(run_dir, batches=20):
+    """Every path's top-1 as trained and with its own BatchNorm statistics (tools/bn_recalib.py on the
+    run's last.pt): under XML a down-half's running statistics mix both up-halves' features."""
+    try:
+        result = study(run_dir, batches)
+    except Exception:  # the runs matter more than this study: note it and go on
+        traceback.print_exc()
+        return {'recalibrated': None}
+    return {'paths_trained': result['trained'], 'recalibrated': result['recalibrated'],
+            'recalib_batches': batches}
+
+
 def bundle(out, runs_dir, names):
     """OUT/runs.tar.gz: <name>/summary.json and <name>/metrics.jsonl of every run that has them;
     written under a temporary name and renamed, so a kill mid-write leaves the previous bundle."""
@@ -147,10 +162,12 @@ def row(r, epochs):
     cells = [r['name'], r['status'], f'{r.get("epochs_done", 0)}/{epochs}']
     if 'ensemble' in r:
         cross = ' \\| '.join(acc(up) for up in r['cross']) if r.get('cross') else '–'
+        paths = r.get('recalibrated')
+        recalibrated = ' / '.join(f'{k} {v:.2f}' for k, v in paths.items()) if paths else '–'
         cells += [acc(r['accuracy']), acc(r['best_accuracy']), f'{r["ensemble"]:.2f}', cross,
-                  f'{r["img_per_s"]:,.0f}', f'{r["epoch_s"]:.1f}']
+                  recalibrated, f'{r["img_per_s"]:,.0f}', f'{r["epoch_s"]:.1f}']
     else:
-        cells += ['–'] * 6
+        cells += ['–'] * 7
     return '| ' + ' | '.join(cells + [f'{r.get("seconds", 0):.0f}']) + ' |'
 
 
@@ -163,9 +180,11 @@ def table(records, args, started):
              f'{epochs}, width {args.width}, seed 0, warm-up 1 epoch, --dataset '
              f'{args.dataset} {args.data_dir}; extra arguments: {extra}. Top-1 (%): net 1 / net 2; '
              'best: over the epochs trained; cross (last epoch, rows as summary.json\'s): '
-             'up1→down1 / up1→down2 \\| up2→down1 / up2→down2; img/s: training, epochs 2+.', '',
-             '| run | status | epochs | top-1 last | top-1 best | ensemble | cross | img/s | '
-             's/epoch | this command s |', '|---|---|---|---|---|---|---|---|---|---|']
+             'up1→down1 / up1→down2 \\| up2→down1 / up2→down2; BN re-estimated: every path (a-b: '
+             'up a → down b) with its BatchNorm statistics re-estimated on 20 training batches of its '
+             'own features (tools/bn_recalib.py); img/s: training, epochs 2+.', '',
+             '| run | status | epochs | top-1 last | top-1 best | ensemble | cross | BN re-estimated | '
+             'img/s | s/epoch | this command s |', '|---|---|---|---|---|---|---|---|---|---|---|']
     return '\n'.join(lines + [row(r, args.epochs) for r in records]) + '\n'
 
 
@@ -232,6 +251,8 @@ def main(argv=None):
             continue
         records[k] = describe(train_one(name, argv, runs_dir / name), runs_dir / name)
         r = records[k]
+        if r['status'].startswith('done'):
+            r.update(recalibrate(runs_dir / name))
         print(f'=== {name}: {r["status"]} (exit {r["rc"]}, {r["seconds"]:.0f} s; '
               f'{time.time() - started:.0f} s into the phase) ===', flush=True)
         bundle(out, runs_dir, names)
