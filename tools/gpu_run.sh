@@ -34,7 +34,8 @@
 #   res18,mbv1 xml (sum, mean)    3.3 + 1.8 = 5.1 s    (15,133 img/s)
 #   res18,mbv1 dml, independent   2.8 + 1.8 = 4.6 s    (not benchmarked; ~18k img/s assumed)
 # So 46 s per epoch of all 8 runs, and about 6 s per run besides (cuDNN autotuning, CUDA-graph
-# capture, the final latency table). 15 epochs: 8 × 6 + 15 × 46 = 740 s of training alone, more
+# capture, the final latency table), plus a guessed 3 s per finished run for the per-path BatchNorm
+# re-estimation (4 paths × 20 batches, then the test set per path; tools/gpu_runs.py). 15 epochs: 8 × 6 + 15 × 46 = 740 s of training alone, more
 # than one 10-minute command holds with the tests. So EPOCHS defaults to 8 (cut from the 15
 # for that reason): 416 s of training, plus the tests (~45 s), unpacking (~3 s) and decoding the
 # JPEGs (~12 s, once): phase 1 ≈ 8 min. EPOCHS=6: ≈ 6.5 min; EPOCHS=10: ≈ 9.7 min (the last run
