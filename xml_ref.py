@@ -1010,8 +1010,9 @@ def cost_table(rows):
 def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
     """The recipe's learning rate at `step` (0-based, counted from the start of training): lr·s/S
     at step s of the first warm-up epochs' S steps (SPEC §4), then in epoch e = 1, 2, … lr × 0.2
-    per milestone m ≤ e, m = 30, 60 and 80 % of the epochs (60, 120, 160 of 200), at least 2. As in
-    pytorch-cifar100, which calls MultiStepLR.step(e) before epoch e: epoch 60 trains at lr × 0.2."""
+    per milestone m ≤ e, m = 30, 60 and 80 % of the epochs (60, 120, 160 of 200), at least 2. As
+    in pytorch-cifar100, which calls MultiStepLR.step(e) before epoch e: epoch 60 trains at
+    lr × 0.2."""
     warmup_steps = warmup_epochs * steps_per_epoch
     if step < warmup_steps:
         return lr * step / warmup_steps
@@ -1585,7 +1586,8 @@ def make_parser():
                      help='start net 2 from the net of that name in a checkpoint')
     recipe = p.add_argument_group('the recipe (SPEC §4)')
     recipe.add_argument('--epochs', type=int, default=RECIPE['epochs'],
-                        help='training epochs; lr × 0.2 from the epochs at 30, 60 and 80 %% of them on')
+                        help='training epochs; lr × 0.2 from the epochs at 30, 60 and 80 %% of '
+                             'them on')
     recipe.add_argument('--warmup-epochs', type=int, default=RECIPE['warmup_epochs'], metavar='W',
                         help='linear per-step lr warm-up over the first W epochs of each stage '
                              '(0: none)')
@@ -1759,9 +1761,9 @@ def check_out(cfg):
         saved.setdefault('warmup_epochs', 0)
         saved.setdefault('processes', 1)
         if saved.get('schedule') != cfg.schedule:
-            raise UsageError(f'--resume: {out}/last.pt was written by an older xml_ref.py, whose lr '
-                             'dropped one epoch after each milestone; finish it with that version '
-                             'or start over with --force')
+            raise UsageError(f'--resume: {out}/last.pt was written by an older xml_ref.py, whose '
+                             'lr dropped one epoch after each milestone; finish it with that '
+                             'version or start over with --force')
         differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differ:
             k = differ[0]
