@@ -1032,7 +1032,14 @@ def test_the_default_temperature_is_4_for_kd_and_fitnet_else_1(method, T, tmp_pa
                          str(tmp_path / 'o')]).temperature == 2.0
 
 
-def test_resuming_on_another_kind_of_device_is_refused(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('edit, words', [
+    (lambda config: config.update(device='cuda'), ('written on cuda', '--device cuda')),  # as if written on a GPU
+    (lambda config: config.pop('schedule'), ('older xml_ref.py', '--force')),  # as before the milestone fix
+], ids=['another_kind_of_device', 'older_schedule'])
+def test_resuming_a_checkpoint_that_would_change_the_run_is_refused(edit, words, tmp_path, capsys, monkeypatch):
+    """A last.pt written on another kind of device (its data order comes from that device's generator) or before
+    the lr milestones moved one epoch earlier (no 'schedule' in its config; the schedule would switch in mid-run):
+    refused in one line, the file untouched."""
     args = ['--pair', 'res18,mbv1', '--method', 'xml', *TINY[:-4], '--batch-size', '64', '--epochs', '2',
             '--out', str(tmp_path / 'r')]
     with monkeypatch.context() as m:
@@ -1040,28 +1047,11 @@ def test_resuming_on_another_kind_of_device_is_refused(tmp_path, capsys, monkeyp
         with pytest.raises(KeyboardInterrupt):
             X.main(args)
     ckpt = torch.load(tmp_path / 'r' / 'last.pt', weights_only=True)
-    ckpt['config']['device'] = 'cuda'  # as if written on a GPU
+    assert ckpt['config']['schedule'] == 'pytorch-cifar100' and ckpt['config']['device'] == 'cpu'
+    edit(ckpt['config'])
     torch.save(ckpt, tmp_path / 'r' / 'last.pt')
     before = (tmp_path / 'r' / 'last.pt').read_bytes()
-    one_line_error(*run_cli([*args, '--resume'], capsys), 'written on cuda', '--device cuda')
-    assert (tmp_path / 'r' / 'last.pt').read_bytes() == before
-
-
-def test_a_checkpoint_of_the_older_schedule_is_not_resumed(tmp_path, capsys, monkeypatch):
-    """A last.pt written before the lr milestones moved one epoch earlier (no 'schedule' in its config) would switch
-    schedules in mid-run: refused, the file untouched."""
-    args = ['--pair', 'res18,mbv1', '--method', 'dml', *TINY[:-4], '--batch-size', '64', '--epochs', '2',
-            '--out', str(tmp_path / 'r')]
-    with monkeypatch.context() as m:
-        m.setattr(X, 'progress_line', lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-        with pytest.raises(KeyboardInterrupt):
-            X.main(args)
-    ckpt = torch.load(tmp_path / 'r' / 'last.pt', weights_only=True)
-    assert ckpt['config']['schedule'] == 'pytorch-cifar100'
-    del ckpt['config']['schedule']
-    torch.save(ckpt, tmp_path / 'r' / 'last.pt')
-    before = (tmp_path / 'r' / 'last.pt').read_bytes()
-    one_line_error(*run_cli([*args, '--resume'], capsys), 'older xml_ref.py', '--force')
+    one_line_error(*run_cli([*args, '--resume'], capsys), *words)
     assert (tmp_path / 'r' / 'last.pt').read_bytes() == before
 
 
