@@ -11,20 +11,20 @@
 # `--` is passed to every training run (e.g. -- --batch-size 256 --device cuda:1).
 # Runs: both pairs (res18,mbv1 and res18,res34) × independent, dml, xml, xml+l2, xml with --path-weights
 # mean, then kd and fitnet with the pair's independently trained larger net as teacher; the interpolation
-# study of every xml run. Every run is evaluated twice (--bn-recalib 20; 2 with --quick): with the BatchNorm
-# statistics as trained and with each path's statistics re-estimated on 20 training batches of its own
-# features (SPEC §3; README: why XML needs both).
+# study of every xml run. Every run reports every path twice: with the shared BatchNorm statistics (the
+# deck's plain BatchNorm) and with each path's own statistics, kept apart during training (README,
+# "BatchNorm": why XML needs both).
 # Resumable: a finished run (its summary.json exists) is skipped, an interrupted one resumes from last.pt.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-dataset=cifar100 data_dir=data epochs=200 recalib=20 runs='' results=results extra=()
+dataset=cifar100 data_dir=data epochs=200 runs='' results=results extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) dataset=$2; shift 2
                if [ "$dataset" = folder ]; then data_dir=${1:?--dataset folder needs a directory}; shift; fi ;;
     --epochs) epochs=$2; shift 2 ;;
-    --quick) dataset=synthetic epochs=1 recalib=2 extra+=(--width 8); shift ;;
+    --quick) dataset=synthetic epochs=1 extra+=(--width 8); shift ;;
     --runs) runs=$2; shift 2 ;;
     --results) results=$2; shift 2 ;;
     --) shift; extra+=("$@"); break ;;
@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 runs=${runs:-runs/reproduce-$dataset}
-common=(--dataset "$dataset" --data-dir "$data_dir" --epochs "$epochs" --bn-recalib "$recalib" "${extra[@]}")
+common=(--dataset "$dataset" --data-dir "$data_dir" --epochs "$epochs" "${extra[@]}")
 
 train() {  # train NAME ARGS...: one run in $runs/NAME, skipped when finished, resumed when interrupted
   local dir=$runs/$1; shift

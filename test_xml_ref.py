@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch.distributions import Categorical, kl_divergence
 
 import xml_ref as X
-from tools import bench as B, bn_recalib as BN, grad_norms as GN, interpolate as I, report as R
+from tools import bench as B, bn_recalib as BN, export_path as EP, grad_norms as GN, interpolate as I, report as R
 
 HERE = Path(__file__).resolve().parent
 FAST = settings(max_examples=25, deadline=None)
@@ -452,6 +452,155 @@ def test_batchnorm_statistics_updated_once_per_distinct_input(method, update):
             torch.testing.assert_close(buf, rbuf, rtol=1e-12, atol=1e-12, msg=name)
 
 
+# --------------------------------------------------------------- BatchNorm: each path's own statistics
+@pytest.mark.parametrize('method, update', [('xml', 'simultaneous'), ('xml', 'sequential'), ('dml', 'simultaneous'),
+                                            ('independent', 'simultaneous')])
+def test_own_statistics_are_an_ordinary_batchnorm_per_source_and_change_nothing_else(method, update):
+    """After three SGD steps each set equals what an ordinary BatchNorm (momentum 0.1) holds after normalising
+    the same sources' features at each step's weights; with or without the sets, weights, losses and shared
+    statistics are bitwise the same. xml: every down-half reads both up-halves, so all four sets are updated;
+    dml and independent: only each net's own (the crossed sets stay unused: fallback)."""
+    models, x, y = pair_setup(seed=3)
+    plain = copy.deepcopy(models)
+    hs, hs_plain = halves(models), halves(plain)
+    own = X.OwnBatchNorm(hs)
+    assert set(own.sets) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    reads = {(a, b) for a in range(2) for b in range(2) if method == 'xml' or a == b}
+    refs = {q: copy.deepcopy(hs[q[1]][1]) for q in reads}  # per source: a copy of down_b with its own buffers
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    opts_plain = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in plain]
+    g = torch.Generator().manual_seed(9)
+    for step in range(3):
+        xs = x * (1 + step) + torch.randn(x.shape, generator=g, dtype=x.dtype)  # other statistics every step
+        with torch.no_grad():
+            ups = [copy.deepcopy(hs[a][0]).train()(xs) for a in range(2)]
+            for (a, b), ref in refs.items():
+                ref.load_state_dict({**ref.state_dict(), **dict(hs[b][1].named_parameters())})
+                ref.train()(ups[a])
+        losses = X.train_step(hs, opts, xs, y, method, update, own_bn=own)
+        expected = X.train_step(hs_plain, opts_plain, xs, y, method, update)
+        assert all(torch.equal(losses[i], expected[i]) for i in range(2))
+    for m, p in zip(models, plain):
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), p.state_dict().values()))
+    for q in own.sets:
+        assert own.updated[q] == (q in reads), q
+        if q not in reads:  # never run in training: still its start, the shared statistics of the start
+            continue
+        ref_bns = [m for m in refs[q].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(ref_bns) == len(own.sets[q]) > 0
+        for bn, (mean, var) in zip(ref_bns, own.sets[q]):
+            torch.testing.assert_close(mean, bn.running_mean, rtol=1e-10, atol=1e-12, msg=str(q))
+            torch.testing.assert_close(var, bn.running_var, rtol=1e-10, atol=1e-12, msg=str(q))
+    if method == 'xml':  # a down-half's shared statistics mix two sources: neither own set equals them
+        shared = [m.running_mean for m in hs[1][1].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert not torch.allclose(own.sets[(0, 1)][0][0], shared[0], rtol=1e-3)
+        assert not torch.allclose(own.sets[(1, 1)][0][0], shared[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize('method', ['independent', 'dml'])
+def test_own_statistics_of_pure_paths_equal_the_shared_ones_where_one_source_feeds_a_part(method):
+    """independent and dml run each down-half on its own up-half only: its own set is its shared statistics,
+    bitwise, so every pure path scores the same both ways; the crossed paths were never trained and fall back."""
+    models, x, y = pair_setup(seed=4)
+    hs = halves(models)
+    own = X.OwnBatchNorm(hs)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for step in range(3):
+        X.train_step(hs, opts, x * (step + 1), y, method, own_bn=own)
+    for i in range(2):
+        bns = [m for m in hs[i][1].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(torch.equal(m, bn.running_mean) and torch.equal(v, bn.running_var)
+                   for bn, (m, v) in zip(bns, own.sets[(i, i)]))
+    data = X.synthetic_data(8, 64, size=16)
+    mean, std = X.channel_stats(data.train_x)
+    for m in models:
+        m.float()
+    r = X.evaluate(hs, data.test_x, data.test_y, mean, std, own_bn=own)
+    assert r['own_bn']['accuracy'] == r['accuracy'] and r['own_bn']['paths'] == r['paths']
+    assert r['own_bn']['fallback'] == ['1-2', '2-1']
+
+
+def test_evaluation_with_own_statistics_is_each_path_alone_with_its_set_and_leaves_the_shared_ones():
+    """evaluate(own_bn=…) scores path a-b as an ordinary net (copies of up_a and down_b) whose down-half carries
+    set (a, b) in its running buffers; the shared buffers are back in place afterwards."""
+    models, x, y = pair_setup(seed=6)
+    hs = halves(models)
+    own = X.OwnBatchNorm(hs)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    for step in range(4):
+        X.train_step(hs, opts, x + step, y, 'xml', own_bn=own)
+    for m in models:
+        m.float()
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    data = X.synthetic_data(8, 200, size=16)
+    mean, std = X.channel_stats(data.train_x)
+    r = X.evaluate(hs, data.test_x, data.test_y, mean, std, own_bn=own)
+    for m, state in zip(models, before):
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    for a in range(2):
+        for b in range(2):
+            down = copy.deepcopy(hs[b][1])
+            for bn, (mean_, var) in zip([m for m in down.modules() if isinstance(m, torch.nn.BatchNorm2d)],
+                                        own.sets[(a, b)]):
+                bn.running_mean.copy_(mean_)
+                bn.running_var.copy_(var)
+            alone = X.evaluate([[copy.deepcopy(hs[a][0]), down]], data.test_x, data.test_y, mean, std)
+            assert r['own_bn']['cross'][a][b] == alone['accuracy'][0], (a, b)
+    assert r['own_bn']['cross'] != r['cross']  # so that an evaluation ignoring the sets fails
+
+
+def test_three_nets_three_parts_keep_one_set_per_prefix_and_sampled_paths_update_only_theirs():
+    """Part k of net i keeps a set for each prefix of k nets that feeds it (3 per middle part, 9 per last); with
+    sampled paths exactly the prefixes of the drawn paths are updated, the others keep their start."""
+    models, parts = three_nets(seed=2)
+    own = X.OwnBatchNorm(parts)
+    assert len(own.sets) == 9 + 27
+    assert {q for q in own.sets if len(q) == 2 and q[-1] == 1} == {(0, 1), (1, 1), (2, 1)}
+    start = {q: [t.clone() for pair in s for t in pair] for q, s in own.sets.items()}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(10, (4,), generator=g)
+    paths = X.step_paths('xml', 3, 3, paths_per_step=2, rng=__import__('random').Random(3))
+    X.train_step(parts, [torch.optim.SGD(m.parameters(), lr=0.01) for m in models], x, y, 'xml', paths=paths,
+                 own_bn=own)
+    drawn = {p[:k] for p in paths for k in (2, 3)}
+    assert {q for q, u in own.updated.items() if u} == drawn
+    for q, s in own.sets.items():
+        same = all(torch.equal(t, u) for t, u in zip((t for pair in s for t in pair), start[q]))
+        assert same == (q not in drawn), q
+
+
+def test_own_statistics_agree_with_re_estimation_on_the_same_features_within_their_sampling_noise():
+    """Weights fixed (no optimizer step), 60 training forwards: each own set is the exponential average
+    (momentum 0.1, about 19 batches' worth) of its batch statistics, and tools/bn_recalib.py's re-estimate the
+    plain average over 20 other batches of the same distribution. Both estimate the same expectation, so they
+    differ by sampling noise only: every channel within 8 standard errors of the difference, estimated from the
+    spread of the batch statistics themselves, plus what is left of the set's start (0.9^60). 8, not 3: the batch
+    statistics of the small late layers are skewed, and over the ~2,500 channels of the four paths the largest
+    reaches 5–6 (seeds 1–8); a set fed the wrong source is off by hundreds. Seeded: the same verdict everywhere."""
+    models, _, _ = pair_setup(seed=8)
+    hs = halves(models)
+    own = X.OwnBatchNorm(hs)
+    g = torch.Generator().manual_seed(1)
+    draw = lambda: torch.randn(16, 3, 16, 16, generator=g, dtype=torch.float64) * 2 + 0.5
+    with torch.no_grad():
+        for _ in range(60):
+            X.run_paths(hs, draw(), X.all_paths(2, 2), own.track)
+    batches = [draw() for _ in range(20)]
+    for a in range(2):
+        for b in range(2):
+            copies = [copy.deepcopy(hs[a][0]), copy.deepcopy(hs[b][1])]
+            stats = bn_batch_stats([copy.deepcopy(c) for c in copies], batches)[-len(own.sets[(a, b)]):]
+            BN.recalibrate_bn(copies, batches)
+            bns = [m for m in copies[1].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            for k, (bn, (mean, var)) in enumerate(zip(bns, own.sets[(a, b)])):
+                for got, want, seen, start in ((mean, bn.running_mean, stats[k][0], 0.0),
+                                               (var, bn.running_var, stats[k][1], 1.0)):
+                    # noise of both averages, and what is left of the set's start after 60 steps (0.9^60)
+                    bound = 8 * seen.std(0) * math.sqrt(1 / 19 + 1 / 20) + 0.9 ** 60 * (want - start).abs()
+                    assert ((got - want).abs() <= bound + 1e-9).all(), (a, b, k)
+                assert not torch.equal(mean, bn.running_mean)  # two estimates, not one copied
+
+
 # --------------------------------------------------------------------------- training on synthetic
 def fixed_batch(size=16, n=32):
     data = X.synthetic_data(n, 8, num_classes=10, size=size, seed=1)
@@ -634,7 +783,7 @@ def test_bf16_step_stays_close_to_the_fp32_step():
 @CUDA
 def test_cli_fast_path_trains_on_cuda(tmp_path, capsys):
     args = ['--pair', 'res18,mbv1', '--method', 'xml', '--dataset', 'synthetic', '--width', '16', '--epochs', '3',
-            '--batch-size', '64', '--fast', 'on', '--bn-recalib', '2']
+            '--batch-size', '64', '--fast', 'on']
     assert run_cli([*args, '--out', str(tmp_path / 'a')], capsys)[0] == 0
     summary = json.loads((tmp_path / 'a' / 'summary.json').read_text())
     assert summary['fast'] == 'on' and summary['device'] != 'cpu'
@@ -693,6 +842,74 @@ def test_augment_offsets_are_uniform_over_the_padding_on_both_axes_and_flips_hal
         counts = torch.bincount(offsets, minlength=9)
         assert len(counts) == 9 and ((counts.float() / n - 1 / 9).abs() < 0.03).all(), counts.tolist()
 
+
+def rotation_ties(h, w, angle):
+    """H×W booleans: output pixels whose source, in float64, lies within 1e-3 px of a rounding boundary of
+    nearest-neighbour sampling (a half-integer): there float32 rounding may pick either neighbour."""
+    a = math.radians(angle)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5 - h / 2,
+                            torch.arange(w, dtype=torch.float64) + 0.5 - w / 2, indexing='ij')
+    u = xs * math.cos(a) - ys * math.sin(a) + w / 2 - 0.5  # source column, then row, in pixels
+    v = xs * math.sin(a) + ys * math.cos(a) + h / 2 - 0.5
+    return ((u - u.floor() - 0.5).abs() < 1e-3) | ((v - v.floor() - 0.5).abs() < 1e-3)
+
+
+def test_rotation_is_torchvisions_random_rotation_image_by_image():
+    """rotate_images against torchvision's rotate (what RandomRotation calls: nearest, fill 0, about the centre,
+    size kept) on each image with the same angle: the same pixels, except where the source of an output pixel
+    lies within 1e-3 px of a half-integer, where float rounding may pick either neighbour (none here, but
+    another machine's libm may differ in the last bit). Angle 0 leaves the images as they are."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import rotate
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 32, 24, 3), generator=g, dtype=torch.uint8)  # not square: h and w apart
+    angles = torch.cat([torch.tensor([0.0, 90.0, -90.0, 45.0, 15.0, -15.0]), (torch.rand(58, generator=g) * 2 - 1) * 180])
+    out = X.rotate_images(images, angles)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for img, a, got in zip(images, angles.tolist(), out):
+        want = rotate(img.permute(2, 0, 1), a, interpolation=InterpolationMode.NEAREST, fill=0).permute(1, 2, 0)
+        differ = (got != want).any(-1)
+        assert not (differ & ~rotation_ties(32, 24, a)).any(), a
+    assert torch.equal(X.rotate_images(images, torch.zeros(64)), images)
+    # the corners of a 45° turn are outside the image: filled with 0
+    assert (out[3, 0, 0] == 0).all() and (out[3, -1, -1] == 0).all()
+
+
+def test_augment_rotates_each_image_by_its_own_uniform_angle_and_not_at_all_with_0(monkeypatch):
+    """The angles augment() draws: one per image, uniform on [−15, 15] (Kolmogorov–Smirnov distance to the
+    uniform CDF below 0.02 over 20,000 draws; 0.0096 would already be rejected only 5 % of the time, a range of
+    [0, 15] or [−7.5, 7.5] is at 0.5 or 0.25), applied after the crop and the flip; rotate=0 draws nothing, so a
+    run without rotation keeps the random stream it had before the option existed."""
+    seen = []
+    monkeypatch.setattr(X, 'rotate_images', lambda images, angles: seen.append((images, angles)) or images)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (20000, 4, 4, 3), generator=g, dtype=torch.uint8)
+    out = X.augment(x, pad=1, generator=g, rotate=15)
+    (cropped, angles), = seen
+    assert out is cropped and angles.shape == (20000,) and -15 <= angles.min() and angles.max() <= 15
+    cdf = (angles.sort().values + 15) / 30
+    ks = (cdf - torch.arange(1, 20001) / 20000).abs().max()
+    assert ks < 0.02, ks
+    seen.clear()
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    X.augment(x[:100], generator=g1, rotate=0)
+    X.augment(x[:100], generator=g2, rotate=15)
+    assert len(seen) == 1  # only the second rotated …
+    monkeypatch.undo()
+    g3 = torch.Generator().manual_seed(1)
+    assert torch.equal(X.augment(x[:100], generator=g3), X.augment(x[:100], generator=torch.Generator().manual_seed(1),
+                                                                   rotate=0))
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g3))  # … and rotate=0 drew nothing
+
+
+@CUDA
+def test_rotation_on_the_gpu_matches_the_cpu():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 32, 32, 3), generator=g, dtype=torch.uint8)
+    angles = (torch.rand(256, generator=g) * 2 - 1) * 15
+    cpu, gpu = X.rotate_images(images, angles), X.rotate_images(images.cuda(), angles.cuda()).cpu()
+    for a, c, d in zip(angles.tolist(), cpu, gpu):
+        assert not ((c != d).any(-1) & ~rotation_ties(32, 32, a)).any(), a
 
 class CodeUp(torch.nn.Module):
     """A hand-set up-half: image n (every pixel n, normalised with mean 0, std 1) → one-hot of code[n]."""
@@ -775,9 +992,9 @@ def test_interpolation_is_a_times_up1_plus_1_minus_a_times_up2_fed_to_each_down_
             assert rows[a][f'down{b + 1}'] == pytest.approx(expected), (a, b)
 
 
-def bn_reference(modules, batches):
-    """Each BatchNorm's running statistics as the plain mean over the batches of its batch mean and unbiased
-    batch variance, the batches run through the path's modules in train mode."""
+def bn_batch_stats(modules, batches):
+    """For each BatchNorm of the path (its modules in order, train mode), the batch mean and unbiased batch variance
+    of its input at each batch, stacked: [(means B×C, variances B×C), …]."""
     seen = {}
 
     def hook(m, inputs, _):
@@ -793,8 +1010,13 @@ def bn_reference(modules, batches):
                 x = mod(x)
     for h in hooks:
         h.remove()
-    return [(torch.stack([s[0] for s in seen[m]]).mean(0), torch.stack([s[1] for s in seen[m]]).mean(0))
-            for m in bns]
+    return [(torch.stack([s[0] for s in seen[m]]), torch.stack([s[1] for s in seen[m]])) for m in bns]
+
+
+def bn_reference(modules, batches):
+    """Each BatchNorm's running statistics as the plain mean over the batches of its batch mean and unbiased
+    batch variance, the batches run through the path's modules in train mode."""
+    return [(means.mean(0), variances.mean(0)) for means, variances in bn_batch_stats(modules, batches)]
 
 
 def test_bn_recalibration_averages_each_paths_own_statistics_and_leaves_the_trained_ones():
@@ -805,7 +1027,7 @@ def test_bn_recalibration_averages_each_paths_own_statistics_and_leaves_the_trai
     for path in X.all_paths(2, 2):
         copies = [copy.deepcopy(hs[i][k]) for k, i in enumerate(path)]
         expected = bn_reference([copy.deepcopy(c) for c in copies], batches)
-        X.recalibrate_bn(copies, batches)
+        BN.recalibrate_bn(copies, batches)
         bns = [m for mod in copies for m in mod.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         for m, (mean, var) in zip(bns, expected):
             torch.testing.assert_close(m.running_mean, mean, rtol=1e-9, atol=1e-12)
@@ -814,14 +1036,14 @@ def test_bn_recalibration_averages_each_paths_own_statistics_and_leaves_the_trai
     mean, std = X.channel_stats(data.train_x)
     models = [m.float() for m in models]  # in place: hs holds the same modules
     before = [copy.deepcopy(m.state_dict()) for m in models]
-    result = X.evaluate_recalibrated(hs, data.test_x, data.test_y, mean, std, [b.float() for b in batches])
+    result = BN.evaluate_recalibrated(hs, data.test_x, data.test_y, mean, std, [b.float() for b in batches])
     for m, state in zip(models, before):
         for k, v in m.state_dict().items():
             assert torch.equal(v, state[k]), k  # the trained statistics (and weights) untouched
     for a in range(2):
         for b in range(2):
             copies = [copy.deepcopy(hs[a][0]), copy.deepcopy(hs[b][1])]
-            X.recalibrate_bn(copies, [b.float() for b in batches])
+            BN.recalibrate_bn(copies, [b.float() for b in batches])
             alone = X.evaluate([copies], data.test_x, data.test_y, mean, std)['accuracy'][0]
             assert result['cross'][a][b] == pytest.approx(alone)
 
@@ -888,24 +1110,26 @@ def test_interpolate_tool_refuses_a_folder_without_a_run_in_one_line(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.txt']  # nothing written
 
 
-def test_bn_recalib_tool_reproduces_the_runs_numbers_as_trained_and_recalibrated(tmp_path, capsys):
+def test_bn_recalib_tool_reproduces_the_runs_shared_and_own_numbers_and_re_estimates(tmp_path, capsys):
     out = tmp_path / 'xml'
-    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--bn-recalib', '2', '--out', str(out)],
-                   capsys)[0] == 0
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(out)], capsys)[0] == 0
     summary = json.loads((out / 'summary.json').read_text())
-    assert summary['recalib']['paths'] != summary['paths']  # so a recalibration that does nothing fails
-    assert BN.main([str(out), '--device', 'cpu', '--out', str(tmp_path / 'study')]) == 0  # --batches: 2
+    assert BN.main([str(out), '--device', 'cpu', '--batches', '2', '--out', str(tmp_path / 'study')]) == 0
     result = json.loads((tmp_path / 'study.json').read_text())[0]
-    assert result['trained'] == pytest.approx(summary['paths'])  # as trained: what the run reported
-    assert result['recalibrated'] == pytest.approx(summary['recalib']['paths'])  # what --bn-recalib gave
-    assert f"| 2-2 | {summary['paths']['2-2']:.2f} |" in (tmp_path / 'study.md').read_text()
+    assert result['trained'] == pytest.approx(summary['paths'])  # shared: what the run reported
+    assert result['own'] == pytest.approx(summary['own_bn']['paths'])  # own: what the run reported
+    assert result['fallback'] == [] and result['recalibrated'].keys() == result['own'].keys()
+    # one epoch of 8 steps: the own statistics are still 43 % their start (0.9^8), the re-estimated ones not
+    assert result['recalibrated'] != result['own']
+    assert f"| 2-2 | {summary['paths']['2-2']:.2f} | {summary['own_bn']['paths']['2-2']:.2f} |" in \
+        (tmp_path / 'study.md').read_text()
     assert BN.main([str(tmp_path / 'nothing'), '--device', 'cpu']) == 2
     assert 'no last.pt' in capsys.readouterr().err
 
 
 def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
     out = tmp_path / 'xml'
-    code, _ = run_cli(['--pair', 'res18,res34', '--method', 'xml', *TINY, '--bn-recalib', '2', '--out', str(out)], capsys)
+    code, _ = run_cli(['--pair', 'res18,res34', '--method', 'xml', *TINY, '--out', str(out)], capsys)
     assert code == 0
     summary = json.loads((out / 'summary.json').read_text())
     for key in ('method', 'pair', 'cut', 'epochs', 'batch_size', 'lr', 'seed', 'accuracy', 'best_accuracy', 'cross',
@@ -914,10 +1138,41 @@ def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
     assert summary['pair'] == 'res18,res34' and summary['cut'] == 'layer2'
     assert len(summary['cross']) == 2 and all(len(r) == 2 for r in summary['cross'])
     assert summary['accuracy'] == [summary['cross'][0][0], summary['cross'][1][1]]
-    assert len(summary['recalib']['cross']) == 2
+    own = summary['own_bn']
+    assert len(own['cross']) == 2 and own['accuracy'] == [own['cross'][0][0], own['cross'][1][1]]
+    assert own['fallback'] == [] and own['best_epoch'] == [1, 1] and own['best_accuracy'] == own['accuracy']
+    assert [r['accuracy'] for r in summary['path_costs']] == [own['paths'][r['path']] for r in summary['path_costs']]
     assert len((out / 'metrics.jsonl').read_text().splitlines()) == 1
     assert (out / 'last.pt').exists() and (out / 'best.pt').exists()
 
+
+def test_an_exported_path_runs_without_xml_ref_carries_its_own_statistics_and_scores_the_runs_number(tmp_path, capsys):
+    out = tmp_path / 'xml'
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(out)], capsys)[0] == 0
+    summary = json.loads((out / 'summary.json').read_text())
+    own = torch.load(out / 'last.pt', weights_only=True)['own_bn']
+    data = X.synthetic_data()
+    torch.save({'x': data.test_x, 'y': data.test_y}, tmp_path / 'test.pt')
+    for path in ('1-2', '2-1'):
+        assert EP.main([str(out), '--path', path, '--out', str(tmp_path / f'{path}.pt2')]) == 0
+        assert f'test top-1 {summary["own_bn"]["paths"][path]:.2f} (the run: ' in capsys.readouterr().out
+        # a fresh interpreter with torch alone
+        script = ("import sys, torch; m = torch.export.load(sys.argv[1]).module(); d = torch.load(sys.argv[2]); "
+                  "assert 'xml_ref' not in sys.modules; "
+                  "print(100.0 * sum((m(d['x'][s:s + 500]).argmax(1) == d['y'][s:s + 500]).sum().item() "
+                  "for s in range(0, len(d['x']), 500)) / len(d['x']))")
+        r = subprocess.run([sys.executable, '-c', script, str(tmp_path / f'{path}.pt2'), str(tmp_path / 'test.pt')],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-1000:]
+        assert float(r.stdout) == summary['own_bn']['paths'][path]
+        # its down-half's BatchNorm layers hold the path's own set, not the shared statistics
+        state = torch.export.load(str(tmp_path / f'{path}.pt2')).state_dict
+        down = sorted((k for k in state if k.startswith('parts.1.') and k.endswith(('running_mean', 'running_var'))),
+                      key=lambda k: list(state).index(k))
+        assert len(down) == len(own[path]['stats']) and own[path]['updated']
+        assert all(torch.equal(state[k], t) for k, t in zip(down, own[path]['stats']))
+    assert EP.main([str(out), '--path', '1-3', '--out', str(tmp_path / 'x.pt2')]) == 2
+    assert 'give 2 net numbers from 1 to 2' in capsys.readouterr().err and not (tmp_path / 'x.pt2').exists()
 
 def test_cli_kd_and_fitnet_learn_from_a_teacher_checkpoint(tmp_path, capsys):
     teacher = tmp_path / 'teacher'
@@ -1033,13 +1288,14 @@ def test_the_default_temperature_is_4_for_kd_and_fitnet_else_1(method, T, tmp_pa
 
 
 @pytest.mark.parametrize('edit, words', [
-    (lambda config: config.update(device='cuda'), ('written on cuda', '--device cuda')),  # as if written on a GPU
-    (lambda config: config.pop('schedule'), ('older xml_ref.py', '--force')),  # as before the milestone fix
-], ids=['another_kind_of_device', 'older_schedule'])
+    (lambda ckpt: ckpt['config'].update(device='cuda'), ('written on cuda', '--device cuda')),  # as if on a GPU
+    (lambda ckpt: ckpt['config'].pop('schedule'), ('older xml_ref.py', '--force')),  # before the milestone fix
+    (lambda ckpt: ckpt.pop('own_bn'), ('older xml_ref.py', '--force')),  # before the per-path statistics
+], ids=['another_kind_of_device', 'older_schedule', 'no_own_statistics'])
 def test_resuming_a_checkpoint_that_would_change_the_run_is_refused(edit, words, tmp_path, capsys, monkeypatch):
     """A last.pt written on another kind of device (its data order comes from that device's generator) or before
-    the lr milestones moved one epoch earlier (no 'schedule' in its config; the schedule would switch in mid-run):
-    refused in one line, the file untouched."""
+    the lr milestones moved one epoch earlier (no 'schedule' in its config; the schedule would switch in mid-run)
+    or before each path kept its own BatchNorm statistics (no 'own_bn'): refused in one line, the file untouched."""
     args = ['--pair', 'res18,mbv1', '--method', 'xml', *TINY[:-4], '--batch-size', '64', '--epochs', '2',
             '--out', str(tmp_path / 'r')]
     with monkeypatch.context() as m:
@@ -1048,7 +1304,7 @@ def test_resuming_a_checkpoint_that_would_change_the_run_is_refused(edit, words,
             X.main(args)
     ckpt = torch.load(tmp_path / 'r' / 'last.pt', weights_only=True)
     assert ckpt['config']['schedule'] == 'pytorch-cifar100' and ckpt['config']['device'] == 'cpu'
-    edit(ckpt['config'])
+    edit(ckpt)
     torch.save(ckpt, tmp_path / 'r' / 'last.pt')
     before = (tmp_path / 'r' / 'last.pt').read_bytes()
     one_line_error(*run_cli([*args, '--resume'], capsys), *words)
@@ -1107,17 +1363,20 @@ def test_cli_as_a_subprocess_exits_2_with_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------ interpolation, report, reproduce
-def fake_summary(root, name, method='xml', seed=0, cross=((60.0, 40.0), (50.0, 30.0)), **settings):
-    """A summary.json as a finished run writes it, with chosen numbers."""
+def fake_summary(root, name, method='xml', seed=0, cross=((60.0, 40.0), (50.0, 30.0)), own=None, **settings):
+    """A summary.json as a finished run writes it, with chosen numbers (own: the cross matrix with own BatchNorm
+    statistics; None: a run from before they existed)."""
     s = {'method': method, 'pair': 'res18,mbv1', 'nets': ['res18', 'mbv1'], 'cut': 'layer3', 'update': 'simultaneous',
          'path_weights': 'sum', 'paths_per_step': None, 'temperature': 1.0, 'l2_weight': 1.0, 'adv_weight': 0.1,
          'frozen': [], 'teacher': None, 'hint_epochs': 0, 'epochs': 8, 'warmup_epochs': 1, 'batch_size': 128,
          'lr': 0.1, 'momentum': 0.9, 'weight_decay': 5e-4, 'seed': seed, 'dataset': 'folder', 'width': 16,
-         'bn_recalib': 0, 'fast': 'off', 'sync_bn': False, 'schedule': X.SCHEDULE,
+         'rotate': 15.0, 'fast': 'off', 'sync_bn': False, 'schedule': X.SCHEDULE,
          'accuracy': [cross[0][0], cross[1][1]],
          'best_accuracy': [cross[0][0] + 1, cross[1][1] + 1], 'cross': [list(r) for r in cross], 'ensemble': 55.0,
-         'feature_distance': 0.5, 'recalib': None, 'device': 'cpu (2 threads)', 'torch': '2', 'date': '2026-11-29',
-         'wall_s': 60.0, 'command': f'python xml_ref.py {name}', **settings}
+         'feature_distance': 0.5, 'device': 'cpu (2 threads)', 'torch': '2', 'date': '2026-11-29',
+         'wall_s': 60.0, 'command': f'python xml_ref.py {name}', **settings,
+         'own_bn': own and {'accuracy': [own[0][0], own[1][1]], 'best_accuracy': [own[0][0] + 2, own[1][1] + 2],
+                            'cross': [list(r) for r in own], 'ensemble': 57.0}}
     (root / name).mkdir(parents=True)
     (root / name / 'summary.json').write_text(json.dumps(s))
 
@@ -1128,7 +1387,8 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
     fake_summary(runs, 'xml_s1', seed=1, cross=((62.0, 42.0), (52.0, 32.0)))
     fake_summary(runs, 'xml_seq', update='sequential', cross=((61.0, 41.0), (51.0, 31.0)))
     fake_summary(runs, 'xml_warm0', warmup_epochs=0, cross=((10.0, 11.0), (12.0, 13.0)))
-    fake_summary(runs, 'xml_recalib', bn_recalib=4, recalib={'cross': [[70.0, 71.0], [72.0, 73.0]]})
+    fake_summary(runs, 'xml_own0', seed=0, rotate=0.0, own=((70.0, 71.0), (72.0, 73.0)))
+    fake_summary(runs, 'xml_own1', seed=1, rotate=0.0, own=((72.0, 71.0), (72.0, 75.0)))
     fake_summary(runs, 'dml', method='dml', cross=((66.0, 6.0), (7.0, 55.0)))
     fake_summary(runs, 'xml_r1', paths_per_step=1, cross=((1.0, 2.0), (3.0, 4.0)))
     fake_summary(runs, 'xml_cut2', cut='layer2', cross=((5.0, 6.0), (7.0, 8.0)))
@@ -1140,22 +1400,26 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
         if line.startswith('| '):
             rows.setdefault(line.split(' | ')[0][2:], line)
     # the two seeds are one row: mean ± sample std over n = 2
-    assert rows['xml'].startswith('| xml | 61.00 ± 1.41 / 62.00 ± 1.41 | 31.00 ± 1.41 / 32.00 ± 1.41 |')
+    # net 1 shared, net 1 own, net 2 shared, net 2 own; '–' for runs from before the own statistics
+    assert rows['xml'].startswith('| xml | 61.00 ± 1.41 / 62.00 ± 1.41 | – / – | 31.00 ± 1.41 / 32.00 ± 1.41 | – / – |')
     assert rows['xml'].endswith('| 2 |')
-    assert '| xml, 1 crossed paths a step | 1.00 / 2.00 | 4.00 / 5.00 |' in md
+    assert '| xml, 1 crossed paths a step | 1.00 / 2.00 | – / – | 4.00 / 5.00 | – / – |' in md
     assert '## res18,mbv1, cut layer2, folder, 8 epochs, width 16' in md  # another cut: another table
-    assert '| xml | 5.00 / 6.00 | 8.00 / 9.00 |' in md
-    for label in ('xml, sequential update', 'xml, warm-up 0 epochs', 'xml, BN recalibrated on 4 batches', 'dml',
+    assert '| xml | 5.00 / 6.00 | – / – | 8.00 / 9.00 | – / – |' in md
+    assert rows['xml, no rotation'].startswith('| xml, no rotation | 60.00 ± 0.00 / 61.00 ± 0.00 | '
+                                               '71.00 ± 1.41 / 73.00 ± 1.41 | 30.00 ± 0.00 / 31.00 ± 0.00 | '
+                                               '74.00 ± 1.41 / 76.00 ± 1.41 | 55.00 ± 0.00 | 57.00 ± 0.00 |')
+    for label in ('xml, sequential update', 'xml, warm-up 0 epochs', 'xml, no rotation', 'dml',
                   'xml, lr × 0.2 one epoch after each milestone (code before 2026-11-29)'):
         lines = sum(line.startswith(f'| {label} |') for line in md.split('## res18,mbv1, cut layer2')[0].splitlines())
-        assert lines == (3 if 'recalib' in label else 2), label  # accuracy, cross pairings (, recalibrated)
+        assert lines == (3 if 'rotation' in label else 2), label  # accuracy, cross pairings shared (, own)
     cross = [line for line in md.splitlines() if line.startswith('| dml | 66.00 |')]
     assert cross == ['| dml | 66.00 | 7.00 | 6.00 | 55.00 |']  # up1→down1, up2→down1, up1→down2, up2→down2
-    assert '| xml, BN recalibrated on 4 batches | 70.00 | 72.00 | 71.00 | 73.00 |' in md
+    assert '| xml, no rotation | 71.00 ± 1.41 | 72.00 ± 0.00 | 71.00 ± 0.00 | 74.00 ± 1.41 |' in md
     assert 'Shared by these runs:' in md and 'simultaneous update' not in md.split('Shared by these runs:')[1][:200]
     results = json.loads((tmp_path / 'out' / 'results.json').read_text())
-    assert set(results['runs']) == {'xml_s0', 'xml_s1', 'xml_seq', 'xml_warm0', 'xml_recalib', 'dml', 'xml_r1',
-                                    'xml_cut2', 'xml_old'}
+    assert set(results['runs']) == {'xml_s0', 'xml_s1', 'xml_seq', 'xml_warm0', 'xml_own0', 'xml_own1', 'dml',
+                                    'xml_r1', 'xml_cut2', 'xml_old'}
     pooled = next(r for r in results['rows'] if r['label'] == 'xml')
     assert pooled['seeds'] == [0, 1] and pooled['accuracy'][0] == pytest.approx([61.0, math.sqrt(2)])
 
@@ -1210,8 +1474,8 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
         cut = 'layer3' if 'mbv1' in pair else 'layer2'
         assert f'## {pair}, cut {cut}, synthetic, 1 epoch, width 8' in md
         assert f'| xml (mean) |' in md
-    assert md.count('re-estimated on its own features (--bn-recalib)') == 2  # both pairs' second cross table
-    assert all(run['bn_recalib'] == 2 and run['recalib']['cross'] for run in results['runs'].values())
+    assert md.count('each path\'s own BatchNorm statistics') == 2  # both pairs' second cross table
+    assert all(run['rotate'] == 15 and run['own_bn']['cross'] for run in results['runs'].values())
     for name in ('res18-mbv1_xml', 'res18-res34_xml', 'res18-res34_xml-mean'):
         run = results['runs'][name]
         by_alpha = {row['alpha']: row for row in run['interpolation']}

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 # match (SPEC §4): SGD, lr 0.1 warmed up linearly per step over the first epoch (against early
 # divergence), then × 0.2 from epochs 60/120/160 of 200 on (epochs counted from 1, so epoch 60
 # already trains at 0.02), i.e. at 30/60/80 % of whatever --epochs says; batch 128; random crop
-# (4 px padding), flip.
+# (4 px padding), flip, rotation by up to ±15°.
 RECIPE = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
-              lr_decay=0.2, milestones=(0.3, 0.6, 0.8), warmup_epochs=1)
+              lr_decay=0.2, milestones=(0.3, 0.6, 0.8), warmup_epochs=1, rotate=15)
 # The schedule's convention, recorded in every checkpoint and summary: runs before 2026-11-29 have
 # none; their lr dropped one epoch after each milestone, and they are not resumed by this code.
 SCHEDULE = 'pytorch-cifar100'
@@ -185,10 +185,12 @@ def channel_stats(images):
     return mean, std
 
 
-def augment(images, pad=PAD, generator=None):
-    """torchvision's RandomCrop(size, padding=pad) then RandomHorizontalFlip(), on a uint8
-    N×H×W×C batch on any device: zero padding, a crop offset uniform in [0, 2·pad] per image and
-    axis, a flip with probability ½, done as one gather."""
+def augment(images, pad=PAD, generator=None, rotate=0):
+    """torchvision's RandomCrop(size, padding=pad), RandomHorizontalFlip() and, with rotate > 0,
+    RandomRotation(rotate), in that order (pytorch-cifar100's), on a uint8 N×H×W×C batch on any
+    device: zero padding, a crop offset uniform in [0, 2·pad] per image and axis, a flip with
+    probability ½ (one gather), then an angle uniform in [−rotate, rotate] per image
+    (rotate_images)."""
     n, h, w, _ = images.shape
     dev = images.device
     padded = F.pad(images, (0, 0, pad, pad, pad, pad))
@@ -198,7 +200,34 @@ def augment(images, pad=PAD, generator=None):
     rows = top + torch.arange(h, device=dev)
     cols = left + torch.where(flip, torch.arange(w - 1, -1, -1, device=dev),
                               torch.arange(w, device=dev))
-    return padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    out = padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if rotate:  # drawn only when asked: runs without rotation keep their random streams
+        angles = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * rotate
+        out = rotate_images(out, angles)
+    return out
+
+
+def rotate_images(images, angles):
+    """Each image of a uint8 N×H×W×C batch turned by its own angle (degrees, counter-clockwise)
+    about its centre, nearest neighbour, corners 0, size kept: torchvision's rotate() on tensors
+    with the same inverse map, for the whole batch in one grid_sample (torchvision's transforms
+    take one angle per call: a loop of N calls)."""
+    n, h, w, _ = images.shape
+    dev = images.device
+    rad = angles.double().deg2rad()  # the map in float64, then float32, as torchvision builds it
+    cos, sin, zero = rad.cos().float(), rad.sin().float(), torch.zeros(n, device=dev)
+    # output pixel (x, y) about the centre, y down, reads the input at (x·cos − y·sin,
+    # x·sin + y·cos), scaled to grid_sample's [−1, 1]
+    theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(n, 2, 3)
+    xs = torch.linspace(0.5 - w / 2, w / 2 - 0.5, w, device=dev)
+    ys = torch.linspace(0.5 - h / 2, h / 2 - 0.5, h, device=dev)
+    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=dev)],
+                       -1).view(1, h * w, 3)
+    grid = base.expand(n, -1, -1).bmm(theta.transpose(1, 2)
+                                      / torch.tensor([w / 2, h / 2], device=dev))
+    out = F.grid_sample(images.permute(0, 3, 1, 2).float(), grid.view(n, h, w, 2),
+                        mode='nearest', padding_mode='zeros', align_corners=False)
+    return out.to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def normalize(images, mean, std, memory_format=torch.contiguous_format):
@@ -454,7 +483,12 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False):
     """XML (SPEC §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21}
     [CE(z_p, y) + KL(z_22‖z_p)] and L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL
     at temperature T times T², its target detached; mean=True divides each sum by its 3 paths. Each
-    half runs once per distinct input (BatchNorm statistics update once)."""
+    half runs once per distinct input (BatchNorm statistics update once). BatchNorm: down_b sees
+    both features, so its running statistics average the two, and at evaluation z_ab meets
+    statistics of features it is not given (on CIFAR-10 this cost XML up to 13 points). Keep one
+    copy (mean, var) per source beside each BatchNorm of down_b, update it while down_b runs on
+    that source (F.batch_norm(input, mean, var, training=True, momentum=bn.momentum) in a forward
+    pre-hook) and swap it into running_mean / running_var to evaluate that path: OwnBatchNorm."""
     # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T)), no gradient to the target
     def kl(target, z):
         log_t = torch.log_softmax(target.detach() / T, dim=1)
@@ -495,17 +529,119 @@ def all_paths(K, P):
     return list(itertools.product(range(K), repeat=P))
 
 
-def run_paths(parts, x, paths):
+def run_paths(parts, x, paths, bn_source=None, out=None):
     """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
     prefix is run once, so each part sees each distinct input once per forward and its BatchNorm
     running statistics are updated once per distinct input (SPEC §3), however many paths go through
-    it."""
-    out = {(): x}
+    it. bn_source(q), if given, is entered around the part that computes out[q] (OwnBatchNorm's
+    track or apply); `out` may hold prefixes already computed."""
+    out = {**(out or {}), (): x}
     for path in paths:
         for k in range(1, len(path) + 1):
-            if path[:k] not in out:
-                out[path[:k]] = parts[path[k - 1]][k - 1](out[path[:k - 1]])
+            q = path[:k]
+            if q not in out:
+                with bn_source(q) if bn_source else contextlib.nullcontext():
+                    out[q] = parts[q[-1]][k - 1](out[q[:-1]])
     return out
+
+
+def batchnorms(module):
+    """The BatchNorm layers of `module` that keep running statistics."""
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+class OwnBatchNorm:
+    """Each path's own BatchNorm running statistics, kept beside the shared ones (SPEC §3).
+    Training normalises with batch statistics, so only evaluation depends on running statistics;
+    a part fed by several sources (a down-half by both up-halves) averages them all into its shared
+    statistics, which no single path produces. sets[q], for a prefix q of at least two net indices,
+    holds (mean, var) for every BatchNorm of part len(q) − 1 of net q[−1] fed by prefix q[:−1]'s
+    feature. Inside track(q), a training forward of that part updates sets[q] from the same batch
+    with the same momentum (the layer's own F.batch_norm call, in a forward pre-hook); gradients and
+    shared statistics are untouched. Inside apply(q), the part normalises with sets[q] if training
+    ever updated it, else with the shared statistics. The first part has one source, the images:
+    its shared statistics are its own."""
+
+    def __init__(self, parts):
+        K, P = len(parts), len(parts[0])
+        self.parts, self.active = parts, {}  # active: BatchNorm → (mean, var) being updated
+        self.sets, self.updated = {}, {}
+        for q in (q for k in range(2, P + 1) for q in itertools.product(range(K), repeat=k)):
+            bns = batchnorms(parts[q[-1]][len(q) - 1])
+            if any(bn.momentum is None for bn in bns):
+                raise ValueError('OwnBatchNorm needs BatchNorm layers with a momentum (not None)')
+            self.sets[q] = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+            self.updated[q] = False
+        active = self.active  # a closure, not a bound method: deepcopy of a part copies no sets
+
+        def update(bn, args):
+            if bn in active and bn.training and bn.track_running_stats:
+                with torch.no_grad():
+                    F.batch_norm(args[0], *active[bn], None, None, True, bn.momentum, bn.eps)
+        for net in parts:
+            for part in net[1:]:
+                for bn in batchnorms(part):
+                    bn.register_forward_pre_hook(update)
+
+    def _bns(self, q):
+        return batchnorms(self.parts[q[-1]][len(q) - 1])
+
+    @contextlib.contextmanager
+    def track(self, q):
+        """Training: the forward of prefix q also updates sets[q] (where the part tracks
+        statistics: not a frozen net, not a repeated forward under frozen_bn_stats)."""
+        if q not in self.sets:
+            yield
+            return
+        bns = self._bns(q)
+        if bns and bns[0].training and bns[0].track_running_stats:
+            self.updated[q] = True
+        self.active.update(zip(bns, self.sets[q]))
+        try:
+            yield
+        finally:
+            self.active.clear()
+
+    @contextlib.contextmanager
+    def apply(self, q):
+        """Evaluation: the forward of prefix q normalises with sets[q] (the shared statistics where
+        training never updated it)."""
+        if q not in self.sets or not self.updated[q]:
+            yield
+            return
+        bns = self._bns(q)
+        shared = [(bn.running_mean, bn.running_var) for bn in bns]
+        for bn, (mean, var) in zip(bns, self.sets[q]):  # (in the layer's dtype and device)
+            bn.running_mean, bn.running_var = mean.to(bn.running_mean), var.to(bn.running_var)
+        try:
+            yield
+        finally:
+            for bn, (mean, var) in zip(bns, shared):
+                bn.running_mean, bn.running_var = mean, var
+
+    def fallback(self, path):
+        """True where some part of `path` has no own statistics (training never ran it)."""
+        return any(not self.updated[path[:k]] for k in range(2, len(path) + 1))
+
+    def tensors(self, nets):
+        """Every statistic of the sets of the parts of `nets` (to average over processes)."""
+        return [t for q, stats in self.sets.items() if q[-1] in nets
+                for pair in stats for t in pair]
+
+    def state_dict(self):
+        return {path_name(q): {'updated': self.updated[q],
+                               'stats': [t for pair in stats for t in pair]}
+                for q, stats in self.sets.items()}
+
+    def load_state_dict(self, state):
+        """Copied into the existing tensors (a captured CUDA graph and the hooks keep reading
+        them)."""
+        for q, stats in self.sets.items():
+            saved = state[path_name(q)]
+            self.updated[q] = saved['updated']
+            for t, s in zip((t for pair in stats for t in pair), saved['stats']):
+                t.copy_(s)
 
 
 def step_paths(method, K, P, paths_per_step=None, rng=None):
@@ -627,16 +763,17 @@ def step_optimizers(optimizers):
 
 
 def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, *,
-               disc_optimizer=None, **loss_kw):
+               disc_optimizer=None, own_bn=None, **loss_kw):
     """One optimisation step of every net that learns (optimizers[i] is None for a frozen net) on
     `paths` (default: step_paths) with LOSSES[method] (loss_kw: its options); with disc_optimizer
     also xml+gan's discriminator (loss_kw['discriminator']) on discriminator_loss. Returns {i: L_i}
     (and 'discriminator'). simultaneous: one forward, each L_i routed to net i (routed_backward),
     every net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1, the paths run
     again, net 2 stepped on L_2, and so on; the repeated forwards do not update the BatchNorm
-    statistics."""
+    statistics. own_bn: an OwnBatchNorm whose sets the forward updates."""
     K, P = len(parts), len(parts[0])
     paths = paths or step_paths(method, K, P)
+    track = own_bn.track if own_bn is not None else None
     learners = {i: opt for i, opt in enumerate(optimizers) if opt is not None}
     if disc_optimizer is not None:
         learners['discriminator'] = disc_optimizer
@@ -651,7 +788,7 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
         return losses
 
     if update == 'simultaneous':
-        losses = losses_of(run_paths(parts, x, paths), list(learners))
+        losses = losses_of(run_paths(parts, x, paths, track), list(learners))
         routed_backward([losses[k] for k in learners], list(learners.values()))
         step_optimizers(learners.values())
         return {k: losses[k].detach() for k in learners}
@@ -659,7 +796,7 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
     for n, (k, opt) in enumerate(learners.items()):
         with (frozen_bn_stats([part for net in parts for part in net]) if n
               else contextlib.nullcontext()):
-            out = run_paths(parts, x, paths)
+            out = run_paths(parts, x, paths, track)
         losses[k] = losses_of(out, [k])[k]
         routed_backward([losses[k]], [opt])
         step_optimizers([opt])
@@ -709,46 +846,60 @@ def eval_batches(images, labels, mean, std, batch_size, device, fast=False):
 
 
 @torch.no_grad()
-def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None):
+def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None,
+             own_bn=None):
     """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of
     the ensemble of the pure nets (mean of softmax), and the half-feature distance: the mean of
     (f_i − f_j)² over all elements of the features of every pair of nets at every cut (for a pair
-    cut once, mean((up_1(x) − up_2(x))²)), on uint8 images N×H×W×3.
+    cut once, mean((up_1(x) − up_2(x))²)), on uint8 images N×H×W×3, with the shared BatchNorm
+    statistics. own_bn (an OwnBatchNorm): the same once more with each path's own statistics, under
+    'own_bn', whose 'fallback' lists the paths that training never ran (shared statistics there).
     fast: bf16 autocast and channels_last (CUDA). classes: the number of class logits, where the
     down-halves output more (xml+disc's synthesis score, whose accuracy at telling the down-half's
     own up-half from the other's is then reported as 'synthesis')."""
     K, P = len(parts), len(parts[0])
     paths = all_paths(K, P)
     dev = next(parts[0][0].parameters()).device
-    # correct per path, then the ensemble
-    counts = torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64)
-    synthesis = None
-    sq_dist, n_dist = torch.zeros((), device=dev, dtype=torch.float64), 0
+    sources = {'shared': None, **({'own_bn': own_bn.apply} if own_bn is not None else {})}
+    # per source: correct per path, then the ensemble; the summed squared feature distance
+    counts = {s: torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64) for s in sources}
+    sq_dist = {s: torch.zeros((), device=dev, dtype=torch.float64) for s in sources}
+    synthesis, n_dist = None, 0
     with eval_mode([part for net in parts for part in net]), \
             torch.autocast(dev.type, torch.bfloat16, enabled=fast):
         for x, y in eval_batches(images, labels, mean, std, batch_size, dev, fast):
-            out = run_paths(parts, x, paths)
-            # xml+disc: right when > 0 means "own"
-            if classes is not None and out[paths[0]].shape[1] > classes:
-                right = torch.stack([((out[p][:, classes] > 0) == (len(set(p)) == 1)).sum()
-                                     for p in paths])
-                synthesis = right if synthesis is None else synthesis + right
-                out.update({p: out[p][:, :classes] for p in paths})
-            probs = sum(F.softmax(out[p].float(), 1) for p in pure_paths(K, P)) / K
-            counts += torch.stack([(z.argmax(1) == y).sum()
-                                   for z in [out[p] for p in paths] + [probs]])
-            for c in range(1, P):
-                for i, j in itertools.combinations(range(K), 2):
-                    sq_dist += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum()
-                    n_dist += out[(i,) * c].numel()
-    counts = counts.tolist()  # one host synchronisation for the whole test set
-    result = {**path_table({p: 100.0 * c / len(images) for p, c in zip(paths, counts)}, K, P),
-              'ensemble': 100.0 * counts[-1] / len(images),
-              'feature_distance': sq_dist.item() / max(n_dist, 1)}
+            ups = None  # the first parts have one source, the images: run once for both
+            for s, bn_source in sources.items():
+                out = run_paths(parts, x, paths, bn_source, ups)
+                ups = {p: z for p, z in out.items() if len(p) == 1}
+                # xml+disc: right when > 0 means "own"
+                if classes is not None and out[paths[0]].shape[1] > classes:
+                    if s == 'shared':
+                        right = torch.stack([((out[p][:, classes] > 0) == (len(set(p)) == 1)).sum()
+                                             for p in paths])
+                        synthesis = right if synthesis is None else synthesis + right
+                    out.update({p: out[p][:, :classes] for p in paths})
+                probs = sum(F.softmax(out[p].float(), 1) for p in pure_paths(K, P)) / K
+                counts[s] += torch.stack([(z.argmax(1) == y).sum()
+                                          for z in [out[p] for p in paths] + [probs]])
+                for c in range(1, P):
+                    for i, j in itertools.combinations(range(K), 2):
+                        sq_dist[s] += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum()
+                        n_dist += out[(i,) * c].numel() if s == 'shared' else 0
+
+    def report(s):
+        correct = counts[s].tolist()  # one host synchronisation for the whole test set
+        return {**path_table({p: 100.0 * c / len(images) for p, c in zip(paths, correct)}, K, P),
+                'ensemble': 100.0 * correct[-1] / len(images),
+                'feature_distance': sq_dist[s].item() / max(n_dist, 1)}
+    result = report('shared')
     if synthesis is not None and P == 2:
         syn = dict(zip(paths, synthesis.tolist()))
         result['synthesis'] = [[100.0 * syn[(a, b)] / len(images) for b in range(K)]
                                for a in range(K)]
+    if own_bn is not None:
+        result['own_bn'] = {**report('own_bn'),
+                            'fallback': [path_name(p) for p in paths if own_bn.fallback(p)]}
     return result
 
 
@@ -760,57 +911,6 @@ def path_table(acc, K, P):
     if P == 2:
         table['cross'] = [[acc[(a, b)] for b in range(K)] for a in range(K)]
     return table
-
-
-@torch.no_grad()
-def recalibrate_bn(modules, batches):
-    """Re-estimate the BatchNorm running statistics of `modules` (one path's parts, applied in
-    order) as the plain average over `batches` of the statistics of the features this path itself
-    produces. Overwrites the statistics (run it on copies to keep the trained ones); leaves the
-    modules in eval mode."""
-    bns = [m for mod in modules for m in mod.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average instead of an exponential one
-    for mod in modules:
-        mod.train()
-    for x in batches:
-        for mod in modules:
-            x = mod(x)
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    for mod in modules:
-        mod.eval()
-
-
-def recalibration_batches(train_x, n, batch_size, seed, mean, std, fast=False):
-    """n augmented, normalised training batches drawn with a generator of train_x's device seeded
-    with `seed`: the same batches every call (every epoch), on the same kind of device."""
-    dev = train_x.device
-    g = torch.Generator(dev).manual_seed(seed)
-    fmt = torch.channels_last if fast else torch.contiguous_format
-    return [normalize(augment(train_x[torch.randint(len(train_x), (batch_size,), device=dev,
-                                                    generator=g)], generator=g), mean, std, fmt)
-            for _ in range(n)]
-
-
-def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False,
-                          classes=None):
-    """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies
-    of its parts, so the trained statistics stay untouched); fast: in bf16 autocast, as evaluate."""
-    K, P = len(parts), len(parts[0])
-    dev = next(parts[0][0].parameters()).device
-    acc = {}
-    for path in all_paths(K, P):
-        copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]
-        with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
-            recalibrate_bn(copies, batches)
-        # the copies form a one-net model whose only path is this one
-        acc[path] = evaluate([copies], images, labels, mean, std, batch_size, fast,
-                             classes)['accuracy'][0]
-    return path_table(acc, K, P)
 
 
 ALPHAS = [round(-1 + 0.1 * k, 1) for k in range(31)]  # −1.0, −0.9, …, 2.0
@@ -1093,15 +1193,21 @@ def format_duration(seconds):
 
 
 def progress_line(rec, total_epochs, seconds_left):
-    """One line per epoch: losses, top-1 of each net and of the cross pairings, lr, speed, time
-    left."""
+    """One line per epoch: losses, top-1 of each net and of the cross pairings with shared (and in
+    brackets own) BatchNorm statistics, lr, speed, time left."""
     def fmt(xs):
         return ' '.join('-' if x is None else f'{x:.3f}' for x in xs)
 
+    def both(key, show):
+        return show(rec[key]) + (f' ({show(rec["own_bn"][key])})' if 'own_bn' in rec else '')
+
+    def accs(xs):
+        return ' '.join(f'{a:.2f}' for a in xs)
+
     line = (f'epoch {rec["epoch"]:>{len(str(total_epochs))}}/{total_epochs} {rec["stage"]:<5} '
-            f'loss {fmt(rec["loss"])}  top1 {" ".join(f"{a:.2f}" for a in rec["accuracy"])}')
+            f'loss {fmt(rec["loss"])}  top1 {both("accuracy", accs)}')
     if 'cross' in rec:
-        line += '  cross ' + ' | '.join(' '.join(f'{a:.2f}' for a in row) for row in rec['cross'])
+        line += '  cross ' + both('cross', lambda m: ' | '.join(accs(row) for row in m))
     return (line + f'  ens {rec["ensemble"]:.2f}  dist {rec["feature_distance"]:.4f}  '
             f'lr {rec["lr"]:.4g}  {rec["img_per_s"]:,.0f} img/s  '
             f'left {format_duration(seconds_left)}')
@@ -1111,7 +1217,7 @@ def progress_line(rec, total_epochs, seconds_left):
 RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature',
                'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs',
                'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width',
-               'bn_recalib', 'fast', 'sync_bn', 'processes', 'schedule')
+               'rotate', 'fast', 'sync_bn', 'processes', 'schedule')
 
 
 class Stopped(Exception):
@@ -1169,6 +1275,7 @@ class Run:
     hint_optimizer: object = None
     discriminator: object = None  # xml+gan: the discriminator …
     disc_optimizer: object = None  # … and its optimizer
+    own_bn: object = None  # OwnBatchNorm: each path's own BatchNorm statistics
     history: list = field(default_factory=list)
     best: dict = None
     start: int = 0  # epochs done
@@ -1269,6 +1376,7 @@ def set_up(cfg):
               [split_parts(m, cfg.cuts) for m in models], features, frozen, student,
               [None if i in frozen else sgd(models[i].parameters(), cfg, fast) for i in range(K)],
               best={'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0})
+    run.own_bn = OwnBatchNorm(run.parts)  # from the shared statistics of the nets as loaded
     if cfg.method == 'xml+gan':
         run.discriminator = discriminator(features[0][0]).to(dev, memory_format=fmt)
         run.disc_optimizer = sgd(run.discriminator.parameters(), cfg, fast)
@@ -1296,6 +1404,7 @@ def resume(run, gen):
     for module, key in ((run.regressor, 'regressor'), (run.discriminator, 'discriminator')):
         if module is not None:
             module.load_state_dict(ckpt[key])
+    run.own_bn.load_state_dict(ckpt['own_bn'])
     rng = ckpt['rng']['data']
     gen.set_state(rng)
     torch.set_rng_state(ckpt['rng']['torch'])
@@ -1325,7 +1434,7 @@ def make_step(run, hint, paths_rng):
         def step_fn(x, labels):
             paths = step_paths(method, K, P, cfg.paths_per_step, paths_rng)
             return train_step(run.parts, run.optimizers, x, labels, method, cfg.update, paths,
-                              disc_optimizer=run.disc_optimizer, **kw)
+                              disc_optimizer=run.disc_optimizer, own_bn=run.own_bn, **kw)
     # sampled paths change from step to step, which one captured graph cannot; nor are the
     # collectives of torchrun tested inside a capture
     graph = fast and run.world == 1 and cfg.paths_per_step is None
@@ -1376,7 +1485,8 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
             for opt in optimizers:
                 set_lr(opt, lr)
         idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-        images = augment(train_x[idx], generator=gen)  # the whole batch, so every rank draws alike
+        # the whole batch, so every rank draws alike
+        images = augment(train_x[idx], generator=gen, rotate=cfg.rotate)
         step(images[rank * share:(rank + 1) * share], train_y[idx[rank * share:(rank + 1) * share]])
     keys = run.learners()
     sums = torch.stack([step.loss_sum.get(k, torch.zeros((), device=run.dev)) for k in keys])
@@ -1384,11 +1494,11 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
         dist.all_reduce(sums)
         sums /= run.world
         # a frozen net's statistics are the same on every rank: left exact, not re-averaged
-        for m in (m for i, m in enumerate(run.models) if i not in run.frozen):
-            for buf in m.buffers():
-                if buf.is_floating_point():
-                    dist.all_reduce(buf)
-                    buf /= run.world
+        learning = [i for i in range(len(run.models)) if i not in run.frozen]
+        for buf in [b for i in learning for b in run.models[i].buffers()
+                    if b.is_floating_point()] + run.own_bn.tensors(learning):
+            dist.all_reduce(buf)
+            buf /= run.world
     first_bad = torch.stack([step.first_bad.get(k, torch.zeros((), dtype=torch.int64,
                                                                device=run.dev))
                              for k in keys])
@@ -1406,20 +1516,6 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
         raise Diverged(f'the loss of {name} became NaN or infinite at epoch {epoch + 1}, '
                        f'batch {at} of {n_steps}; {kept}; lower --lr or check the data')
     return [v / n_steps if k in step.loss_sum else None for k, v in zip(keys, sums.tolist())], lr
-
-
-def evaluate_epoch(run, test_x, test_y, train_x):
-    """The epoch's test metrics (evaluate), and with --bn-recalib those with each path's BatchNorm
-    statistics re-estimated on the same --bn-recalib training batches every epoch."""
-    cfg, fast = run.cfg, run.cfg.fast == 'on'
-    rec = evaluate(run.parts, test_x, test_y, run.mean, run.std, fast=fast,
-                   classes=run.data.num_classes)
-    if cfg.bn_recalib:
-        batches = recalibration_batches(train_x, cfg.bn_recalib, cfg.batch_size, cfg.seed + 1,
-                                        run.mean, run.std, fast)
-        rec['recalib'] = evaluate_recalibrated(run.parts, test_x, test_y, run.mean, run.std,
-                                               batches, fast=fast, classes=run.data.num_classes)
-    return rec
 
 
 def save_checkpoint(run, rec, gen, wall_s):
@@ -1441,6 +1537,7 @@ def save_checkpoint(run, rec, gen, wall_s):
              'regressor': run.regressor.state_dict() if run.regressor is not None else None,
              'discriminator': (run.discriminator.state_dict() if run.discriminator is not None
                                else None),
+             'own_bn': run.own_bn.state_dict(),
              'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
              'history': run.history, 'best': best, 'wall_s': wall_s}
     out = Path(run.cfg.out)
@@ -1477,7 +1574,9 @@ def train(cfg):
             losses, lr = train_epoch(run, step, optimizers, epoch, train_x, train_y, gen)
             train_s = time.time() - t0
             rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr,
-                   'loss': losses, **evaluate_epoch(run, test_x, test_y, train_x)}
+                   'loss': losses, **evaluate(run.parts, test_x, test_y, run.mean, run.std,
+                                              fast=cfg.fast == 'on', classes=run.data.num_classes,
+                                              own_bn=run.own_bn)}
             rec.update(img_per_s=len(train_x) // cfg.batch_size * cfg.batch_size / train_s,
                        epoch_s=time.time() - t0)
             run.history.append(rec)
@@ -1495,11 +1594,22 @@ def train(cfg):
     return summarize(run, run.wall_before + time.time() - t_run)
 
 
+def best_of(history, key):
+    """{'best_accuracy', 'best_epoch'} of each net over the epochs of `history`, from each record's
+    block `key` (the first epoch of the best)."""
+    best = [max(history, key=lambda r: (r[key]['accuracy'][i], -r['epoch']))
+            for i in range(len(history[0]['accuracy']))]
+    return {'best_accuracy': [r[key]['accuracy'][i] for i, r in enumerate(best)],
+            'best_epoch': [r['epoch'] for r in best]}
+
+
 def summarize(run, wall_s):
     """summary.json (rank 0 writes it): the settings, the last epoch's numbers, the best epochs,
     each path's cost."""
     cfg, last, student = run.cfg, run.history[-1], run.student
-    costs = path_costs(run.parts, last['paths'], run.data.train_x.shape[1], cfg.fast == 'on')
+    # what a path shipped alone scores: with its own statistics (tools/export_path.py)
+    costs = path_costs(run.parts, last['own_bn']['paths'], run.data.train_x.shape[1],
+                       cfg.fast == 'on')
     features = [list(f) for f in run.features]
     summary = {'pair': ','.join(cfg.nets), 'cut': ','.join(cfg.cuts),
                **{k: getattr(cfg, k) for k in RESUME_KEYS},  # every setting of the run
@@ -1513,7 +1623,8 @@ def summarize(run, wall_s):
                'accuracy': last['accuracy'], 'best_accuracy': run.best['accuracy'],
                'best_epoch': run.best['epoch'],
                'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
-               'feature_distance': last['feature_distance'], 'recalib': last.get('recalib'),
+               'feature_distance': last['feature_distance'],
+               'own_bn': {**last['own_bn'], **best_of(run.history, 'own_bn')},
                'synthesis': last.get('synthesis'), 'path_costs': costs,
                'device': device_name(run.dev), 'torch': torch.__version__,
                'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_s,
@@ -1600,9 +1711,9 @@ def make_parser():
                         help='SGD weight decay')
     recipe.add_argument('--seed', type=int, default=0,
                         help='nets\' initialisation, data order and augmentation')
-    recipe.add_argument('--bn-recalib', type=int, default=0, metavar='N',
-                        help='also evaluate each path with its BatchNorm statistics re-estimated '
-                        'on N training batches (0: only as trained)')
+    recipe.add_argument('--rotate', type=float, default=RECIPE['rotate'], metavar='DEG',
+                        help='rotate each training image by an angle uniform in [-DEG, DEG], after '
+                             'the crop and the flip (0: no rotation)')
     data = p.add_argument_group('data and device')
     data.add_argument('--dataset', choices=DATASETS, default='cifar100',
                       help='synthetic: a tiny stand-in')
@@ -1674,7 +1785,7 @@ def check_args(cfg):
         if not getattr(cfg, flag) > 0:
             raise UsageError(f'--{flag.replace("_", "-")} must be positive, '
                              f'got {getattr(cfg, flag)}')
-    for flag in ('momentum', 'weight_decay', 'l2_weight', 'adv_weight', 'bn_recalib'):
+    for flag in ('momentum', 'weight_decay', 'l2_weight', 'adv_weight', 'rotate'):
         if getattr(cfg, flag) < 0:
             raise UsageError(f'--{flag.replace("_", "-")} must not be negative, '
                              f'got {getattr(cfg, flag)}')
@@ -1756,14 +1867,12 @@ def check_out(cfg):
     if cfg.resume and (out / 'summary.json').exists():
         raise UsageError(f'--out {out} holds a finished run: nothing to resume')
     if cfg.resume and (out / 'last.pt').exists():
-        saved = load_checkpoint(out / 'last.pt').get('config', {})
-        # checkpoints written before the warm-up existed had none, before 'processes' one process
-        saved.setdefault('warmup_epochs', 0)
-        saved.setdefault('processes', 1)
-        if saved.get('schedule') != cfg.schedule:
-            raise UsageError(f'--resume: {out}/last.pt was written by an older xml_ref.py, whose '
-                             'lr dropped one epoch after each milestone; finish it with that '
-                             'version or start over with --force')
+        ckpt = load_checkpoint(out / 'last.pt')
+        saved = ckpt['config']
+        if saved.get('schedule') != cfg.schedule or 'own_bn' not in ckpt:
+            raise UsageError(f'--resume: {out}/last.pt was written by an older xml_ref.py (another '
+                             'lr schedule, or no per-path BatchNorm statistics); finish it with '
+                             'that version or start over with --force')
         differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differ:
             k = differ[0]
@@ -1791,9 +1900,11 @@ def main(argv=None):
     try:
         summary = train(parse_args(argv))
         if not distributed() or dist.get_rank() == 0:
-            print(json.dumps({k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy',
-                                                      'best_accuracy', 'cross', 'ensemble',
-                                                      'feature_distance', 'wall_s')}))
+            print(json.dumps({**{k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy',
+                                                         'best_accuracy', 'cross', 'ensemble',
+                                                         'feature_distance', 'wall_s')},
+                              'own_bn': {k: summary['own_bn'].get(k) for k in ('accuracy', 'cross',
+                                                                                'ensemble')}}))
         return 0
     except UsageError as e:
         print(f'xml_ref.py: error: {e}', file=sys.stderr)

@@ -1,18 +1,18 @@
-"""Does a finished run lose accuracy to its BatchNorm running statistics? Every path of the run's last.pt
-is evaluated twice on the test set: with the statistics as trained (what the run reports) and with each
-path's statistics re-estimated on its own features (xml_ref.evaluate_recalibrated, what --bn-recalib N
-does during training). Under XML each down-half normalises the features of both up-halves, so its running
-statistics describe their mixture; if that costs accuracy, re-estimating them per path recovers it.
+"""The independent cross-check of a run's own BatchNorm statistics. Every path of the run's last.pt is
+evaluated on the test set three ways: with the shared statistics (the deck's plain BatchNorm), with the
+path's own statistics kept during training (xml_ref.OwnBatchNorm, what the run reports under 'own_bn'),
+and with each path's statistics re-estimated after training on N batches of its own features
+(evaluate_recalibrated below). Own and re-estimated statistics describe the same features and should
+agree closely; the shared ones describe the mixture of every up-half feeding a down-half.
 
     python tools/bn_recalib.py RUN_DIR [RUN_DIR ...] [--batches N] [--device cpu] [--out NAME]
 
-Study an independent or dml run of the same pair and schedule beside the xml one: their down-halves see
-one up-half only, so their change is the baseline (the lag of the running averages, sampling noise).
-The batches are xml_ref.recalibration_batches with the run's seed + 1 and batch size, as --bn-recalib
-draws them (the same batches where the device type is the run's); N defaults to the run's --bn-recalib,
-else 20. The run is evaluated as it was (bf16 and channels_last where it trained with --fast on and a GPU
-is used here too). Prints a table per run; --out NAME also writes NAME.json and NAME.md."""
+The batches are recalibration_batches with the run's seed + 1, batch size and augmentation (rotation
+included); N defaults to 20. The run is evaluated as it was (bf16 and channels_last where it trained with
+--fast on and a GPU is used here too). Prints a table per run; --out NAME also writes NAME.json and
+NAME.md."""
 import argparse
+import copy
 import shlex
 import sys
 import time
@@ -25,24 +25,82 @@ import xml_ref as X  # noqa: E402
 from tools.interpolate import load_run  # noqa: E402
 
 
-def study(run_dir, n_batches=None, device=None):
-    """{'trained': each path's top-1 as trained, 'recalibrated': with its own BN statistics, …}."""
+@torch.no_grad()
+def recalibrate_bn(modules, batches):
+    """Re-estimate the BatchNorm running statistics of `modules` (one path's parts, applied in
+    order) as the plain average over `batches` of the statistics of the features this path itself
+    produces. Overwrites the statistics (run it on copies to keep the trained ones); leaves the
+    modules in eval mode."""
+    bns = [m for mod in modules for m in X.batchnorms(mod)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average instead of an exponential one
+    for mod in modules:
+        mod.train()
+    for x in batches:
+        for mod in modules:
+            x = mod(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    for mod in modules:
+        mod.eval()
+
+
+def recalibration_batches(train_x, n, batch_size, seed, mean, std, fast=False, rotate=0):
+    """n augmented (rotate: as augment), normalised training batches drawn with a generator of
+    train_x's device seeded with `seed`: the same batches every call, on the same kind of device."""
+    dev = train_x.device
+    g = torch.Generator(dev).manual_seed(seed)
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    return [X.normalize(X.augment(train_x[torch.randint(len(train_x), (batch_size,), device=dev,
+                                                        generator=g)], generator=g, rotate=rotate),
+                        mean, std, fmt)
+            for _ in range(n)]
+
+
+def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False,
+                          classes=None):
+    """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies
+    of its parts, so the trained statistics stay untouched); fast: in bf16 autocast, as evaluate."""
+    K, P = len(parts), len(parts[0])
+    dev = next(parts[0][0].parameters()).device
+    acc = {}
+    for path in X.all_paths(K, P):
+        copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]
+        with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+            recalibrate_bn(copies, batches)
+        # the copies form a one-net model whose only path is this one
+        acc[path] = X.evaluate([copies], images, labels, mean, std, batch_size, fast,
+                               classes)['accuracy'][0]
+    return X.path_table(acc, K, P)
+
+
+def study(run_dir, n_batches=20, device=None):
+    """{'trained': each path's top-1 with shared statistics, 'own': with its own statistics kept in
+    training, 'recalibrated': with statistics re-estimated on its own features, …}."""
     cfg, ckpt, data, mean, std, models, dev, fast = load_run(run_dir, device)
-    n_batches = n_batches or cfg.bn_recalib or 20
     parts = [X.split_parts(m, cfg.cuts) for m in models]
+    own_bn = X.OwnBatchNorm(parts)
+    own_bn.load_state_dict(ckpt['own_bn'])
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
-    trained = X.evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes)['paths']
-    reported = ckpt['history'][-1]['paths']
-    if any(abs(trained[p] - reported[p]) > 0.5 for p in reported):
-        print(f'{run_dir}: as trained here {trained} but the run reported {reported} (another device '
-              'or precision?)', file=sys.stderr)
-    batches = X.recalibration_batches(data.train_x.to(dev), n_batches, cfg.batch_size, cfg.seed + 1,
-                                      mean, std, fast)
-    recalibrated = X.evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
-                                           classes=data.num_classes)['paths']
+    result = X.evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes,
+                        own_bn=own_bn)
+    trained, own = result['paths'], result['own_bn']['paths']
+    reported = ckpt['history'][-1]
+    if any(abs(trained[p] - reported['paths'][p]) > 0.5 or
+           abs(own[p] - reported['own_bn']['paths'][p]) > 0.5 for p in trained):
+        print(f'{run_dir}: evaluated here {trained}, own {own}, but the run reported '
+              f'{reported["paths"]}, own {reported["own_bn"]["paths"]} (another device or '
+              'precision?)', file=sys.stderr)
+    batches = recalibration_batches(data.train_x.to(dev), n_batches, cfg.batch_size, cfg.seed + 1,
+                                    mean, std, fast, cfg.rotate)
+    recalibrated = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
+                                         classes=data.num_classes)['paths']
     return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.cuts,
-            'path_weights': cfg.path_weights, 'warmup_epochs': getattr(cfg, 'warmup_epochs', 0),
-            'epoch': ckpt['epoch'], 'batches': n_batches, 'trained': trained, 'recalibrated': recalibrated,
+            'path_weights': cfg.path_weights, 'warmup_epochs': cfg.warmup_epochs,
+            'epoch': ckpt['epoch'], 'batches': n_batches, 'trained': trained, 'own': own,
+            'fallback': result['own_bn']['fallback'], 'recalibrated': recalibrated,
             'device': X.device_name(dev), 'fast': fast, 'torch': torch.__version__,
             'date': time.strftime('%Y-%m-%d')}
 
@@ -54,16 +112,21 @@ def label(r):
     return f'{r["method"]} {",".join(r["nets"])}{"".join(", " + e for e in extra)}, epoch {r["epoch"]}'
 
 
+FELL = ' (shared)'
+
+
 def markdown(results, command):
     """The tables of `results` (study()'s dicts) as markdown, with the command that made them."""
-    lines = ['# Top-1 (%) of every path, BatchNorm statistics as trained and re-estimated per path', '',
+    lines = ['# Top-1 (%) of every path: shared, own and re-estimated BatchNorm statistics', '',
              f'`{command}` on {results[0]["device"]}, torch {results[0]["torch"]}, {results[0]["date"]}; '
-             'path a-b: up-half of net a, then down-half of net b.', '']
+             f'path a-b: up-half of net a, then down-half of net b; {FELL}: training never ran the '
+             'path, so it has no own statistics (shared ones used).', '']
     for r in results:
         lines += [f'## {r["run"]}: {label(r)}, {r["batches"]} batches', '',
-                  '| path | as trained | re-estimated | change |', '|---|---|---|---|']
-        lines += [f'| {path} | {acc:.2f} | {r["recalibrated"][path]:.2f} | '
-                  f'{r["recalibrated"][path] - acc:+.2f} |' for path, acc in r['trained'].items()]
+                  '| path | shared | own | re-estimated | re-estimated − own |', '|---|---|---|---|---|']
+        lines += [f'| {path} | {acc:.2f} | {r["own"][path]:.2f}{FELL if path in r["fallback"] else ""} | '
+                  f'{r["recalibrated"][path]:.2f} | {r["recalibrated"][path] - r["own"][path]:+.2f} |'
+                  for path, acc in r['trained'].items()]
         lines.append('')
     return '\n'.join(lines)
 
@@ -71,14 +134,13 @@ def markdown(results, command):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('run_dirs', nargs='+', help='--out folders of training runs (their last.pt is used)')
-    p.add_argument('--batches', type=int,
-                   help='training batches to re-estimate on (default: the run\'s --bn-recalib, else 20)')
+    p.add_argument('--batches', type=int, default=20, help='training batches to re-estimate on')
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
     p.add_argument('--out', metavar='NAME', help='also write NAME.json and NAME.md')
     args = p.parse_args(argv)
     command = 'python tools/bn_recalib.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        if args.batches is not None and args.batches < 1:
+        if args.batches < 1:
             raise X.UsageError(f'--batches must be at least 1, got {args.batches}')
         device = argparse.Namespace(device=args.device, fast='auto', sync_bn=False)
         X.check_device(device)  # a one-line error for a device that is not there
@@ -88,10 +150,12 @@ def main(argv=None):
         for run_dir in args.run_dirs:
             r = study(run_dir, args.batches, device.device)
             results.append(r)
-            print(f'{r["run"]} ({label(r)}, {r["batches"]} batches)\npath   trained  recalibrated  change')
+            print(f'{r["run"]} ({label(r)}, {r["batches"]} batches)\n'
+                  'path    shared     own  re-estimated  re-estimated − own')
             for path, acc in r['trained'].items():
-                new = r['recalibrated'][path]
-                print(f'{path:<6} {acc:7.2f}  {new:12.2f}  {new - acc:+6.2f}', flush=True)
+                new, own = r['recalibrated'][path], r['own'][path]
+                print(f'{path:<6} {acc:7.2f} {own:7.2f}{"*" if path in r["fallback"] else " "} '
+                      f'{new:12.2f}  {new - own:+6.2f}', flush=True)
     except X.UsageError as e:
         print(f'bn_recalib.py: error: {e}', file=sys.stderr)
         return 2

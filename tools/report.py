@@ -4,9 +4,10 @@
 
 Runs are grouped by pair, data set, schedule (epochs) and width. Within a group one row per setting: runs that
 differ only in their seed are one row, mean ± sample std over the n seeds; runs that differ in anything else
-(method, path weights, update order, warm-up, T, λ, BatchNorm recalibration, …) are separate rows, labelled by
-what differs. The settings every run of a group shares are stated above its table (SPEC §3 asks that the open
-choices be named in every result)."""
+(method, path weights, update order, warm-up, rotation, T, λ, …) are separate rows, labelled by
+what differs. The settings every run of a group shares are stated above its table (the open choices are named
+in every result). Every number is given twice: with the shared BatchNorm statistics (the deck's plain
+BatchNorm) and with each path's own statistics (README, "BatchNorm"); '–' where a run predates the latter."""
 import argparse
 import json
 import statistics
@@ -43,7 +44,7 @@ SETTINGS = {'path_weights': ('sum', 'sum', lambda v: f'{v} over paths'),
             'lr': (0.1, 0.1, lambda v: f'lr {v:g}'),
             'momentum': (0.9, 0.9, lambda v: f'momentum {v:g}'),
             'weight_decay': (5e-4, 5e-4, lambda v: f'weight decay {v:g}'),
-            'bn_recalib': (0, 0, lambda v: f'BN recalibrated on {v} batches' if v else 'no BN recalibration'),
+            'rotate': (0, X.RECIPE['rotate'], lambda v: f'rotation ±{v:g}°' if v else 'no rotation'),
             'fast': ('off', 'off', lambda v: 'bf16 + CUDA graph' if v == 'on' else 'fp32'),
             'processes': (1, 1, lambda v: f'{v} process' + ('es' if v != 1 else '')),
             'sync_bn': (False, False, lambda v: 'SyncBatchNorm' if v else 'per-process BatchNorm'),
@@ -67,6 +68,12 @@ def setting(summary, key):
 
 
 NA = object()  # a setting the run's method does not have
+
+
+def own(summary):
+    """The run's numbers with each path's own BatchNorm statistics ('–' for a run from before they existed)."""
+    return summary.get('own_bn') or {'accuracy': [None] * len(summary['nets']),
+                                     'best_accuracy': [None] * len(summary['nets']), 'ensemble': None}
 
 
 def default(method, key):
@@ -158,38 +165,41 @@ def report(runs_dir, out_dir, name='RESULTS'):
         lines += [f'## {pair}, cut {cut}, {dataset}, {epochs} epoch{"s" if epochs != 1 else ""}, '
                   f'width {width}', '',
                   f'Shared by these runs: {shared_settings(group, varying)}.', '',
-                  '| method | ' + ' | '.join(f'net {i + 1}: {n}' for i, n in enumerate(nets)) +
-                  ' | ensemble | feature distance | n |', '|---' * (len(nets) + 4) + '|']
+                  '| method | ' + ' | '.join(f'net {i + 1}: {n}, {bn}' for i, n in enumerate(nets)
+                                            for bn in ('shared', 'own')) +
+                  ' | ensemble, shared | ensemble, own | feature distance | n |', '|---' * (2 * len(nets) + 5) + '|']
         for row in table:
             ss = [group[r] for r in row['runs']]
             d = deck['accuracy'].get(row['label'], [None] * len(nets))
             cells = []
             for i in range(len(nets)):
-                last, best = (mean_std([s[key][i] for s in ss]) for key in ('accuracy', 'best_accuracy'))
                 frozen = ' (teacher, frozen)' if ss[0].get('teacher') and ss[0]['teacher']['net'] == i + 1 else ''
-                cells.append(f'{cell(last)} / {cell(best)}' + (f' [{d[i]}]' if d[i] is not None else '') + frozen)
+                for block in (lambda s: s, own):
+                    last, best = (mean_std([block(s)[key][i] for s in ss]) for key in ('accuracy', 'best_accuracy'))
+                    cells.append(f'{cell(last)} / {cell(best)}' + (f' [{d[i]}]' if d[i] is not None else '') + frozen)
             dist = cell(mean_std([s['feature_distance'] for s in ss]), 4)
             if row['label'] in deck['feature_distance']:
                 dist += f' [{deck["feature_distance"][row["label"]]}]'
-            ens = mean_std([s['ensemble'] for s in ss])
-            lines.append(f'| {row["label"]} | ' + ' | '.join(cells) + f' | {cell(ens)} | {dist} | {len(ss)} |')
+            ens = [cell(mean_std([block(s)['ensemble'] for s in ss])) for block in (lambda s: s, own)]
+            lines.append(f'| {row["label"]} | ' + ' | '.join(cells) + f' | {" | ".join(ens)} | {dist} | {len(ss)} |')
             row.update(pair=pair, dataset=dataset, epochs=epochs, width=width,
-                       accuracy=[mean_std([s['accuracy'][i] for s in ss]) for i in range(len(nets))],
-                       best_accuracy=[mean_std([s['best_accuracy'][i] for s in ss]) for i in range(len(nets))])
+                       **{f'{prefix}{key}': [mean_std([block(s)[key][i] for s in ss]) for i in range(len(nets))]
+                          for prefix, block in (('', lambda s: s), ('own_bn_', own))
+                          for key in ('accuracy', 'best_accuracy')})
             json_rows.append(row)
-        for title, key in (('BatchNorm statistics as trained', 'cross'), ('each path\'s BatchNorm statistics '
-                           're-estimated on its own features (--bn-recalib)', 'recalib')):
-            crossed = [r for r in table if all((group[n].get(key) or {}) for n in r['runs'])]
+        for title, block in (('shared BatchNorm statistics (the deck\'s)', lambda s: s),
+                             ('each path\'s own BatchNorm statistics', own)):
+            crossed = [r for r in table if all(block(group[n]).get('cross') for n in r['runs'])]
             if not crossed:
                 continue
             lines += ['', f'Cross pairings, last epoch, {title} (row: up-half of net a, column: down-half of '
                       'net b):', '',
                       '| method | up1→down1 | up2→down1 | up1→down2 | up2→down2 |', '|---|---|---|---|---|']
             for row in crossed:
-                matrices = [group[n][key] if key == 'cross' else group[n][key]['cross'] for n in row['runs']]
+                matrices = [block(group[n])['cross'] for n in row['runs']]
                 c = [[cell(mean_std([m[a][b] for m in matrices])) for b in range(2)] for a in range(2)]
                 lines.append(f'| {row["label"]} | {c[0][0]} | {c[1][0]} | {c[0][1]} | {c[1][1]} |')
-            if key == 'cross' and deck['cross']:
+            if block is not own and deck['cross']:
                 c = deck['cross']
                 lines.append(f'| deck, xml (CIFAR-100) | {c[0][0]} | {c[1][0]} | {c[0][1]} | {c[1][1]} |')
         for row in table:
