@@ -977,9 +977,9 @@ def test_evaluate_reports_each_path_its_ensemble_and_feature_distance():
 
 def test_interpolation_is_a_times_up1_plus_1_minus_a_times_up2_fed_to_each_down_half():
     parts, images, labels, codes, tables = hand_set_pair()
-    rows = {r['alpha']: r for r in X.interpolation(parts, images, labels, (0, 0, 0), (1, 1, 1), X.ALPHAS,
+    rows = {r['alpha']: r for r in I.interpolation(parts, images, labels, (0, 0, 0), (1, 1, 1), I.ALPHAS,
                                                     batch_size=64)}
-    assert len(X.ALPHAS) == 31 and X.ALPHAS[0] == -1.0 and X.ALPHAS[-1] == 2.0 and 0.5 in rows
+    assert len(I.ALPHAS) == 31 and I.ALPHAS[0] == -1.0 and I.ALPHAS[-1] == 2.0 and 0.5 in rows
     cross = X.evaluate(parts, images, labels, (0, 0, 0), (1, 1, 1))['cross']
     for a, up in ((1.0, 0), (0.0, 1)):  # a = 1: up_1's feature; a = 0: up_2's
         assert [rows[a]['down1'], rows[a]['down2']] == pytest.approx(cross[up])

@@ -8,7 +8,7 @@ agree closely; the shared ones describe the mixture of every up-half feeding a d
     python tools/bn_recalib.py RUN_DIR [RUN_DIR ...] [--batches N] [--device cpu] [--out NAME]
 
 The batches are recalibration_batches with the run's seed + 1, batch size and augmentation (rotation
-included); N defaults to 20. The run is evaluated as it was (bf16 and channels_last where it trained with
+included); N defaults to 20. The run is evaluated as it was (channels_last; bf16 where it trained with
 --fast on and a GPU is used here too). Prints a table per run; --out NAME also writes NAME.json and
 NAME.md."""
 import argparse
@@ -47,15 +47,14 @@ def recalibrate_bn(modules, batches):
         mod.eval()
 
 
-def recalibration_batches(train_x, n, batch_size, seed, mean, std, fast=False, rotate=0):
+def recalibration_batches(train_x, n, batch_size, seed, mean, std, rotate=0):
     """n augmented (rotate: as augment), normalised training batches drawn with a generator of
     train_x's device seeded with `seed`: the same batches every call, on the same kind of device."""
     dev = train_x.device
     g = torch.Generator(dev).manual_seed(seed)
-    fmt = torch.channels_last if fast else torch.contiguous_format
     return [X.normalize(X.augment(train_x[torch.randint(len(train_x), (batch_size,), device=dev,
                                                         generator=g)], generator=g, rotate=rotate),
-                        mean, std, fmt)
+                        mean, std, torch.channels_last)  # the nets' layout (load_run)
             for _ in range(n)]
 
 
@@ -94,7 +93,7 @@ def study(run_dir, n_batches=20, device=None):
               f'{reported["paths"]}, own {reported["own_bn"]["paths"]} (another device or '
               'precision?)', file=sys.stderr)
     batches = recalibration_batches(data.train_x.to(dev), n_batches, cfg.batch_size, cfg.seed + 1,
-                                    mean, std, fast, cfg.rotate)
+                                    mean, std, cfg.rotate)
     recalibrated = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
                                          classes=data.num_classes)['paths']
     return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.cuts,
@@ -119,7 +118,7 @@ def markdown(results, command):
     """The tables of `results` (study()'s dicts) as markdown, with the command that made them."""
     lines = ['# Top-1 (%) of every path: shared, own and re-estimated BatchNorm statistics', '',
              f'`{command}` on {results[0]["device"]}, torch {results[0]["torch"]}, {results[0]["date"]}; '
-             f'path a-b: up-half of net a, then down-half of net b; {FELL}: training never ran the '
+             f'path a-b: up-half of net a, then down-half of net b; "{FELL.strip()}": training never ran the '
              'path, so it has no own statistics (shared ones used).', '']
     for r in results:
         lines += [f'## {r["run"]}: {label(r)}, {r["batches"]} batches', '',

@@ -13,6 +13,7 @@ the exported file on the test set and prints its top-1 beside the run's own numb
 import argparse
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,7 +85,10 @@ def export(run_dir, path_text, out):
     batch = torch.export.Dim('batch', min=1)
     program = torch.export.export(model, (example,), dynamic_shapes={'images': {0: batch}})
     out = Path(out)
-    X.write_atomic(out, lambda f: torch.export.save(program, f))
+    with warnings.catch_warnings():  # channels_last weights (the run's layout, kept so that the file
+        # computes what the run computed) make the saver say it found no contiguous tensor: harmless
+        warnings.filterwarnings('ignore', 'No complete tensor found')
+        X.write_atomic(out, lambda f: torch.export.save(program, f))
     loaded = torch.export.load(str(out)).module()
     return {'path': X.path_name(path), 'top1': top1(loaded, data.test_x, data.test_y),
             'run': last['own_bn']['paths'][X.path_name(path)], 'fallback': fell}

@@ -4,7 +4,7 @@ interpolation.png where matplotlib is installed, written into the run's folder.
     python tools/interpolate.py RUN_DIR [--device cpu]
 
 Top-1 of each down-half fed h(a) = a·up_1(x) + (1−a)·up_2(x) for a = −1.0, −0.9, …, 2.0
-(xml_ref.interpolation), from the run's last.pt, on the test set it was evaluated on; a = 1 and a = 0
+(interpolation() below), from the run's last.pt, on the test set it was evaluated on; a = 1 and a = 0
 give the run's own cross matrix (the run is evaluated as it was: bf16 when it trained with --fast on
 and a GPU is used here too)."""
 import argparse
@@ -17,8 +17,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
 
 
+ALPHAS = [round(-1 + 0.1 * k, 1) for k in range(31)]  # −1.0, −0.9, …, 2.0
+
+
+@torch.no_grad()
+def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast=False,
+                  classes=None):
+    """The deck's up-half study: top-1 (%) of each down-half b fed
+    h(a) = a·up_1(x) + (1−a)·up_2(x), for each a in alphas; a = 1 gives the cross pairings of
+    up_1, a = 0 those of up_2. Returns [{'alpha': a, 'down1': …, 'down2': …}, …]."""
+    dev = next(parts[0][0].parameters()).device
+    correct = torch.zeros(len(alphas), 2, device=dev, dtype=torch.int64)
+    with X.eval_mode([part for net in parts for part in net]), \
+            torch.autocast(dev.type, torch.bfloat16, enabled=fast):
+        for x, y in X.eval_batches(images, labels, mean, std, batch_size, dev, X.layout(parts[0][0])):
+            f1, f2 = parts[0][0](x), parts[1][0](x)
+            for k, a in enumerate(alphas):
+                h = a * f1 + (1 - a) * f2
+                correct[k] += torch.stack([(parts[b][1](h)[:, :classes].argmax(1) == y).sum()
+                                           for b in range(2)])
+    return [{'alpha': a, 'down1': 100.0 * c[0] / len(images), 'down2': 100.0 * c[1] / len(images)}
+            for a, c in zip(alphas, correct.tolist())]
+
+
 def load_run(run_dir, device=None, pair_only=False):
-    """A run's last.pt ready to evaluate as the run did (bf16 and channels_last where it trained with
+    """A run's last.pt ready to evaluate as the run did (channels_last; bf16 where it trained with
     --fast on and `device` is a GPU): (config, checkpoint, data, mean, std, nets, device, fast)."""
     run_dir = Path(run_dir)
     if not (run_dir / 'last.pt').exists():
@@ -35,7 +58,7 @@ def load_run(run_dir, device=None, pair_only=False):
     models = X.build_nets(cfg, data.num_classes)
     for m, state in zip(models, ckpt['nets']):
         m.load_state_dict(state)
-        m.to(dev, memory_format=torch.channels_last if fast else torch.contiguous_format)
+        m.to(dev, memory_format=torch.channels_last)  # as set_up trains them
     torch.backends.cudnn.benchmark = fast
     return cfg, ckpt, data, mean, std, models, dev, fast
 
@@ -44,8 +67,8 @@ def interpolate_run(run_dir, device=None):
     """interpolation.csv (and .png) in run_dir from its last.pt; returns the rows."""
     run_dir = Path(run_dir)
     cfg, ckpt, data, mean, std, models, dev, fast = load_run(run_dir, device, pair_only=True)
-    rows = X.interpolation([list(X.split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev),
-                           data.test_y.to(dev), mean, std, X.ALPHAS, fast=fast,
+    rows = interpolation([list(X.split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev),
+                         data.test_y.to(dev), mean, std, ALPHAS, fast=fast,
                            classes=data.num_classes)
     csv = 'alpha,down1,down2\n' + ''.join(f'{r["alpha"]:.1f},{r["down1"]:.2f},{r["down2"]:.2f}\n'
                                           for r in rows)
