@@ -47,7 +47,7 @@ for pair in res18,mbv1 res18,res34; do
   for method in independent dml xml xml+l2; do
     train "${name}_$method" --pair "$pair" --method "$method"
   done
-  # the deck's literal XML sums its paths; the mean (÷ 3) is SPEC's other choice (README: why both)
+  # the deck's literal XML sums its paths; the mean (÷ 3) is the other choice (docs/METHOD.md §3)
   train "${name}_xml-mean" --pair "$pair" --method xml --path-weights mean
   for method in kd fitnet; do  # the teacher: the larger net of the independent run
     train "${name}_$method" --pair "$pair" --method "$method" --teacher "$runs/${name}_independent/last.pt"

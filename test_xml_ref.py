@@ -28,7 +28,7 @@ def tiny(name, width=4, num_classes=10, seed=0, dtype=torch.float64):
 
 
 # ------------------------------------------------------------------------------ models and splitter
-SPEC_TABLE = [  # SPEC §2: (net, cut, up-half, down-half with FC, feature at the cut)
+SPLIT_TABLE = [  # METHOD.md §2: (net, cut, up-half, down-half with FC, feature at the cut)
     ('res18', 'layer2', 675_392, 10_544_740, (128, 16, 16)),
     ('res34', 'layer2', 1_340_224, 19_988_068, (128, 16, 16)),
     ('res18', 'layer3', 2_775_104, 8_445_028, (256, 8, 8)),
@@ -36,8 +36,8 @@ SPEC_TABLE = [  # SPEC §2: (net, cut, up-half, down-half with FC, feature at th
 ]
 
 
-@pytest.mark.parametrize('name,cut,n_up,n_down,shape', SPEC_TABLE)
-def test_parameter_counts_and_cut_shapes_match_spec(name, cut, n_up, n_down, shape):
+@pytest.mark.parametrize('name,cut,n_up,n_down,shape', SPLIT_TABLE)
+def test_parameter_counts_and_cut_shapes_match_the_decks(name, cut, n_up, n_down, shape):
     model = X.build(name, 100)
     up, down = X.split(model, cut)
     assert (X.num_params(up), X.num_params(down)) == (n_up, n_down)
@@ -45,7 +45,16 @@ def test_parameter_counts_and_cut_shapes_match_spec(name, cut, n_up, n_down, sha
     assert X.cut_shape(model, cut) == shape
 
 
-def test_mobilenet_meets_the_resnets_at_layer2():  # SPEC §2: all three nets meet at 128×16×16 too
+def test_docs_method_states_the_split_table():
+    full = {'ResNet18': 'res18', 'ResNet34': 'res34', 'MobileNetV1': 'mbv1'}
+    rows = [line.strip('| ').split(' | ') for line in (HERE / 'docs' / 'METHOD.md').read_text().splitlines()
+            if line.startswith('| res18,') and line.count('|') == 7]
+    table = [(full[r[1]], r[2].split('`')[-2], int(r[3].replace(',', '')), int(r[4].replace(',', '')),
+              tuple(int(v) for v in r[5].split('×'))) for r in rows]
+    assert table == SPLIT_TABLE
+
+
+def test_mobilenet_meets_the_resnets_at_layer2():  # METHOD.md §2: all three nets meet at 128×16×16 too
     shapes = {n: X.cut_shape(X.build(n, 100), 'layer2') for n in X.MODELS}
     assert set(shapes.values()) == {(128, 16, 16)}
 
@@ -183,7 +192,7 @@ def ref_term(z, target, y):
     return F.cross_entropy(z, y) + ref_kl(target, z)
 
 
-# Which terms reach which half, written out from SPEC §3 for the pair (net indices 0, 1):
+# Which terms reach which half, written out from docs/METHOD.md §3 for the pair (net indices 0, 1):
 # half (net, part) ← [(path, owner)]: L_owner's term on that path, with every other half fixed.
 XML_ROUTES = {(0, 0): [((0, 0), 0), ((0, 1), 0)],   # up_1   ← L_1 on z_11, z_12 (through a fixed down_2)
               (0, 1): [((0, 0), 0), ((1, 0), 0)],   # down_1 ← L_1 on z_11, z_21 (on a fixed up_2 feature)
@@ -193,7 +202,7 @@ DML_ROUTES = {h: [r for r in routes if r[0][0] == r[0][1]] for h, routes in XML_
 
 
 def reference_grads(models, x, y, routes):
-    """For each half alone: grad of the terms SPEC routes to it, every other half frozen (fresh copies)."""
+    """For each half alone: grad of the terms METHOD.md §3 routes to it, every other half frozen (fresh copies)."""
     grads = {}
     for (net, part), terms in routes.items():
         ms = copy.deepcopy(models)
@@ -1424,18 +1433,29 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
     assert pooled['seeds'] == [0, 1] and pooled['accuracy'][0] == pytest.approx([61.0, math.sqrt(2)])
 
 
-def test_the_decks_numbers_are_specs_tables():
-    """SPEC §4, top-1 % (net order as in the pair); cross[a][b] = up-half of net a+1 → down-half of net b+1."""
+def test_the_decks_numbers_are_those_docs_method_states():
+    """METHOD.md §4, top-1 % (net order as in the pair); cross[a][b] = up-half of net a+1 → down-half of net b+1."""
     deck = R.DECK
     assert deck['res18,mbv1']['accuracy'] == {'independent': [74.0, 62.6], 'dml': [74.3, 65.9], 'xml': [73.6, 68.3],
                                               'xml+l2': [None, 68.5]}
     assert deck['res18,res34']['accuracy'] == {'independent': [73.9, 75.5], 'dml': [75.7, 76.6],
                                                'xml': [76.6, 77.0]}
-    # SPEC's columns: up1→down1, up2→down1, up1→down2, up2→down2
+    # the deck's columns: up1→down1, up2→down1, up1→down2, up2→down2
     for pair, (a, b, c, d) in {'res18,mbv1': (73.20, 70.21, 72.25, 68.89),
                                'res18,res34': (76.06, 76.25, 76.61, 76.61)}.items():
         assert deck[pair]['cross'] == [[a, c], [b, d]]
     assert deck['res18,mbv1']['feature_distance'] == {'xml': 0.002, 'xml+l2': 0.001}
+    # and docs/METHOD.md, which a reader checks the code against, states the same numbers
+    method = (HERE / 'docs' / 'METHOD.md').read_text()
+    rows = [line.split(' | ') for line in method.splitlines() if line.startswith(('| res18,', '| res18 ('))]
+    nets = {'res18,mbv1': ['ResNet18', 'MobileNetV1'], 'res18,res34': ['ResNet18', 'ResNet34']}
+    for pair, names in nets.items():
+        for i, name in enumerate(names):
+            row = next(r for r in rows if r[0] == f'| {pair}' and r[1] == name and len(r) == 5)
+            assert [float(v.split()[0]) for v in row[2:]] == [deck[pair]['accuracy'][m][i] for m in ('independent', 'dml', 'xml')]
+    crossed = [[float(v.strip(' |')) for v in r[1:]] for r in rows if r[0].startswith('| res18 (')]
+    assert crossed == [[73.20, 70.21, 72.25, 68.89], [76.06, 76.25, 76.61, 76.61]]
+    assert '68.5 with +L2' in method and '0.002' in method and '0.001' in method
 
 
 def resnet_macs(blocks, classes=100, width=64):

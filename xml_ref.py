@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------- config
 # The CIFAR-100 recipe of weiaicunzai/pytorch-cifar100, whose models the deck's parameter counts
-# match (SPEC §4): SGD, lr 0.1 warmed up linearly per step over the first epoch (against early
+# match (METHOD.md §4): SGD, lr 0.1 warmed up linearly per step over the first epoch (against early
 # divergence), then × 0.2 from epochs 60/120/160 of 200 on (epochs counted from 1, so epoch 60
 # already trains at 0.02), i.e. at 30/60/80 % of whatever --epochs says; batch 128; random crop
 # (4 px padding), flip, rotation by up to ±15°.
@@ -245,7 +245,7 @@ def normalize(images, mean, std, memory_format=torch.contiguous_format):
 
 
 # ----------------------------------------------------------------------------------------- models
-# CIFAR-style nets (SPEC §2): 3×3 stem with stride 1, no max-pool. Each is an nn.Sequential of
+# CIFAR-style nets (METHOD.md §2): 3×3 stem with stride 1, no max-pool. Each is an nn.Sequential of
 # named stages, so a cut is a stage name. For all three nets layerK ends at the same shape:
 # layer1 64×32×32, layer2 128×16×16, layer3 256×8×8, layer4 512×4×4 (at width 64).
 class BasicBlock(nn.Module):
@@ -284,7 +284,7 @@ def resnet(blocks, num_classes=100, width=64):
 
 def separable(c_in, c_out, stride):
     """MobileNetV1 block: depthwise 3×3 (no bias) + BN + ReLU, then pointwise 1×1 (with bias,
-    SPEC §2) + BN + ReLU."""
+    METHOD.md §2) + BN + ReLU."""
     return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
                          nn.BatchNorm2d(c_in), nn.ReLU(),
                          nn.Conv2d(c_in, c_out, 1, bias=True), nn.BatchNorm2d(c_out), nn.ReLU())
@@ -324,7 +324,7 @@ def build(name, num_classes=100, width=64):
 
 
 def num_params(module):
-    """Parameters, frozen or not: the count SPEC §2's table gives."""
+    """Parameters, frozen or not: the count METHOD.md §2's table gives."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -397,7 +397,7 @@ def check_cut(models, names, cut, image_size=32):
 
 
 # ----------------------------------------------------------------------------------------- losses
-# Pure functions of logits and features. The target of every KL term is detached (SPEC §1). Under
+# Pure functions of logits and features. The target of every KL term is detached (METHOD.md §1). Under
 # bf16 autocast, log_softmax, cross_entropy and mse_loss compute in fp32; in fp64 they stay fp64
 # (the tests).
 def kl_div(target_logits, logits, T=1.0):
@@ -480,7 +480,7 @@ def regressor(channels):
 # codebase. Everything below generalises them (K nets × P parts, the baselines, the fast path); a
 # test checks that the general training step computes exactly what these two compute.
 def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False):
-    """XML (SPEC §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21}
+    """XML (METHOD.md §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21}
     [CE(z_p, y) + KL(z_22‖z_p)] and L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL
     at temperature T times T², its target detached; mean=True divides each sum by its 3 paths. Each
     half runs once per distinct input (BatchNorm statistics update once). BatchNorm: down_b sees
@@ -505,7 +505,7 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False):
 
 
 def routed_backward(losses, optimizers):
-    """Gradient routing (SPEC §3): L_i is differentiated with respect to the parameters of
+    """Gradient routing (METHOD.md §3): L_i is differentiated with respect to the parameters of
     optimizers[i] only. In z_12, L_1 so trains up_1 through a fixed down_2 and L_2 trains down_2 on
     a fixed up_1 feature; one backward of L_1 + L_2 would be wrong (it would train down_2 on L_1
     too). The caller then steps each optimizer: for opt in optimizers: opt.step()."""
@@ -532,7 +532,7 @@ def all_paths(K, P):
 def run_paths(parts, x, paths, bn_source=None, out=None):
     """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
     prefix is run once, so each part sees each distinct input once per forward and its BatchNorm
-    running statistics are updated once per distinct input (SPEC §3), however many paths go through
+    running statistics are updated once per distinct input (METHOD.md §3), however many paths go through
     it. bn_source(q), if given, is entered around the part that computes out[q] (OwnBatchNorm's
     track or apply); `out` may hold prefixes already computed."""
     out = {**(out or {}), (): x}
@@ -552,7 +552,7 @@ def batchnorms(module):
 
 
 class OwnBatchNorm:
-    """Each path's own BatchNorm running statistics, kept beside the shared ones (SPEC §3).
+    """Each path's own BatchNorm running statistics, kept beside the shared ones (METHOD.md §3).
     Training normalises with batch statistics, so only evaluation depends on running statistics;
     a part fed by several sources (a down-half by both up-halves) averages them all into its shared
     statistics, which no single path produces. sets[q], for a prefix q of at least two net indices,
@@ -999,7 +999,7 @@ def graph_lr(optimizers, device):
 
 
 # ------------------------------------------------------------------------------------------- cost
-# The deck's "Dynamic Computation" (SPEC §5): what each path costs, to pick one by budget.
+# The deck's "Dynamic Computation" (METHOD.md §5): what each path costs, to pick one by budget.
 def forward_flops(module, x):
     """(FLOPs of one forward of `module` on x, its output): 2 × the multiply-adds of its
     convolutions and linear layers, counted from their shapes (BatchNorm, ReLU and pooling are left
@@ -1094,7 +1094,7 @@ def cost_table(rows):
 # ----------------------------------------------------------------------------------- training run
 def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
     """The recipe's learning rate at `step` (0-based, counted from the start of training): lr·s/S
-    at step s of the first warm-up epochs' S steps (SPEC §4), then in epoch e = 1, 2, … lr × 0.2
+    at step s of the first warm-up epochs' S steps (METHOD.md §4), then in epoch e = 1, 2, … lr × 0.2
     per milestone m ≤ e, m = 30, 60 and 80 % of the epochs (60, 120, 160 of 200), at least 2. As
     in pytorch-cifar100, which calls MultiStepLR.step(e) before epoch e: epoch 60 trains at
     lr × 0.2."""
@@ -1650,7 +1650,7 @@ def make_parser():
                       help=f'net 1,net 2, from {", ".join(MODELS)}')
     what.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 '
                                      '(cut with --cuts)')
-    what.add_argument('--method', choices=METHODS, default='xml', help='the loss (SPEC §3)')
+    what.add_argument('--method', choices=METHODS, default='xml', help='the loss (METHOD.md §3)')
     what.add_argument('--cut', help='the stage both nets are cut after, layer1 … layer4 '
                                     '(default: layer3 with mbv1, else layer2: the deck\'s cuts)')
     what.add_argument('--cuts', help='several stages to cut every net after, in order '
@@ -1682,7 +1682,7 @@ def make_parser():
                      help='start net 1 from the net of that name in a checkpoint')
     how.add_argument('--init2', metavar='PATH',
                      help='start net 2 from the net of that name in a checkpoint')
-    recipe = p.add_argument_group('the recipe (SPEC §4)')
+    recipe = p.add_argument_group('the recipe (METHOD.md §4)')
     recipe.add_argument('--epochs', type=int, default=RECIPE['epochs'],
                         help='training epochs; lr × 0.2 from the epochs at 30, 60 and 80 %% of '
                              'them on')

@@ -38,7 +38,7 @@ from tools.bn_recalib import study  # noqa: E402
 
 PAIRS = ('res18,res34', 'res18,mbv1')
 # The most valuable first: XML and its independent baseline on both pairs, then DML (the deck's
-# comparison), then SPEC §3's open choice, path weights 'mean'. A run cut off is the least needed.
+# comparison), then METHOD.md §3's open choice, path weights 'mean'. A run cut off is the least needed.
 METHODS = (('xml', []), ('independent', []), ('dml', []), ('xml-mean', ['--path-weights', 'mean']))
 STOP = {'signal': 0}  # set by a SIGTERM/SIGINT that reaches this driver's handler
 RUN = {'active': False}  # inside xml_ref.main

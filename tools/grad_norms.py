@@ -4,7 +4,7 @@ routes it), averaged over a few augmented training batches. Writes results/grad_
 
     python tools/grad_norms.py DATA_DIR [--width 64] [--batches 4] [--seeds 0,1]
 
-DATA_DIR: an ImageFolder root (train/<class>/...), e.g. ../shared/data/cifar10-jpeg.tar.gz extracted."""
+DATA_DIR: an ImageFolder root (train/<class>/...), e.g. a CIFAR-10 JPEG archive extracted."""
 import argparse
 import sys
 import time

@@ -1,4 +1,4 @@
-"""The deck's up-half interpolation study (SPEC §4) of a finished pair run: interpolation.csv, and
+"""The deck's up-half interpolation study (METHOD.md §4) of a finished pair run: interpolation.csv, and
 interpolation.png where matplotlib is installed, written into the run's folder.
 
     python tools/interpolate.py RUN_DIR [--device cpu]

@@ -2,7 +2,7 @@
 
     python tools/plant_bugs.py [PART_OF_A_NAME ...]     # all bugs, or those whose names contain a part
 
-Each bug is a one-line change of the kind SPEC forbids (a reversed or undetached KL, one backward for both nets,
+Each bug is a one-line change of the kind docs/METHOD.md forbids (a reversed or undetached KL, one backward for both nets,
 a transposed cross matrix, …); the checkout is copied to a temporary folder for each, the change made there,
 and the tests its -k expression selects must fail. Prints one line per bug: caught or NOT CAUGHT."""
 import shutil

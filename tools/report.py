@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
 
-# SPEC §4: what the deck reports on CIFAR-100 (top-1 %, best model), net order as in the pair.
+# METHOD.md §4: what the deck reports on CIFAR-100 (top-1 %, best model), net order as in the pair.
 DECK = {'res18,mbv1': {'accuracy': {'independent': [74.0, 62.6], 'dml': [74.3, 65.9], 'xml': [73.6, 68.3],
                                     'xml+l2': [None, 68.5]},
                        'cross': [[73.20, 72.25], [70.21, 68.89]], 'feature_distance': {'xml': 0.002, 'xml+l2': 0.001}},
