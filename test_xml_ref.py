@@ -1945,3 +1945,242 @@ def test_torchrun_with_two_processes_writes_one_run(tmp_path):
     assert summary['processes'] == 2 and summary['command'].startswith('torchrun ')
     assert len((out / 'metrics.jsonl').read_text().splitlines()) == 2
     assert r.stdout.count('"method": "xml"') == 1  # rank 0 alone reports
+
+
+# ------------------------------------------------------------ properties a user relies on without seeing
+def test_pair_only_methods_and_paths_per_step_are_refused_outside_their_range(tmp_path, capsys):
+    """A method defined for a pair cut once is refused for two nets cut twice too; --paths-per-step R must be
+    1 … K^P − K (the crossed paths): its exact ends pass, one past them is refused."""
+    for method in X.PAIR_ONLY:
+        extra = ['--teacher', __file__] if method in ('kd', 'fitnet') else []
+        code, cap = run_cli(['--pair', 'res18,mbv1', '--cuts', 'layer2,layer3', '--method', method, *extra,
+                             '--width', '4', '--out', str(tmp_path / 'x')], capsys)
+        one_line_error(code, cap, 'defined for a pair cut once')
+    for nets, cuts, crossed in (('res18,mbv1', 'layer3', 2), ('res18,mbv1', 'layer2,layer3', 6),
+                                ('res18,res34,mbv1', 'layer2,layer3', 24)):
+        for r in (1, crossed):
+            cfg = X.parse_args(['--nets', nets, '--cuts', cuts, '--paths-per-step', str(r), '--width', '4', '--out',
+                                str(tmp_path / 'x')])
+            assert cfg.paths_per_step == r
+        for r in (0, crossed + 1):
+            code, cap = run_cli(['--nets', nets, '--cuts', cuts, '--paths-per-step', str(r), '--width', '4',
+                                 '--out', str(tmp_path / 'x')], capsys)
+            one_line_error(code, cap, f'must be 1 … {crossed}')
+    assert not (tmp_path / 'x').exists()
+
+
+def test_the_default_cut_of_every_pair_is_the_same_in_either_order(tmp_path):
+    for a, b in __import__('itertools').product(X.MODELS, repeat=2):
+        if a == b:
+            continue
+        cuts = [X.parse_args(['--pair', p, '--width', '4', '--out', str(tmp_path / 'x')]).cuts
+                for p in (f'{a},{b}', f'{b},{a}')]
+        assert cuts[0] == cuts[1] == (['layer3'] if 'mbv1' in (a, b) else ['layer2']), (a, b)
+        assert X.check_cut([X.build(a, 10, 4), X.build(b, 10, 4)], [a, b], cuts[0][0])  # a cut where they agree
+
+
+@pytest.mark.parametrize('method', ['xml', 'xml+l2', 'xml+disc', 'xml+gan'])
+def test_mean_path_weights_divide_the_xml_terms_of_every_xml_method_and_reach_it_from_the_cli(method, tmp_path):
+    """--path-weights mean divides the XML sum of each method of the family by its 3 paths and leaves the extra
+    term (λ·L2, the synthesis or generator loss) as it is: L(sum) − L(mean) = ⅔ · XML(sum), whatever the method."""
+    cfg = X.parse_args(['--pair', 'res18,mbv1', '--method', method, '--path-weights', 'mean', '--width', '4',
+                        '--out', str(tmp_path / 'x')])
+    models, x, y = pair_setup(seed=9)
+    disc = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+    if method == 'xml+disc':  # its down-halves have one output more
+        models = [tiny(n, num_classes=11, seed=9 + i) for i, n in enumerate(NAMES)]
+    kw = X.loss_options(cfg, method, disc)
+    assert kw['path_weights'] == 'mean'
+    out = X.run_paths(halves(models), x, X.all_paths(2, 2))
+    mean = X.LOSSES[method](out, y, 2, 2, [0, 1], **kw)
+    total = X.LOSSES[method](out, y, 2, 2, [0, 1], **{**kw, 'path_weights': 'sum'})
+    plain = X.xml_losses({p: z[:, :10] if len(p) == 2 else z for p, z in out.items()}, y, 2, 2, [0, 1])
+    for i in range(2):
+        torch.testing.assert_close(total[i] - mean[i], plain[i] * 2 / 3, rtol=1e-10, atol=1e-12)
+
+
+def test_the_same_seed_draws_the_same_sampled_paths_and_ends_with_the_same_numbers(tmp_path, capsys, monkeypatch):
+    drawn = {}
+    real = X.step_paths
+
+    def spy(method, K, P, paths_per_step=None, rng=None):
+        paths = real(method, K, P, paths_per_step, rng)
+        drawn.setdefault(run, []).append(paths)
+        return paths
+    monkeypatch.setattr(X, 'step_paths', spy)
+    args = ['--pair', 'res18,mbv1', '--cuts', 'layer2,layer3', '--method', 'xml', '--paths-per-step', '2',
+            '--dataset', 'synthetic', '--width', '4', '--device', 'cpu', '--epochs', '2', '--batch-size', '128']
+    for run in ('a', 'b'):
+        assert run_cli([*args, '--out', str(tmp_path / run)], capsys)[0] == 0
+    assert drawn['a'] == drawn['b'] and len(drawn['a']) == 8  # 4 steps an epoch, 2 epochs
+    assert len({tuple(p) for p in drawn['a']}) > 1  # drawn anew each step
+    a, b = ([{k: v for k, v in r.items() if k not in TIMING} for r in map(json.loads, (tmp_path / d / 'metrics.jsonl')
+             .read_text().splitlines())] for d in 'ab')
+    assert a == b
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    """Checkpoints, metrics and the summary are replaced atomically: a write that dies half-way (disk full, a kill
+    between the bytes) leaves the previous file byte for byte, never a truncated one."""
+    target = tmp_path / 'last.pt'
+    target.write_bytes(b'previous checkpoint')
+
+    def dies(f):
+        f.write(b'half of the new')
+        raise OSError('disk full')
+    with pytest.raises(OSError):
+        X.write_atomic(target, dies)
+    assert target.read_bytes() == b'previous checkpoint'
+    summary = tmp_path / 'summary.json'
+    X.write_json(summary, {'a': 1})
+    monkeypatch.setattr(X.json, 'dumps', lambda *a, **k: (_ for _ in ()).throw(OSError('killed')))
+    with pytest.raises(OSError):
+        X.write_json(summary, {'a': 2})
+    assert json.loads(summary.read_text()) == {'a': 1}
+    # a training run whose checkpoint write dies keeps the last good last.pt
+    monkeypatch.undo()
+    out = tmp_path / 'run'
+    args = ['--pair', 'res18,mbv1', '--method', 'xml', *TINY[:-4], '--batch-size', '64', '--epochs', '2', '--out',
+            str(out)]
+    real_save, saves = torch.save, {'n': 0}
+
+    def save_dies_on_epoch_2(obj, f, *a, **k):
+        saves['n'] += 1
+        if isinstance(obj, dict) and obj.get('epoch') == 2:
+            f.write(b'partial')
+            raise OSError('disk full')
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(X.torch, 'save', save_dies_on_epoch_2)
+    with pytest.raises(OSError):
+        X.main(args)
+    monkeypatch.undo()
+    assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == 1
+    assert len((out / 'metrics.jsonl').read_text().splitlines()) == 1
+
+
+def tiny_run(tmp_path, *extra):
+    """A Run of the CLI's own set-up on synthetic data (width 4, CPU), and its TrainStep."""
+    cfg = X.parse_args(['--pair', 'res18,mbv1', '--method', 'xml', '--dataset', 'synthetic', '--width', '4',
+                        '--device', 'cpu', '--out', str(tmp_path / 'run'), *extra])
+    run = X.set_up(cfg)
+    return run, *X.make_step(run, False, __import__('random').Random(0))
+
+
+def test_an_epoch_uses_every_image_at_most_once_and_drops_only_the_last_partial_batch(tmp_path, monkeypatch):
+    """512 training images, batch 96: 5 steps of 96 distinct images, 32 left out (the partial batch), a new
+    order the next epoch."""
+    run, step, opts = tiny_run(tmp_path, '--batch-size', '96')
+    seen = []
+    real = X.augment
+    monkeypatch.setattr(X, 'augment', lambda images, **kw: seen.append(images.clone()) or real(images, **kw))
+    key = {bytes(img.numpy().tobytes()): n for n, img in enumerate(run.data.train_x)}
+    assert len(key) == len(run.data.train_x) == 512  # every image tells which it is
+    gen = torch.Generator().manual_seed(0)
+    orders = []
+    for epoch in range(2):
+        seen.clear()
+        X.train_epoch(run, step, opts, epoch, run.data.train_x, run.data.train_y, gen)
+        assert [len(b) for b in seen] == [96] * 5
+        ids = [key[bytes(img.numpy().tobytes())] for b in seen for img in b]
+        assert len(set(ids)) == 480
+        orders.append(ids)
+    assert orders[0] != orders[1]
+
+
+def test_normalisation_comes_from_the_training_set_and_evaluation_leaves_the_nets_as_they_were(tmp_path):
+    """The mean and std the inputs are normalised with are the training images' (never the test set's), and
+    evaluate() runs in eval mode: its numbers are those of the nets in eval mode, their BatchNorm statistics and
+    their train/eval modes unchanged by it."""
+    run, _, _ = tiny_run(tmp_path)
+    assert (run.mean, run.std) == X.channel_stats(run.data.train_x)
+    assert (run.mean, run.std) != X.channel_stats(run.data.test_x)
+    for m in run.models:
+        m.train()
+    before = [copy.deepcopy(m.state_dict()) for m in run.models]
+    r = X.evaluate(run.parts, run.data.test_x, run.data.test_y, run.mean, run.std)
+    assert all(m.training for m in run.models)
+    for m, state in zip(run.models, before):
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    with torch.no_grad():
+        x = X.normalize(run.data.test_x, run.mean, run.std, X.layout(run.models[0]))
+        for m in run.models:
+            m.eval()
+        acc = [100.0 * (m(x).argmax(1) == run.data.test_y).sum().item() / len(x) for m in run.models]
+    assert r['accuracy'] == acc
+
+
+def test_interpolation_study_runs_on_the_test_set(tmp_path, capsys):
+    """a = 1 and a = 0 are the cross pairings the run reported on the test set, exactly (the training set, a
+    different one, would give other numbers)."""
+    out = tmp_path / 'xml'
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(out)], capsys)[0] == 0
+    rows = {r['alpha']: r for r in I.interpolate_run(out, 'cpu')}
+    cross = json.loads((out / 'summary.json').read_text())['cross']
+    assert [[rows[a]['down1'], rows[a]['down2']] for a in (1.0, 0.0)] == cross
+
+
+def test_the_xml_gan_generator_term_trains_each_up_half_through_the_discriminator():
+    """The generator term w·BCE(D(up_i(x)), label of j) sends up_i the gradient of that term (not zero: the feature
+    is not detached on its way into D), and train_step gives D only its own loss's gradient."""
+    models, x, y = pair_setup(seed=8)
+    torch.manual_seed(0)
+    disc = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+    hs = halves(models)
+    out = X.run_paths(hs, x, X.all_paths(2, 2))
+    gan = X.xml_gan_losses(out, y, 2, 2, [0, 1], disc, adv_weight=0.5)
+    plain = X.xml_losses(out, y, 2, 2, [0, 1])
+    for i, label in ((0, 0.0), (1, 1.0)):
+        up = list(hs[i][0].parameters())
+        got = torch.autograd.grad(gan[i] - plain[i], up, retain_graph=True)
+        d = disc(out[(i,)]).squeeze(1)
+        want = torch.autograd.grad(0.5 * F.binary_cross_entropy_with_logits(d, torch.full_like(d, label)), up,
+                                   retain_graph=True)
+        assert sum(g.abs().sum() for g in got) > 1e-6
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def _two_rank_worker(rank, world, port, out, record):
+    """One process of a 2-process CLI run (1 epoch) that records the batches it drew and every BatchNorm statistic
+    (shared and own) before and after the end-of-epoch averaging."""
+    import os
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    seen, stats, real_set_up, real_reduce, real_augment = [], {}, X.set_up, X.dist.all_reduce, X.augment
+
+    def set_up(cfg):
+        stats['run'] = real_set_up(cfg)
+        return stats['run']
+
+    def all_reduce(t, *a, **k):
+        run = stats['run']
+        bufs = [b for m in run.models for b in m.buffers() if b.is_floating_point()] + run.own_bn.tensors([0, 1])
+        if any(t is b for b in bufs):
+            stats.setdefault('before', []).append(t.clone())
+        return real_reduce(t, *a, **k)
+    X.set_up, X.dist.all_reduce = set_up, all_reduce
+    X.augment = lambda images, **kw: seen.append(images.clone()) or real_augment(images, **kw)
+    assert X.main([*RUN[2:], '--epochs', '1', '--out', out]) == 0
+    run = stats['run']
+    after = [b.clone() for m in run.models for b in m.buffers() if b.is_floating_point()] + \
+        [t.clone() for t in run.own_bn.tensors([0, 1])]
+    torch.save({'seen': seen, 'before': stats['before'], 'after': after}, f'{record}.{rank}')
+
+
+def test_two_ranks_draw_the_same_batches_and_average_their_batchnorm_statistics(tmp_path):
+    """Under torchrun every rank draws the same data order (each then trains on its share), and at the end of an
+    epoch every BatchNorm statistic, shared and own, becomes the mean over the ranks: the same on both, not a sum,
+    not left per rank."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_two_rank_worker, args=(2, port, str(tmp_path / 'run'), str(tmp_path / 'rec')),
+                                nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f'rec.{r}', weights_only=True) for r in range(2))
+    assert len(r0['seen']) == 8 and all(torch.equal(a, b) for a, b in zip(r0['seen'], r1['seen']))
+    assert len(r0['before']) == len(r0['after']) > 0
+    for b0, b1, a0, a1 in zip(r0['before'], r1['before'], r0['after'], r1['after']):
+        assert torch.equal(a0, a1)
+        torch.testing.assert_close(a0, (b0 + b1) / 2)
+    assert any(not torch.equal(b0, b1) for b0, b1 in zip(r0['before'], r1['before']))  # the shares differed

@@ -72,6 +72,23 @@ M = [  # (name, file, old, new, -k expression)
  ('rotation about a corner', 'xml_ref.py', "xs = torch.linspace(0.5 - w / 2, w / 2 - 0.5, w, device=dev)", "xs = torch.linspace(0.5, w - 0.5, w, device=dev)", 'rotation_is'),
  ('angles over half the range', 'xml_ref.py', "angles = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * rotate", "angles = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * rotate / 2", 'augment_rotates'),
  ('one angle for the whole batch', 'xml_ref.py', "angles = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * rotate", "angles = (torch.rand(1, device=dev, generator=generator).expand(n) * 2 - 1) * rotate", 'augment_rotates'),
+ ('pair-only methods checked by K alone', 'xml_ref.py', "if cfg.method in PAIR_ONLY and (K, P) != (2, 2):", "if cfg.method in PAIR_ONLY and K != 2:", 'refused_outside'),
+ ('paths-per-step up to all paths', 'xml_ref.py', "        crossed = K ** P - K\n", "        crossed = K ** P\n", 'refused_outside'),
+ ('paths-per-step 0 accepted', 'xml_ref.py', "not 1 <= cfg.paths_per_step <= crossed", "not 0 <= cfg.paths_per_step <= crossed", 'refused_outside'),
+ ('default cut depends on the order', 'xml_ref.py', "return 'layer3' if 'mbv1' in names else 'layer2'", "return 'layer3' if names[-1] == 'mbv1' else 'layer2'", 'default_cut_of'),
+ ('path weights reach xml only', 'xml_ref.py', "    if method.startswith('xml'):\n        kw['path_weights']", "    if method == 'xml':\n        kw['path_weights']", 'mean_path_weights_divide_the'),
+ ('xml+l2 ignores path weights', 'xml_ref.py', "    losses = xml_losses(out, labels, K, P, nets, T, path_weights)\n    for i in nets:\n        l2 = sum", "    losses = xml_losses(out, labels, K, P, nets, T)\n    for i in nets:\n        l2 = sum", 'mean_path_weights_divide_the'),
+ ('sampled paths unseeded', 'xml_ref.py', "paths_rng.seed(cfg.seed * 1_000_003 + epoch)", "paths_rng.seed()", 'same_seed_draws'),
+ ('writes in place', 'xml_ref.py', "    tmp = path.with_name(path.name + '.tmp')\n", "    tmp = path\n", 'fails_midway'),
+ ('overlapping batches', 'xml_ref.py', "idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]", "idx = perm[s:s + cfg.batch_size]", 'at_most_once'),
+ ('ranks draw their own order', 'xml_ref.py', "    perm = torch.randperm(len(train_x), device=run.dev, generator=gen)\n", "    perm = torch.randperm(len(train_x), device=run.dev, generator=gen if run.rank == 0 else None)\n", 'two_ranks_draw'),
+ ('BatchNorm statistics summed over ranks', 'xml_ref.py', "            dist.all_reduce(buf)\n            buf /= run.world\n", "            dist.all_reduce(buf)\n", 'two_ranks_draw'),
+ ('BatchNorm statistics left per rank', 'xml_ref.py', "        for buf in [b for i in learning", "        for buf in [] and [b for i in learning", 'two_ranks_draw'),
+ ('own statistics left per rank', 'xml_ref.py', " + run.own_bn.tensors(learning):", ":", 'two_ranks_draw'),
+ ('generator term detached', 'xml_ref.py', "generator_loss(discriminator(out[(i,)]).squeeze(1),", "generator_loss(discriminator(out[(i,)].detach()).squeeze(1),", 'generator_term_trains'),
+ ('normalised with the test set', 'xml_ref.py', "*channel_stats(data.train_x), models,", "*channel_stats(data.test_x), models,", 'normalisation_comes'),
+ ('evaluation in train mode', 'xml_ref.py', "    with eval_mode([part for net in parts for part in net]), \\\n            torch.autocast(dev.type, torch.bfloat16, enabled=fast):\n        for x, y in eval_batches(", "    with contextlib.nullcontext(), \\\n            torch.autocast(dev.type, torch.bfloat16, enabled=fast):\n        for x, y in eval_batches(", 'normalisation_comes'),
+ ('interpolation on the training set', 'tools/interpolate.py', "data.test_x.to(dev),\n                         data.test_y.to(dev)", "data.train_x.to(dev),\n                         data.train_y.to(dev)", 'interpolation_study_runs'),
 ]
 only = sys.argv[1:]
 results = []
