@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 # ----------------------------------------------------------------------------------------- config
 # The CIFAR-100 recipe of weiaicunzai/pytorch-cifar100, whose models the deck's parameter counts
@@ -1001,25 +1002,12 @@ def graph_lr(optimizers, device):
 # ------------------------------------------------------------------------------------------- cost
 # The deck's "Dynamic Computation" (METHOD.md §5): what each path costs, to pick one by budget.
 def forward_flops(module, x):
-    """(FLOPs of one forward of `module` on x, its output): 2 × the multiply-adds of its
-    convolutions and linear layers, counted from their shapes (BatchNorm, ReLU and pooling are left
-    out)."""
-    total = 0
-
-    def count(m, _, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += (2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0]
-                      * m.kernel_size[1])
-        else:
-            total += 2 * out.numel() * m.in_features
-    hooks = [m.register_forward_hook(count) for m in module.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
+    """(FLOPs of one forward of `module` on x, its output): torch's FlopCounterMode, which counts
+    2 × the multiply-adds of convolutions and matrix products (BatchNorm, ReLU and pooling are left
+    out; a test checks a hand count)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = module(x)
-    for h in hooks:
-        h.remove()
-    return total, out
+    return counter.get_total_flops(), out
 
 
 @torch.no_grad()
