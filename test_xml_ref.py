@@ -1433,6 +1433,25 @@ def test_report_keeps_every_setting_apart_pools_seeds_and_reads_the_cross_matrix
     assert pooled['seeds'] == [0, 1] and pooled['accuracy'][0] == pytest.approx([61.0, math.sqrt(2)])
 
 
+def test_report_gives_the_paired_difference_of_each_seed_and_its_spread(tmp_path):
+    """Three seeds of xml, dml and independent: xml − independent per seed from the same seed's two runs (not from
+    the means), for each net, shared and own statistics; mean ± sample std over the seeds."""
+    runs = tmp_path / 'runs'
+    acc = {'independent': [(70.0, 60.0), (71.0, 61.0), (72.0, 59.0)], 'dml': [(71.0, 62.0), (70.0, 64.0), (74.0, 60.0)],
+           'xml': [(69.0, 65.0), (72.0, 66.0), (70.0, 64.0)]}
+    for method, per_seed in acc.items():
+        for seed, (a, b) in enumerate(per_seed):
+            fake_summary(runs, f'{method}_s{seed}', method=method, seed=seed, cross=((a, 0.0), (0.0, b)),
+                         own=((a + 1, 0.0), (0.0, b + 10 * seed)))
+    R.report(runs, tmp_path / 'out')
+    md = (tmp_path / 'out' / 'RESULTS.md').read_text()
+    assert '| xml − independent | shared | 1: res18 | s0: -1.00, s1: +1.00, s2: -2.00 | -0.67 ± 1.53 |' in md
+    assert '| xml − independent | shared | 2: mbv1 | s0: +5.00, s1: +5.00, s2: +5.00 | 5.00 ± 0.00 |' in md
+    assert '| xml − dml | own | 2: mbv1 | s0: +3.00, s1: +2.00, s2: +4.00 | 3.00 ± 1.00 |' in md
+    assert '| dml − independent | own | 1: res18 | s0: +1.00, s1: -1.00, s2: +2.00 | 0.67 ± 1.53 |' in md
+    paired = json.loads((tmp_path / 'out' / 'results.json').read_text())['paired_differences'][0]['rows']
+    assert len(paired) == 3 * 2 * 2 and paired[0]['seeds'] == [0, 1, 2]
+
 def test_the_decks_numbers_are_those_docs_method_states():
     """METHOD.md §4, top-1 % (net order as in the pair); cross[a][b] = up-half of net a+1 → down-half of net b+1."""
     deck = R.DECK

@@ -89,6 +89,7 @@ M = [  # (name, file, old, new, -k expression)
  ('normalised with the test set', 'xml_ref.py', "*channel_stats(data.train_x), models,", "*channel_stats(data.test_x), models,", 'normalisation_comes'),
  ('evaluation in train mode', 'xml_ref.py', "    with eval_mode([part for net in parts for part in net]), \\\n            torch.autocast(dev.type, torch.bfloat16, enabled=fast):\n        for x, y in eval_batches(", "    with contextlib.nullcontext(), \\\n            torch.autocast(dev.type, torch.bfloat16, enabled=fast):\n        for x, y in eval_batches(", 'normalisation_comes'),
  ('interpolation on the training set', 'tools/interpolate.py', "data.test_x.to(dev),\n                         data.test_y.to(dev)", "data.train_x.to(dev),\n                         data.train_y.to(dev)", 'interpolation_study_runs'),
+ ('paired differences across seeds', 'tools/report.py', "block(runs[1][k])['accuracy'][i]) for k in seeds]", "block(runs[1][seeds[0]])['accuracy'][i]) for k in seeds]", 'paired_difference'),
 ]
 only = sys.argv[1:]
 results = []

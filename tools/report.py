@@ -145,6 +145,32 @@ def shared_settings(group, varying):
     return ', '.join(words)
 
 
+PAIRS = (('xml', 'independent'), ('dml', 'independent'), ('xml', 'dml'))
+
+
+def paired_differences(table, group, nets):
+    """Per comparison (xml − independent, dml − independent, xml − dml; the rows of the recipe's own settings), per
+    net and per BatchNorm statistics (shared, own): the last epoch's top-1 difference at each seed both rows ran, and
+    their mean ± sample std. Seeds fix the initialisation and the data order of both runs alike, so the paired
+    difference is the sharp test of a method's effect."""
+    by_label = {row['label']: row for row in table}
+    out = []
+    for a, b in PAIRS:
+        if a not in by_label or b not in by_label:
+            continue
+        runs = [{group[r]['seed']: group[r] for r in by_label[m]['runs']} for m in (a, b)]
+        seeds = sorted(set(runs[0]) & set(runs[1]))
+        if not seeds:
+            continue
+        for kind, block in (('shared', lambda s: s), ('own', own)):
+            for i, net in enumerate(nets):
+                both = [(block(runs[0][k])['accuracy'][i], block(runs[1][k])['accuracy'][i]) for k in seeds]
+                diffs = [None if None in ab else ab[0] - ab[1] for ab in both]
+                out.append({'comparison': f'{a} − {b}', 'statistics': kind, 'net': f'{i + 1}: {net}',
+                            'seeds': seeds, 'differences': diffs, 'mean_std': mean_std(diffs)})
+    return out
+
+
 def report(runs_dir, out_dir, name='RESULTS'):
     """<name>.md and <name>.json (RESULTS.md and results.json by default) in out_dir from the finished runs
     under runs_dir: our numbers beside the deck's, each run with its command, epochs, device and date."""
@@ -156,7 +182,7 @@ def report(runs_dir, out_dir, name='RESULTS'):
     groups = {}
     for run, s in runs.items():
         groups.setdefault((s['pair'], s['cut'], s['dataset'], s['epochs'], s['width']), {})[run] = s
-    json_rows = []
+    json_rows, json_paired = [], []
     for (pair, cut, dataset, epochs, width), group in groups.items():
         table, varying = rows_of(group)
         deck = DECK.get(pair) if dataset == 'cifar100' else None  # the deck's numbers are CIFAR-100's
@@ -202,6 +228,16 @@ def report(runs_dir, out_dir, name='RESULTS'):
             if block is not own and deck['cross']:
                 c = deck['cross']
                 lines.append(f'| deck, xml (CIFAR-100) | {c[0][0]} | {c[1][0]} | {c[0][1]} | {c[1][1]} |')
+        paired = paired_differences(table, group, nets)
+        if paired:
+            lines += ['', 'Paired differences of the last epoch\'s top-1 (percentage points; the same seed: the same '
+                      'initialisation and data order), each seed, then mean ± sample std:', '',
+                      '| comparison | BatchNorm statistics | net | per seed | mean ± std |', '|---|---|---|---|---|']
+            for d in paired:
+                per_seed = ', '.join(f's{k}: {"–" if v is None else f"{v:+.2f}"}' for k, v in zip(d['seeds'], d['differences']))
+                lines.append(f'| {d["comparison"]} | {d["statistics"]} | {d["net"]} | {per_seed} | '
+                             f'{cell(d["mean_std"])} |')
+            json_paired.append({'pair': pair, 'dataset': dataset, 'epochs': epochs, 'width': width, 'rows': paired})
         for row in table:
             interp = [group[n]['interpolation'] for n in row['runs'] if 'interpolation' in group[n]]
             if not interp:
@@ -225,7 +261,7 @@ def report(runs_dir, out_dir, name='RESULTS'):
     out_dir.mkdir(parents=True, exist_ok=True)
     X.write_atomic(out_dir / f'{name}.md', lambda f: f.write(('\n'.join(lines) + '\n').encode()))
     X.write_json(out_dir / f'{"results" if name == "RESULTS" else name}.json',
-                 {'deck': DECK, 'rows': json_rows, 'runs': runs})
+                 {'deck': DECK, 'rows': json_rows, 'paired_differences': json_paired, 'runs': runs})
     return runs
 
 
