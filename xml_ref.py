@@ -11,6 +11,7 @@ paths.
 The file reads top to bottom like a method section: the method (config → data → models →
 splitter → losses → training step → evaluation), then speed and scale (changes how, not what),
 cost, and I/O (the training run, the CLI). Measurement that is not the method lives in tools/.
+docs/METHOD.md states what the code is checked against; comments cite it as METHOD.md §n.
 
     python xml_ref.py --pair res18,res34 --method xml        # CIFAR-100 with the standard recipe
     python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
@@ -1638,7 +1639,7 @@ def make_parser():
                       help=f'net 1,net 2, from {", ".join(MODELS)}')
     what.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 '
                                      '(cut with --cuts)')
-    what.add_argument('--method', choices=METHODS, default='xml', help='the loss (METHOD.md §3)')
+    what.add_argument('--method', choices=METHODS, default='xml', help='the loss (docs/METHOD.md §3)')
     what.add_argument('--cut', help='the stage both nets are cut after, layer1 … layer4 '
                                     '(default: layer3 with mbv1, else layer2: the deck\'s cuts)')
     what.add_argument('--cuts', help='several stages to cut every net after, in order '
@@ -1670,7 +1671,7 @@ def make_parser():
                      help='start net 1 from the net of that name in a checkpoint')
     how.add_argument('--init2', metavar='PATH',
                      help='start net 2 from the net of that name in a checkpoint')
-    recipe = p.add_argument_group('the recipe (METHOD.md §4)')
+    recipe = p.add_argument_group('the recipe (docs/METHOD.md §4)')
     recipe.add_argument('--epochs', type=int, default=RECIPE['epochs'],
                         help='training epochs; lr × 0.2 from the epochs at 30, 60 and 80 %% of '
                              'them on')
