@@ -558,6 +558,21 @@ def test_evaluation_with_own_statistics_is_each_path_alone_with_its_set_and_leav
     assert r['own_bn']['cross'] != r['cross']  # so that an evaluation ignoring the sets fails
 
 
+def test_a_part_without_batchnorm_has_no_statistics_to_fall_back_from():
+    """Cut after the last stage, the down-half is pooling and the classifier: no BatchNorm, so every path trained
+    is its own (no fallback), and evaluation with own statistics is evaluation with the shared ones."""
+    _, x, y = pair_setup(seed=1)
+    models = [tiny('res18', seed=1), tiny('res34', seed=2)]
+    hs = [list(X.split(m, 'layer4')) for m in models]
+    own = X.OwnBatchNorm(hs)
+    assert all(s == [] for s in own.sets.values())
+    X.train_step(hs, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models], x, y, 'xml', own_bn=own)
+    data = X.synthetic_data(8, 64, size=16)
+    for m in models:
+        m.float()
+    r = X.evaluate(hs, data.test_x, data.test_y, *X.channel_stats(data.train_x), own_bn=own)
+    assert r['own_bn']['fallback'] == [] and r['own_bn']['paths'] == r['paths']
+
 def test_three_nets_three_parts_keep_one_set_per_prefix_and_sampled_paths_update_only_theirs():
     """Part k of net i keeps a set for each prefix of k nets that feeds it (3 per middle part, 9 per last); with
     sampled paths exactly the prefixes of the drawn paths are updated, the others keep their start."""
@@ -1641,6 +1656,12 @@ def test_teacher_student_xml_leaves_the_frozen_net_untouched(tmp_path, capsys):
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['frozen'] == [2] and summary['accuracy'][1] == json.loads(
         (teacher / 'summary.json').read_text())['accuracy'][1]
+    # the frozen down-half keeps no own statistics (it normalises with its fixed shared ones, in eval mode)
+    own = torch.load(out / 'last.pt', weights_only=True)['own_bn']
+    assert [q for q, s in own.items() if s['updated']] == ['1-1', '2-1']
+    shared = [v for k, v in after[1].items() if k.startswith(('layer4', 'layer5')) and k.endswith(('_mean', '_var'))]
+    assert all(torch.equal(a, b) for q in ('1-2', '2-2') for a, b in zip(own[q]['stats'], shared))
+    assert summary['own_bn']['fallback'] == ['1-2', '2-2'] and summary['own_bn']['accuracy'][1] == summary['accuracy'][1]
     # the frozen net's parameters count in its size and in every path's cost
     fresh = [X.split(X.build(name, 10, 4), 'layer3') for name in ('res18', 'mbv1')]
     counts = [[sum(p.numel() for p in half.parameters()) for half in net] for net in fresh]

@@ -18,7 +18,6 @@ docs/METHOD.md states what the code is checked against; comments cite it as METH
 """
 import argparse
 import contextlib
-import copy
 import functools
 import itertools
 import json
@@ -596,9 +595,9 @@ class OwnBatchNorm:
         if q not in self.sets:
             yield
             return
-        bns = self._bns(q)
-        if bns and bns[0].training and bns[0].track_running_stats:
-            self.updated[q] = True
+        bns = self._bns(q)  # (none under frozen_bn_stats)
+        if not self.sets[q] or (bns and bns[0].training and bns[0].track_running_stats):
+            self.updated[q] = True  # (a part without BatchNorm has nothing to keep: its own is shared)
         self.active.update(zip(bns, self.sets[q]))
         try:
             yield
@@ -623,7 +622,8 @@ class OwnBatchNorm:
                 bn.running_mean, bn.running_var = mean, var
 
     def fallback(self, path):
-        """True where some part of `path` has no own statistics (training never ran it)."""
+        """True where some part of `path` has no own statistics (training never ran it there, or
+        ran it frozen, in eval mode, on its shared statistics)."""
         return any(not self.updated[path[:k]] for k in range(2, len(path) + 1))
 
     def tensors(self, nets):

@@ -1,15 +1,17 @@
 """Ship one path of a finished run as a model of its own: the deck's "Dynamic Computation" made usable
 (pick a path from the run's cost table, export it).
 
-    python tools/export_path.py RUN_DIR --path 1-2 --out FILE [--device cpu]
+    python tools/export_path.py RUN_DIR --path 1-2 --out FILE
 
 Path a-b runs the up-half of net a, then the down-half of net b (with K nets in P parts, P numbers). The
 file is a torch.export program: `torch.export.load(FILE).module()` runs it with torch alone, no xml_ref.py.
 It takes uint8 images N×H×W×3 (CIFAR's own layout, the size it was trained on) and returns the class
 logits: it normalises with the training set's mean and std, then runs the path's parts from the run's
 last.pt, whose BatchNorm layers are ordinary ones carrying the path's own statistics (xml_ref.OwnBatchNorm;
-the shared statistics where training never ran the path, which the tool then says). The tool evaluates
-the exported file on the test set and prints its top-1 beside the run's own number for the path."""
+the shared statistics where the path has none, which the tool then says). The tool evaluates the
+exported file on the test set (fp32, on the CPU) and prints its top-1 beside the run's own number for the
+path: equal for a run on the CPU; a run with --fast on computed its number in bf16 on a GPU, so there the
+two may differ a little."""
 import argparse
 import copy
 import sys
@@ -109,7 +111,7 @@ def main(argv=None):
     except X.UsageError as e:
         print(f'export_path.py: error: {e}', file=sys.stderr)
         return 2
-    note = ' (training never ran this path: shared BatchNorm statistics)' if r['fallback'] else ''
+    note = ' (no own BatchNorm statistics for this path: the shared ones)' if r['fallback'] else ''
     print(f'wrote {args.out}: path {r["path"]}, test top-1 {r["top1"]:.2f} '
           f'(the run: {r["run"]:.2f}){note}')
     return 0

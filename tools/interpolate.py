@@ -47,6 +47,9 @@ def load_run(run_dir, device=None, pair_only=False):
     if not (run_dir / 'last.pt').exists():
         raise X.UsageError(f'{run_dir}: no last.pt there; give the --out directory of a training run')
     ckpt = X.load_checkpoint(run_dir / 'last.pt')
+    if 'own_bn' not in ckpt:
+        raise X.UsageError(f'{run_dir}/last.pt predates the per-path BatchNorm statistics; use the '
+                           'xml_ref.py that wrote it')
     cfg = argparse.Namespace(**ckpt['config'])
     if pair_only and (len(cfg.nets) != 2 or len(cfg.cuts) != 1):
         raise X.UsageError(f'{run_dir}: the study is defined for a pair cut once, '
