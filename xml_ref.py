@@ -1027,7 +1027,7 @@ def part_flops(parts, paths, image_size=32):
 
 
 @torch.no_grad()
-def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.25):
+def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.1):
     """Median wall time (ms) of one forward of `modules` in order, eval mode, on their device, at
     `batch`."""
     p = next(modules[0].parameters())
