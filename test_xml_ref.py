@@ -733,12 +733,14 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GP
 
 
 def run_steps(fast, steps=3, device='cpu', graph=False, bf16=False, width=8, size=16):
-    """Train the pair for a few steps through TrainStep (fast: fused SGD with a tensor lr) or train_step."""
+    """Train the pair for a few steps through TrainStep (fast: fused SGD with a tensor lr) or train_step, keeping
+    each path's own BatchNorm statistics (the models carry their OwnBatchNorm as models.own_bn)."""
     data = X.synthetic_data(32 * steps, 8, size=size, seed=2)
     mean, std = X.channel_stats(data.train_x)
     cfg = argparse.Namespace(lr=0.05, momentum=0.9, weight_decay=5e-4)
     models = [tiny(n, width=width, seed=i, dtype=torch.float32).to(device) for i, n in enumerate(NAMES)]
     hs = halves(models)
+    own = X.OwnBatchNorm(hs)
     opts = [X.sgd(m.parameters(), cfg, fused=fast) for m in models]
     g = torch.Generator().manual_seed(0)
     batches = [(X.augment(data.train_x[i * 32:(i + 1) * 32], generator=g), data.train_y[i * 32:(i + 1) * 32])
@@ -747,7 +749,7 @@ def run_steps(fast, steps=3, device='cpu', graph=False, bf16=False, width=8, siz
         X.graph_lr(opts, device)  # the lr as a device tensor, whether captured or not
 
         def step_fn(x, y):
-            return X.train_step(hs, opts, x, y, 'xml')
+            return X.train_step(hs, opts, x, y, 'xml', own_bn=own)
         step = X.TrainStep(step_fn, [0, 1], mean, std, (32, size, size, 3), device, graph=graph, bf16=bf16)
         for images, labels in batches:
             step(images.to(device), labels.to(device))
@@ -755,9 +757,25 @@ def run_steps(fast, steps=3, device='cpu', graph=False, bf16=False, width=8, siz
     else:
         sums = [0.0, 0.0]
         for images, labels in batches:
-            losses = X.train_step(hs, opts, X.normalize(images, mean, std).to(device), labels.to(device), 'xml')
+            losses = X.train_step(hs, opts, X.normalize(images, mean, std).to(device), labels.to(device), 'xml',
+                                  own_bn=own)
             sums = [s + losses[i].item() for i, s in enumerate(sums)]
-    return sums, models
+    return sums, OwnSets(models, own)
+
+
+class OwnSets(list):
+    """The models, with their OwnBatchNorm."""
+    def __init__(self, models, own):
+        super().__init__(models)
+        self.own_bn = own
+
+
+def assert_same_own_sets(a, b, rtol, atol):
+    assert all(a.own_bn.updated.values()) and a.own_bn.updated == b.own_bn.updated
+    for q in a.own_bn.sets:
+        for (m, v), (n, w) in zip(a.own_bn.sets[q], b.own_bn.sets[q]):
+            torch.testing.assert_close(n.float(), m.float(), rtol=rtol, atol=atol, msg=str(q))
+            torch.testing.assert_close(w.float(), v.float(), rtol=rtol, atol=atol, msg=str(q))
 
 
 def test_fast_step_computes_what_the_plain_step_computes():
@@ -771,6 +789,7 @@ def test_fast_step_computes_what_the_plain_step_computes():
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
         for (name, p), q in zip(a.named_buffers(), b.buffers()):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_own_sets(plain, fast, rtol=1e-5, atol=1e-6)
 
 
 @CUDA
@@ -786,6 +805,7 @@ def test_cuda_graph_step_computes_what_the_eager_step_computes():
         for a, b in zip(eager, graphed):
             for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
                 torch.testing.assert_close(q.float(), p.float(), rtol=1e-4, atol=1e-5, msg=name)
+        assert_same_own_sets(eager, graphed, rtol=1e-4, atol=1e-5)  # each captured path wrote its own set
         bf16_sums, _ = run_steps(True, 6, 'cuda', graph=True, bf16=True, width=16, size=32)
         assert all(math.isfinite(s) for s in bf16_sums)
     finally:
