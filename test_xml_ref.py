@@ -1307,18 +1307,29 @@ def test_a_run_resumed_inside_the_warm_up_continues_its_schedule(tmp_path, capsy
     assert summary['warmup_epochs'] == 2
 
 
-def test_best_epoch_and_best_checkpoint_follow_the_metrics(tmp_path, capsys):
+def test_best_epoch_and_best_checkpoint_follow_the_metrics(tmp_path, capsys, monkeypatch):
+    """Top-1 per epoch chosen with ties (net 1: 10, 30, 30, 20; net 2: 5, 5, 7, 7; own statistics: 40, 40, 45, 45
+    and 50, 60, 60, 55): the best epoch of each net is the first that reached its best, shared and own, and
+    best.pt holds the epoch of the best mean (epoch 3: 18.5 against 17.5)."""
+    shared, own = [(10.0, 5.0), (30.0, 5.0), (30.0, 7.0), (20.0, 7.0)], [(40.0, 50.0), (40.0, 60.0), (45.0, 60.0),
+                                                                           (45.0, 55.0)]
+    calls = iter(range(4))
+
+    def fake_evaluate(parts, *args, **kw):
+        e = next(calls)
+
+        def block(a, b):
+            return {'accuracy': [a, b], 'paths': {'1-1': a, '1-2': a, '2-1': b, '2-2': b}, 'cross': [[a, a], [b, b]],
+                    'ensemble': a, 'feature_distance': 0.0}
+        return {**block(*shared[e]), 'own_bn': {**block(*own[e]), 'fallback': []}}
+    monkeypatch.setattr(X, 'evaluate', fake_evaluate)
     out = tmp_path / 'b'
     assert run_cli(['--pair', 'res18,mbv1', '--method', 'dml', *TINY[:-4], '--batch-size', '64', '--epochs', '4',
                     '--out', str(out)], capsys)[0] == 0
-    records = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
     summary = json.loads((out / 'summary.json').read_text())
-    for i in range(2):
-        accs = [r['accuracy'][i] for r in records]
-        assert summary['best_accuracy'][i] == max(accs)
-        assert summary['best_epoch'][i] == accs.index(max(accs)) + 1  # the first epoch that reached it
-    means = [sum(r['accuracy']) / 2 for r in records]
-    assert torch.load(out / 'best.pt', weights_only=True)['epoch'] == means.index(max(means)) + 1
+    assert summary['best_accuracy'] == [30.0, 7.0] and summary['best_epoch'] == [2, 3]
+    assert summary['own_bn']['best_accuracy'] == [45.0, 60.0] and summary['own_bn']['best_epoch'] == [3, 2]
+    assert torch.load(out / 'best.pt', weights_only=True)['epoch'] == 3
 
 
 @pytest.mark.parametrize('method,T', [('kd', 4.0), ('fitnet', 4.0), ('dml', 1.0), ('xml', 1.0)])

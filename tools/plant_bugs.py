@@ -91,6 +91,7 @@ M = [  # (name, file, old, new, -k expression)
  ('interpolation on the training set', 'tools/interpolate.py', "data.test_x.to(dev),\n                         data.test_y.to(dev)", "data.train_x.to(dev),\n                         data.train_y.to(dev)", 'interpolation_study_runs'),
  ('paired differences across seeds', 'tools/report.py', "block(runs[1][k])['accuracy'][i]) for k in seeds]", "block(runs[1][seeds[0]])['accuracy'][i]) for k in seeds]", 'paired_difference'),
  ('a part without BatchNorm falls back', 'xml_ref.py', "        if not self.sets[q] or (bns and bns[0].training and bns[0].track_running_stats):", "        if bns and bns[0].training and bns[0].track_running_stats:", 'without_batchnorm'),
+ ('own best epoch = last of ties', 'xml_ref.py', "key=lambda r: (r[key]['accuracy'][i], -r['epoch'])", "key=lambda r: (r[key]['accuracy'][i], r['epoch'])", 'best_epoch'),
 ]
 only = sys.argv[1:]
 results = []
