@@ -567,13 +567,13 @@ class OwnBatchNorm:
     def __init__(self, parts):
         K, P = len(parts), len(parts[0])
         self.parts, self.active = parts, {}  # active: BatchNorm → (mean, var) being updated
-        self.sets, self.updated = {}, {}
+        self.sets, self.updated, self.bns = {}, {}, {}  # bns[q]: the layers sets[q] belongs to
         for q in (q for k in range(2, P + 1) for q in itertools.product(range(K), repeat=k)):
             bns = batchnorms(parts[q[-1]][len(q) - 1])
             if any(bn.momentum is None for bn in bns):
                 raise ValueError('OwnBatchNorm needs BatchNorm layers with a momentum (not None)')
             self.sets[q] = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
-            self.updated[q] = False
+            self.updated[q], self.bns[q] = False, bns
         active = self.active  # a closure, not a bound method: deepcopy of a part copies no sets
 
         def update(bn, args):
@@ -585,9 +585,6 @@ class OwnBatchNorm:
                 for bn in batchnorms(part):
                     bn.register_forward_pre_hook(update)
 
-    def _bns(self, q):
-        return batchnorms(self.parts[q[-1]][len(q) - 1])
-
     @contextlib.contextmanager
     def track(self, q):
         """Training: the forward of prefix q also updates sets[q] (where the part tracks
@@ -595,8 +592,8 @@ class OwnBatchNorm:
         if q not in self.sets:
             yield
             return
-        bns = self._bns(q)  # (none under frozen_bn_stats)
-        if not self.sets[q] or (bns and bns[0].training and bns[0].track_running_stats):
+        bns = self.bns[q]  # listed once: no walk over the modules in the training step
+        if not bns or (bns[0].training and bns[0].track_running_stats):
             self.updated[q] = True  # (a part without BatchNorm has nothing to keep: its own is shared)
         self.active.update(zip(bns, self.sets[q]))
         try:
@@ -611,7 +608,7 @@ class OwnBatchNorm:
         if q not in self.sets or not self.updated[q]:
             yield
             return
-        bns = self._bns(q)
+        bns = self.bns[q]
         shared = [(bn.running_mean, bn.running_var) for bn in bns]
         for bn, (mean, var) in zip(bns, self.sets[q]):  # (in the layer's dtype and device)
             bn.running_mean, bn.running_var = mean.to(bn.running_mean), var.to(bn.running_var)

@@ -66,7 +66,7 @@ M = [  # (name, file, old, new, -k expression)
  ('own set of a frozen net updated', 'xml_ref.py', "if bn in active and bn.training and bn.track_running_stats:", "if bn in active:", 'teacher_student'),
  ('own set with another momentum', 'xml_ref.py', "*active[bn], None, None, True, bn.momentum, bn.eps)", "*active[bn], None, None, True, 0.2, bn.eps)", 'own_statistics'),
  ('evaluation ignores the own sets', 'xml_ref.py', "        if q not in self.sets or not self.updated[q]:\n            yield\n            return\n        bns = self._bns(q)\n        shared", "        if True:\n            yield\n            return\n        bns = self._bns(q)\n        shared", 'evaluation_with_own'),
- ('own sets updated for every drawn prefix but marked all', 'xml_ref.py', "        if not self.sets[q] or (bns and bns[0].training and bns[0].track_running_stats):\n", "        self.updated.update(dict.fromkeys(self.updated, True))\n        if 0:\n", 'one_set_per_prefix or pure_paths_equal'),
+ ('own sets updated for every drawn prefix but marked all', 'xml_ref.py', "        if not bns or (bns[0].training and bns[0].track_running_stats):\n", "        self.updated.update(dict.fromkeys(self.updated, True))\n        if 0:\n", 'one_set_per_prefix or pure_paths_equal'),
  ('export with the shared statistics', 'tools/export_path.py', "with own_bn.apply(path[:k + 1]):", "with own_bn.apply(path[:1]):", 'exported'),
  ('rotation the other way', 'xml_ref.py', "theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1)", "theta = torch.stack([cos, sin, zero, -sin, cos, zero], 1)", 'rotation_is'),
  ('rotation about a corner', 'xml_ref.py', "xs = torch.linspace(0.5 - w / 2, w / 2 - 0.5, w, device=dev)", "xs = torch.linspace(0.5, w - 0.5, w, device=dev)", 'rotation_is'),
@@ -90,7 +90,7 @@ M = [  # (name, file, old, new, -k expression)
  ('evaluation in train mode', 'xml_ref.py', "    with eval_mode([part for net in parts for part in net]), \\\n            torch.autocast(dev.type, torch.bfloat16, enabled=fast):\n        for x, y in eval_batches(", "    with contextlib.nullcontext(), \\\n            torch.autocast(dev.type, torch.bfloat16, enabled=fast):\n        for x, y in eval_batches(", 'normalisation_comes'),
  ('interpolation on the training set', 'tools/interpolate.py', "data.test_x.to(dev),\n                         data.test_y.to(dev)", "data.train_x.to(dev),\n                         data.train_y.to(dev)", 'interpolation_study_runs'),
  ('paired differences across seeds', 'tools/report.py', "block(runs[1][k])['accuracy'][i]) for k in seeds]", "block(runs[1][seeds[0]])['accuracy'][i]) for k in seeds]", 'paired_difference'),
- ('a part without BatchNorm falls back', 'xml_ref.py', "        if not self.sets[q] or (bns and bns[0].training and bns[0].track_running_stats):", "        if bns and bns[0].training and bns[0].track_running_stats:", 'without_batchnorm'),
+ ('a part without BatchNorm falls back', 'xml_ref.py', "        if not bns or (bns[0].training and bns[0].track_running_stats):", "        if bns and bns[0].training and bns[0].track_running_stats:", 'without_batchnorm'),
  ('own best epoch = last of ties', 'xml_ref.py', "key=lambda r: (r[key]['accuracy'][i], -r['epoch'])", "key=lambda r: (r[key]['accuracy'][i], r['epoch'])", 'best_epoch'),
 ]
 only = sys.argv[1:]
