@@ -27,6 +27,11 @@ def tiny(name, width=4, num_classes=10, seed=0, dtype=torch.float64):
     return X.build(name, num_classes, width).to(dtype)
 
 
+def cut_shape(model, cut, size=32):
+    """C×H×W of the model's feature at `cut` for one size×size image."""
+    return X.feature_shapes([X.split_parts(model, [cut])], size)[0][0]
+
+
 # ------------------------------------------------------------------------------ models and splitter
 SPLIT_TABLE = [  # METHOD.md §2: (net, cut, up-half, down-half with FC, feature at the cut)
     ('res18', 'layer2', 675_392, 10_544_740, (128, 16, 16)),
@@ -42,7 +47,7 @@ def test_parameter_counts_and_cut_shapes_match_the_decks(name, cut, n_up, n_down
     up, down = X.split(model, cut)
     assert (X.num_params(up), X.num_params(down)) == (n_up, n_down)
     assert X.num_params(up) + X.num_params(down) == X.num_params(model)
-    assert X.cut_shape(model, cut) == shape
+    assert cut_shape(model, cut) == shape
 
 
 def test_docs_method_states_the_split_table():
@@ -55,7 +60,7 @@ def test_docs_method_states_the_split_table():
 
 
 def test_mobilenet_meets_the_resnets_at_layer2():  # METHOD.md §2: all three nets meet at 128×16×16 too
-    shapes = {n: X.cut_shape(X.build(n, 100), 'layer2') for n in X.MODELS}
+    shapes = {n: cut_shape(X.build(n, 100), 'layer2') for n in X.MODELS}
     assert set(shapes.values()) == {(128, 16, 16)}
 
 
@@ -70,37 +75,352 @@ def test_mobilenet_pointwise_convs_have_bias_depthwise_and_stem_do_not():
 @given(a=st.sampled_from(list(X.MODELS)), b=st.sampled_from(list(X.MODELS)),
        cut=st.sampled_from(['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'layer5']),
        batch=st.integers(1, 3), size=st.sampled_from([8, 12, 16, 32]))
-def test_split_shapes_chain_and_incompatible_cuts_raise(a, b, cut, batch, size):
+def test_split_shapes_chain_and_differing_channels_get_stitches(a, b, cut, batch, size):
     models = [tiny(a), tiny(b, seed=1)]
     for m in models:
         m.eval()
-    if any(cut not in X.cut_names(m) for m in models):
-        with pytest.raises(ValueError, match='unknown cut'):
-            X.check_cut(models, [a, b], cut, size)
+    if any(cut not in m._modules for m in models):  # res18 and res34 have no layer5
+        with pytest.raises(ValueError, match='no submodule of that name'):
+            [X.split(m, cut) for m in models]
         return
     x = torch.randn(batch, 3, size, size, dtype=torch.float64)
-    feats = [X.split(m, cut)[0](x) for m in models]
+    parts = [X.split_parts(m, [cut]) for m in models]
+    feats = [up(x) for up, _ in parts]
+    stitches = X.make_stitches(X.feature_shapes(parts, size), [a, b]).double().eval()
     if feats[0].shape != feats[1].shape:  # only the stems of resnet (width) and mbv1 (width/2) differ
-        assert cut == 'stem' and 'mbv1' in (a, b) and a != b
-        with pytest.raises(ValueError) as err:
-            X.check_cut(models, [a, b], cut, size)
-        for f in feats:  # the message names both shapes
-            assert '×'.join(map(str, f.shape[1:])) in str(err.value)
-        return
-    assert X.check_cut(models, [a, b], cut, size) == tuple(feats[0].shape[1:])
-    for m, f in zip(models, feats):  # down(up(x)) == model(x), and each down-half reads the other's feature
-        up, down = X.split(m, cut)
-        assert torch.equal(down(up(x)), m(x))
-        for g in feats:
-            assert down(g).shape == (batch, 10)
+        assert cut == 'stem' and 'mbv1' in (a, b) and a != b and feats[0].shape[2:] == feats[1].shape[2:]
+        assert sorted(stitches) == ['1>2@1', '2>1@1']
+        assert [len(X.stitches_into(stitches, i)) for i in (0, 1)] == [1, 1]
+    else:
+        assert len(stitches) == 0
+    out = X.run_paths(parts, x, X.all_paths(2, 2), stitches=stitches)
+    for i, m in enumerate(models):  # down(up(x)) == model(x), and each down-half reads the other's feature
+        assert torch.equal(out[(i, i)], m(x))
+        assert out[(1 - i, i)].shape == (batch, 10)
 
 
 def test_split_shares_the_model_modules():
     model = tiny('res18')
     up, down = X.split(model, 'layer2')
     assert {id(p) for p in up.parameters()} | {id(p) for p in down.parameters()} == {id(p) for p in model.parameters()}
-    with pytest.raises(ValueError, match='unknown cut'):
+    with pytest.raises(ValueError, match='nothing is computed after it'):
         X.split(model, 'head')
+
+
+# --------------------------------------------------------------- any net: fx splitter and stitches
+# Nets written the way other codebases write them: the classifier registered before the pooling,
+# flatten by view() in forward, functional pooling, a residual block, channels that differ at the cut.
+FOREIGN = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class CifarStyle(nn.Module):  # pytorch-cifar100's habit: fc registered first, view() in forward
+    def __init__(self, c=6, num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(2 * c, num_classes)
+        self.conv1 = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                   nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False),
+                                   nn.BatchNorm2d(2 * c), nn.ReLU(inplace=True))
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+
+    def forward(self, x):
+        out = self.conv2(self.conv1(x))
+        out = self.avg_pool(out)
+        out = out.view(out.size(0), -1)
+        return self.fc(out)
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn(self.conv(x)))  # a skip connection inside the block
+
+
+class Residual(nn.Module):  # functional pooling and flatten in forward
+    def __init__(self, c=10, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.block = Block(c)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+'''
+
+
+def foreign():
+    """The module FOREIGN defines."""
+    import types
+    mod = types.ModuleType('foreign')
+    exec(FOREIGN, mod.__dict__)
+    return mod
+
+
+def tv(name, num_classes=10):
+    torch.manual_seed(0)
+    return X.build(f'tv:{name}', num_classes).eval()
+
+
+@pytest.mark.parametrize('name,cuts', [('resnet18', ['conv1', 'maxpool', 'layer2', 'layer3.1', 'avgpool']),
+                                       ('resnet34', ['layer1', 'layer3']),
+                                       ('mobilenet_v2', ['features.2', 'features.6', 'features.13'])])
+def test_split_cuts_torchvision_nets_anywhere_the_forward_allows(name, cuts):
+    model = tv(name)
+    x = torch.randn(2, 3, 32, 32)
+    for cut in cuts:
+        up, down = X.split(model, cut)
+        torch.testing.assert_close(down(up(x)), model(x), rtol=1e-5, atol=1e-6)
+        assert {id(p) for p in up.parameters()} | {id(p) for p in down.parameters()} == \
+            {id(p) for p in model.parameters()}
+    parts = X.split_parts(model, cuts[:2])  # several cuts at once
+    h = x
+    for part in parts:
+        h = part(h)
+    torch.testing.assert_close(h, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_split_follows_forward_not_the_order_of_registration():
+    f = foreign()
+    for model, cut in ((f.CifarStyle(), 'conv1'), (f.Residual(), 'block'), (f.Residual(), 'stem')):
+        model.eval()
+        x = torch.randn(3, 3, 16, 16)
+        up, down = X.split(model, cut)
+        assert up(x).dim() == 4
+        torch.testing.assert_close(down(up(x)), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_split_refuses_skip_connections_untraceable_nets_and_unknown_cuts():
+    with pytest.raises(ValueError, match='skip connection across the cut'):
+        X.split(tv('resnet18'), 'layer2.0.conv1')
+    with pytest.raises(ValueError, match='skip connection across the cut'):
+        X.split(foreign().Residual(), 'block.conv')
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h.mean((2, 3)) if h.sum() > 0 else h.amax((2, 3)))  # data-dependent control flow
+
+    with pytest.raises(ValueError, match='torch.fx cannot trace Branchy'):
+        X.split(Branchy(), 'a')
+    with pytest.raises(ValueError, match='no submodule of that name'):
+        X.split(tv('resnet18'), 'layer9')
+    with pytest.raises(ValueError, match='more than once'):
+        X.split(tv('resnet18'), 'layer1.0.relu')  # torchvision's BasicBlock calls its ReLU twice
+    with pytest.raises(ValueError, match='order forward computes'):
+        X.split_parts(tv('resnet18'), ['layer3', 'layer2'])
+
+
+def test_cut_names_lists_exactly_the_cuts_split_accepts_with_their_shapes():
+    for model in (tv('resnet18'), foreign().CifarStyle(), foreign().Residual(), tiny('mbv1').float()):
+        model.eval()
+        cuts = X.cut_names(model, 16)
+        x = torch.randn(2, 3, 16, 16)
+        assert cuts
+        for name, module in model.named_modules():
+            try:
+                up, down = X.split(model, name) if name else (None, None)
+            except ValueError:
+                assert name not in cuts
+                continue
+            if name in cuts:
+                assert tuple(up(x).shape[1:]) == cuts[name]
+                torch.testing.assert_close(down(up(x)), model(x), rtol=1e-5, atol=1e-6)
+    r18 = X.cut_names(tv('resnet18'))
+    assert r18['layer2'] == (128, 4, 4) and r18['maxpool'] == (64, 8, 8)
+    assert 'layer2.0.conv1' not in r18 and 'fc' not in r18
+    assert list(r18)[:4] == ['conv1', 'bn1', 'relu', 'maxpool']  # in the order forward computes them
+
+
+def stitched_pair(seed=0, dtype=torch.float64):
+    """res18 and mbv1 at width 4 cut after the stem: 4 and 2 channels at 16×16, joined by two stitches."""
+    models = [tiny('res18', seed=seed, dtype=dtype), tiny('mbv1', seed=seed + 1, dtype=dtype)]
+    parts = [X.split_parts(m, ['stem']) for m in models]
+    torch.manual_seed(seed + 2)
+    stitches = X.make_stitches(X.feature_shapes(parts, 16), ['res18', 'mbv1']).to(dtype)
+    return models, parts, stitches
+
+
+def test_stitches_join_differing_channels_and_refuse_differing_sizes():
+    models, parts, stitches = stitched_pair()
+    assert sorted(stitches) == ['1>2@1', '2>1@1']
+    assert [m.in_channels for m in (stitches['1>2@1'][0], stitches['2>1@1'][0])] == [4, 2]
+    assert X.num_params(stitches['1>2@1']) == 4 * 2 + 2 * 2 and X.num_params(stitches['2>1@1']) == 2 * 4 + 2 * 4
+    assert X.stitches_into(stitches, 1) == [stitches['1>2@1']]
+    with pytest.raises(ValueError, match=r'res18 64×16×16, mbv1 64×32×32'):
+        X.make_stitches([[(64, 16, 16)], [(64, 32, 32)]], ['res18', 'mbv1'])
+    models, parts, stitches = stitched_pair(dtype=torch.float32)  # latency_ms times float32 inputs
+    costs = X.path_costs(parts, {X.path_name(p): 0.0 for p in X.all_paths(2, 2)}, 16, stitches=stitches)
+    params = {r['path']: r['params'] for r in costs}
+    up_down = [[X.num_params(p) for p in net] for net in parts]
+    assert params['1-2'] == up_down[0][0] + X.num_params(stitches['1>2@1']) + up_down[1][1]
+    assert params['1-1'] == sum(up_down[0])
+    flops = X.part_flops(parts, X.all_paths(2, 2), 16, stitches)
+    assert flops[(0, 1)] - flops[(1, 1)] == 2 * 4 * 2 * 16 * 16  # down_2 after the stitch's 1×1 conv, 4 → 2
+
+
+def test_stitch_into_a_net_is_trained_by_that_nets_loss_only():
+    """The stitch into down_b is net b's: L_b trains it, L_a does not (though z_ab depends on it), and L_a
+    trains up_a through it as through the rest of the fixed partner."""
+    models, parts, stitches = stitched_pair()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(10, (6,), generator=g)
+    for m in models:
+        m.train()
+    ref = copy.deepcopy((parts, stitches))
+    out = X.run_paths(ref[0], x, X.all_paths(2, 2), stitches=ref[1])
+    L = X.xml_losses(out, y, 2, 2, [0, 1])
+    s12 = list(ref[1]['1>2@1'].parameters())
+    assert max(g.abs().max() for g in torch.autograd.grad(L[0], s12, retain_graph=True)) > 1e-3  # L_1 reaches it
+    expected = {'1>2@1': torch.autograd.grad(L[1], s12, retain_graph=True),
+                '2>1@1': torch.autograd.grad(L[0], list(ref[1]['2>1@1'].parameters()), retain_graph=True),
+                'up1': torch.autograd.grad(L[0], list(ref[0][0][0].parameters()), retain_graph=True),
+                'up2': torch.autograd.grad(L[1], list(ref[0][1][0].parameters()))}
+    opts = [torch.optim.SGD([*models[i].parameters(), *(p for s in X.stitches_into(stitches, i)
+                                                         for p in s.parameters())], lr=0.0) for i in (0, 1)]
+    X.train_step(parts, opts, x, y, 'xml', stitches=stitches)
+    got = {'1>2@1': [p.grad for p in stitches['1>2@1'].parameters()],
+           '2>1@1': [p.grad for p in stitches['2>1@1'].parameters()],
+           'up1': [p.grad for p in parts[0][0].parameters()], 'up2': [p.grad for p in parts[1][0].parameters()]}
+    for key in expected:
+        for a, b in zip(got[key], expected[key]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_a_stitched_xml_pair_learns():
+    torch.manual_seed(0)
+    data = X.synthetic_data(n_train=64, n_test=8, size=16)
+    models, parts, stitches = stitched_pair(dtype=torch.float32)
+    mean, std = X.channel_stats(data.train_x)
+    x, y = X.normalize(data.train_x, mean, std), data.train_y
+    opts = [torch.optim.SGD([*models[i].parameters(), *(p for s in X.stitches_into(stitches, i)
+                                                         for p in s.parameters())], lr=0.05, momentum=0.9)
+            for i in (0, 1)]
+    for m in [*models, stitches]:
+        m.train()
+    losses = [X.train_step(parts, opts, x, y, 'xml', stitches=stitches) for _ in range(25)]
+    for i in (0, 1):  # each net's own loss (three paths) falls by more than a third on this fixed batch
+        assert losses[-1][i] < 0.66 * losses[0][i], [l[i].item() for l in losses]
+
+
+BLOCK_START = '# ------------------------------------------------------- XML for any two nets: the copyable block'
+
+
+def copyable_block():
+    """The section of xml_ref.py the README tells a user to copy, as text."""
+    source = Path(X.__file__).read_text()
+    start = source.index(BLOCK_START)
+    return source[start:source.index('\n# ---', start + 1)]
+
+
+def test_the_copyable_block_trains_foreign_nets_in_a_fresh_file_as_xml_ref_does(tmp_path):
+    """The block, pasted alone into a fresh file that imports nothing of this project, splits two nets written
+    the way other codebases write them (channels 6 and 10 at the cut), stitches them and trains them for a few
+    steps: the same losses, gradients, weights and cross accuracies as xml_ref's own step and evaluation."""
+    torch.manual_seed(0)
+    data = X.synthetic_data(n_train=48, n_test=40, size=16)
+    mean, std = X.channel_stats(data.train_x)
+    g = torch.Generator().manual_seed(0)
+    steps = [(X.normalize(X.augment(data.train_x[i], generator=g), mean, std), data.train_y[i])
+             for i in torch.randperm(48, generator=g).view(3, 16)]
+    test = [(X.normalize(data.test_x, mean, std), data.test_y)]
+    torch.save({'steps': steps, 'test': test}, tmp_path / 'batches.pt')
+    (tmp_path / 'xml_block.py').write_text(copyable_block())
+    (tmp_path / 'foreign.py').write_text(FOREIGN)
+    (tmp_path / 'user.py').write_text('''
+import sys
+import torch
+from foreign import CifarStyle, Residual
+from xml_block import split, stitch, xml_pair_losses, routed_backward, cross_accuracy
+
+assert not any(name in sys.modules for name in ('xml_ref', 'tools'))
+batches = torch.load('batches.pt')
+torch.manual_seed(0)
+net1, net2 = CifarStyle(c=6), Residual(c=10)
+(up1, down1), (up2, down2) = split(net1, 'conv1'), split(net2, 'block')
+torch.manual_seed(1)
+stitch12, stitch21 = stitch(6, 10), stitch(10, 6)  # into down_2 (net 2's), into down_1 (net 1's)
+opt1 = torch.optim.SGD([*net1.parameters(), *stitch21.parameters()], lr=0.05, momentum=0.9)
+opt2 = torch.optim.SGD([*net2.parameters(), *stitch12.parameters()], lr=0.05, momentum=0.9)
+losses = []
+for x, y in batches['steps']:
+    l1, l2 = xml_pair_losses(up1, down1, up2, down2, x, y, stitch12=stitch12, stitch21=stitch21)
+    routed_backward([l1, l2], [opt1, opt2])
+    opt1.step()
+    opt2.step()
+    losses.append([l1.item(), l2.item()])
+torch.save({'losses': losses, 'grads': [p.grad for p in [*opt1.param_groups[0]['params'],
+                                                         *opt2.param_groups[0]['params']]],
+            'weights': [net1.state_dict(), net2.state_dict(), stitch12.state_dict(), stitch21.state_dict()],
+            'cross': cross_accuracy(up1, down1, up2, down2, batches['test'], stitch12, stitch21)}, 'result.pt')
+''')
+    run = subprocess.run([sys.executable, 'user.py'], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={'PATH': '/usr/bin:/bin', 'OMP_NUM_THREADS': '1'})
+    assert run.returncode == 0, run.stderr
+    copied = torch.load(tmp_path / 'result.pt')
+    # the same in xml_ref: its splitter, make_stitches and train_step, and evaluate()
+    f = foreign()
+    torch.manual_seed(0)
+    nets = [f.CifarStyle(c=6), f.Residual(c=10)]
+    parts = [X.split_parts(m, [c]) for m, c in zip(nets, ('conv1', 'block'))]
+    torch.manual_seed(1)
+    stitches = X.make_stitches(X.feature_shapes(parts, 16), ['cifar', 'residual'])
+    opts = [torch.optim.SGD([*nets[i].parameters(), *(p for s in X.stitches_into(stitches, i)
+                                                       for p in s.parameters())], lr=0.05, momentum=0.9)
+            for i in (0, 1)]
+    losses = [[v.item() for v in X.train_step(parts, opts, x, y, 'xml', stitches=stitches).values()]
+              for x, y in steps]
+    torch.testing.assert_close(torch.tensor(copied['losses']), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    for a, b in zip(copied['grads'], [p.grad for o in opts for p in o.param_groups[0]['params']]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for saved, module in zip(copied['weights'], [*nets, stitches['1>2@1'], stitches['2>1@1']]):
+        for k, v in module.state_dict().items():
+            torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    cross = X.evaluate(parts, data.test_x, data.test_y, mean, std, stitches=stitches)['cross']
+    for a in range(2):
+        for b in range(2):
+            assert abs(copied['cross'][a][b] - cross[a][b]) <= 100 / 40 + 1e-9, (copied['cross'], cross)
+
+
+def test_cli_trains_torchvision_nets_joined_by_stitches(tmp_path, capsys):
+    out = tmp_path / 'tv'
+    code, cap = run_cli(['--pair', 'tv:resnet18,tv:mobilenet_v2', '--cut', 'layer2,features.6', '--method', 'xml',
+                         '--dataset', 'synthetic', '--epochs', '1', '--batch-size', '128', '--device', 'cpu',
+                         '--out', str(out)], capsys)
+    assert code == 0, cap.err
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['cuts'] == [['layer2'], ['features.6']] and s['feature_shape'] == [[[128, 4, 4]], [[32, 4, 4]]]
+    assert s['stitch_params'] == {'1>2@1': 128 * 32 + 2 * 32, '2>1@1': 32 * 128 + 2 * 128}
+    assert s['feature_distance'] is None and len(s['path_costs']) == 4
+    ckpt = torch.load(out / 'last.pt', weights_only=True)
+    assert sorted({k.split('.')[0] for k in ckpt['stitches']}) == ['1>2@1', '2>1@1']
+    code, cap = run_cli(['--pair', 'tv:resnet18,mbv1', '--list-cuts'], capsys)
+    assert code == 0 and 'layer2                   128×4×4' in cap.out and 'mbv1: ' in cap.out
+
+
+@pytest.mark.parametrize('args,words', [
+    (['--pair', 'tv:resnet18,tv:nosuchnet'], ['tv:nosuchnet', 'list_models']),
+    (['--pair', 'tv:resnet18,tv:resnet34', '--cut', 'layer2.0.conv1'], ['--cut', 'skip connection', '--list-cuts']),
+    (['--pair', 'res18,tv:resnet18', '--cut', 'layer2'], ['--cut', '128×16×16', '128×4×4']),
+    (['--pair', 'res18,mbv1', '--cut', 'layer2,layer3,layer4'], ['--cut', 'one per net']),
+    (['--pair', 'tv:resnet18,tv:mobilenet_v2', '--cut', 'layer2,features.6', '--method', 'xml+l2'],
+     ['xml+l2', 'channels differ']),
+])
+def test_cli_refuses_nets_and_cuts_it_cannot_join_in_one_line(args, words, tmp_path, capsys):
+    code, cap = run_cli([*args, '--dataset', 'synthetic', '--device', 'cpu', '--out', str(tmp_path / 'x')], capsys)
+    one_line_error(code, cap, *words)
+    assert not (tmp_path / 'x').exists()
 
 
 def test_default_cuts_are_the_decks():
@@ -332,7 +652,7 @@ def test_fitnet_hint_step_trains_only_the_students_up_half_and_the_regressor():
     models[0].eval().requires_grad_(False)  # res18, the teacher
     models[1].train()
     torch.manual_seed(0)
-    reg = X.regressor(X.cut_shape(models[0], CUT)[0]).double()
+    reg = X.regressor(cut_shape(models[0], CUT)[0], cut_shape(models[1], CUT)[0]).double()
     ref_up, ref_reg, teacher_up = copy.deepcopy(hs[1][0]), copy.deepcopy(reg), copy.deepcopy(hs[0][0])
     expected = torch.autograd.grad(((ref_reg(ref_up(x)) - teacher_up(x)) ** 2).mean(),
                                    list(ref_up.parameters()) + list(ref_reg.parameters()))
@@ -646,7 +966,7 @@ def descent_setup(method, seed=0):
     kw = dict(STEP_METHODS[method])
     if method == 'xml+gan':
         torch.manual_seed(seed)
-        kw['discriminator'] = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+        kw['discriminator'] = X.discriminator(cut_shape(models[0], CUT)[0]).double()
     if method == 'kd':
         models[0].eval().requires_grad_(False)
     return models, x, y, kw
@@ -696,7 +1016,7 @@ def test_one_small_hint_step_descends_along_the_hint_loss():
     hs = halves(models)
     models[0].eval().requires_grad_(False)  # res18 teaches mbv1
     torch.manual_seed(0)
-    reg = X.regressor(X.cut_shape(models[0], CUT)[0]).double()
+    reg = X.regressor(cut_shape(models[0], CUT)[0], cut_shape(models[1], CUT)[0]).double()
     params = list(hs[1][0].parameters()) + list(reg.parameters())
     opt = torch.optim.SGD(params, lr=0.0)
 
@@ -1371,8 +1691,8 @@ BAD_INPUTS = [
     (['--method', 'distill'], 'invalid choice'),
     (['--pair', 'res18'], 'two nets'),
     (['--pair', 'res18,res34,mbv1'], 'two nets'),
-    (['--pair', 'res18,mbv1', '--cut', 'stem'], 'different shapes'),
-    (['--cut', 'layer9'], 'unknown cut'),
+    (['--pair', 'res18,mbv1', '--cut', 'layer2,layer3'], 'differ in more than channels'),
+    (['--cut', 'layer9'], 'no submodule of that name'),
     (['--epochs', '0'], '--epochs must be positive'),
     (['--batch-size', '-1'], '--batch-size must be positive'),
     (['--lr', '0'], '--lr must be positive'),
@@ -1381,7 +1701,7 @@ BAD_INPUTS = [
     (['--method', 'kd'], 'needs --teacher'),
     (['--nets', 'res18,res34,mbv1', '--method', 'kd'], 'defined for a pair'),
     (['--nets', 'res18,res34,mbv1', '--cuts', 'layer2,layer3', '--paths-per-step', '30'], '--paths-per-step'),
-    (['--cuts', 'layer3,layer2'], 'order of the stages'),
+    (['--cuts', 'layer3,layer2'], 'order forward computes them'),
     (['--method', 'xml', '--freeze', '2'], 'needs --init2'),
     (['--cut', 'layer2', '--cuts', 'layer2'], 'not both'),
     (['--epochs', '2', '--warmup-epochs', '3'], '--warmup-epochs must be 0 … 2'),
@@ -1714,7 +2034,7 @@ def test_adversarial_loss_formulas():
 def test_gan_discriminator_learns_only_from_its_own_loss():
     models, x, y = pair_setup()
     hs = halves(models)
-    disc = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+    disc = X.discriminator(cut_shape(models[0], CUT)[0]).double()
     ref = copy.deepcopy(disc)
     with torch.no_grad():
         f = [h[0](x) for h in copy.deepcopy(hs)]
@@ -1733,7 +2053,7 @@ def test_xml_gan_up_halves_learn_to_pass_for_the_other_net():
     D(up_1(x)) = 0 and up_2 toward 1: L_i = L_i^xml + w·BCE(D(up_i(x)), label of net j)."""
     models, x, y = pair_setup(seed=8)
     torch.manual_seed(0)
-    disc = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+    disc = X.discriminator(cut_shape(models[0], CUT)[0]).double()
     out = X.run_paths(halves(models), x, X.all_paths(2, 2))
     gan = X.xml_gan_losses(out, y, 2, 2, [0, 1], disc, adv_weight=0.5)
     plain = X.xml_losses(out, y, 2, 2, [0, 1])
@@ -2046,8 +2366,9 @@ def test_the_default_cut_of_every_pair_is_the_same_in_either_order(tmp_path):
             continue
         cuts = [X.parse_args(['--pair', p, '--width', '4', '--out', str(tmp_path / 'x')]).cuts
                 for p in (f'{a},{b}', f'{b},{a}')]
-        assert cuts[0] == cuts[1] == (['layer3'] if 'mbv1' in (a, b) else ['layer2']), (a, b)
-        assert X.check_cut([X.build(a, 10, 4), X.build(b, 10, 4)], [a, b], cuts[0][0])  # a cut where they agree
+        assert cuts[0] == cuts[1] == [['layer3' if 'mbv1' in (a, b) else 'layer2']] * 2, (a, b)
+        parts = [X.split_parts(X.build(n, 10, 4), c) for n, c in zip((a, b), cuts[0])]
+        assert len(X.make_stitches(X.feature_shapes(parts), [a, b])) == 0  # a cut where they agree
 
 
 @pytest.mark.parametrize('method', ['xml', 'xml+l2', 'xml+disc', 'xml+gan'])
@@ -2057,7 +2378,7 @@ def test_mean_path_weights_divide_the_xml_terms_of_every_xml_method_and_reach_it
     cfg = X.parse_args(['--pair', 'res18,mbv1', '--method', method, '--path-weights', 'mean', '--width', '4',
                         '--out', str(tmp_path / 'x')])
     models, x, y = pair_setup(seed=9)
-    disc = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+    disc = X.discriminator(cut_shape(models[0], CUT)[0]).double()
     if method == 'xml+disc':  # its down-halves have one output more
         models = [tiny(n, num_classes=11, seed=9 + i) for i, n in enumerate(NAMES)]
     kw = X.loss_options(cfg, method, disc)
@@ -2195,7 +2516,7 @@ def test_the_xml_gan_generator_term_trains_each_up_half_through_the_discriminato
     is not detached on its way into D), and train_step gives D only its own loss's gradient."""
     models, x, y = pair_setup(seed=8)
     torch.manual_seed(0)
-    disc = X.discriminator(X.cut_shape(models[0], CUT)[0]).double()
+    disc = X.discriminator(cut_shape(models[0], CUT)[0]).double()
     hs = halves(models)
     out = X.run_paths(hs, x, X.all_paths(2, 2))
     gan = X.xml_gan_losses(out, y, 2, 2, [0, 1], disc, adv_weight=0.5)

@@ -317,10 +317,17 @@ MODELS = {'res18': lambda num_classes, width: resnet((2, 2, 2, 2), num_classes, 
 
 
 def build(name, num_classes=100, width=64):
-    """The net `name` (res18, res34 or mbv1) for `num_classes` classes; width 64 is the published
-    size, smaller widths scale every layer down (for fast tests)."""
+    """The net `name` for `num_classes` classes: res18, res34 or mbv1 (width 64 is the published
+    size, smaller widths scale every layer down, for fast tests), or tv:ARCH, torchvision's
+    classification model ARCH, untrained and as torchvision defines it (width does not apply)."""
+    if name.startswith('tv:'):
+        import torchvision
+        if name[3:] not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f'{name}: torchvision has no classification model {name[3:]!r} '
+                             '(torchvision.models.list_models() lists them)')
+        return torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
     if name not in MODELS:
-        raise ValueError(f'unknown model {name!r}: choose from {", ".join(MODELS)}')
+        raise ValueError(f'unknown model {name!r}: choose from {", ".join(MODELS)} or tv:ARCH')
     return MODELS[name](num_classes, width)
 
 
@@ -329,7 +336,20 @@ def num_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# --------------------------------------------------------------------------------------- splitter
+# ------------------------------------------------------- XML for any two nets: the copyable block
+# The method for a pair, needing nothing but torch: copy this section whole into another codebase.
+# split() cuts any net torch.fx can trace, stitch() joins cuts whose channels differ,
+# xml_pair_losses() and routed_backward() are one training step, cross_accuracy() evaluates the
+# four paths. Everything after the block generalises it (K nets × P parts, the baselines, the fast
+# path); tests check that the general step computes what the block computes, and that the block,
+# pasted alone into a fresh file, trains nets written the way other codebases write them.
+import contextlib  # noqa: E402 (the block's own imports, so that it copies whole)
+import torch  # noqa: E402
+import torch.fx  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.fx.passes.split_module import split_module  # noqa: E402
+
+
 @contextlib.contextmanager
 def eval_mode(modules):
     """Inside: every module in eval mode; afterwards each back in the mode it was in."""
@@ -343,33 +363,193 @@ def eval_mode(modules):
             m.training = training
 
 
-def cut_names(model):
-    """The stages a model can be cut after: every stage but the classifier head."""
-    return list(model._modules)[:-1]
+class CutTracer(torch.fx.Tracer):
+    """torch.fx's tracer, keeping the submodules named in `cuts` whole: each cut is one node."""
+
+    def __init__(self, cuts):
+        super().__init__()
+        self.cuts = set(cuts)
+
+    def is_leaf_module(self, module, name):
+        return name in self.cuts or super().is_leaf_module(module, name)
+
+
+def assign_parts(nodes, at, cuts, what):
+    """{node: its part} for a traced graph's `nodes` cut at the nodes `at` (the outputs of `cuts`):
+    the first cut whose output a node is needed for, else the last part; a ValueError where that is
+    not a chain of parts each reading only the previous part's output (`what` names the model)."""
+    part = {}
+    for k, cut_node in enumerate(at):
+        todo = [cut_node]
+        while todo:
+            n = todo.pop()
+            if n not in part:
+                part[n] = k
+                todo += n.all_input_nodes
+    for n in nodes:
+        part.setdefault(n, len(at))
+    if any(part[cut_node] != k for k, cut_node in enumerate(at)):
+        raise ValueError(f'cuts {", ".join(cuts)}: give them in the order forward computes them')
+    for k, c in enumerate(cuts):
+        if not any(part[n] == k + 1 and n.op not in ('output', 'placeholder') for n in nodes):
+            raise ValueError(f'cannot cut {what} at {c!r}: nothing is computed after it before the '
+                             'next cut or the output')
+    for n in nodes:
+        late = [u for u in n.users if part[u] > part[n] and not (n in at and part[u] == part[n] + 1)]
+        if late:
+            raise ValueError(f'cannot cut {what} at {cuts[part[n]]!r}: {n.name}, computed before '
+                             f'it, is used after it by {late[0].name} (a skip connection across the '
+                             'cut?); cut where nothing but the cut\'s own output crosses')
+    return part
+
+
+def split_parts(model, cuts):
+    """The model cut at the outputs of the submodules named in `cuts` ('layer2', 'features.6', …, in
+    the order forward computes them): P = len(cuts) + 1 parts with part_P(…part_1(x)) == model(x),
+    each reading only the previous part's output. The parts share the model's modules (training
+    them trains the model). An nn.Sequential cut at its own children is sliced; any other model is
+    traced by torch.fx, so its forward may flatten or pool functionally and its children may be
+    registered in any order. A ValueError says why a cut cannot be made: not a submodule, called
+    twice, nothing after it, or a value from before it used after it (a skip connection across
+    it)."""
+    cuts, names, what = list(cuts), list(model._modules), type(model).__name__
+    if isinstance(model, nn.Sequential) and all(c in names[:-1] for c in cuts):
+        ends = [names.index(c) + 1 for c in cuts]
+        if ends == sorted(set(ends)):
+            bounds = [0] + ends + [len(names)]
+            return [model[a:b] for a, b in zip(bounds, bounds[1:])]
+    try:
+        traced = torch.fx.GraphModule(model, CutTracer(cuts).trace(model))
+    except Exception as e:  # data-dependent control flow, an untraceable call
+        first = str(e).strip().split('\n')[0][:120]
+        raise ValueError(f'torch.fx cannot trace {what} ({type(e).__name__}: {first}); split it by '
+                         'hand into modules') from None
+    nodes, at = list(traced.graph.nodes), []
+    for c in cuts:
+        found = [n for n in nodes if n.op == 'call_module' and n.target == c]
+        if len(found) != 1:
+            raise ValueError(f'cannot cut {what} at {c!r}: ' + (
+                'forward calls it more than once' if found else
+                'no submodule of that name is called in forward'))
+        at.append(found[0])
+    part = assign_parts(nodes, at, cuts, what)
+    whole = split_module(traced, model, lambda n: part[n])
+    return [getattr(whole, f'submod_{k}') for k in range(len(at) + 1)]
 
 
 def split(model, cut):
-    """(up, down) with down(up(x)) == model(x): the stages up to and including `cut`, and the rest.
-    Both share the model's modules (no copies), so training the halves trains the model."""
+    """(up, down) with down(up(x)) == model(x): split_parts(model, [cut])."""
     up, down = split_parts(model, [cut])
     return up, down
 
 
-def split_parts(model, cuts):
-    """The model cut after each stage in `cuts` (in order): P = len(cuts) + 1 consecutive parts,
-    sharing the model's modules."""
-    names = list(model._modules)
-    for cut in cuts:
-        if cut not in cut_names(model):
-            raise ValueError(f'unknown cut {cut!r}: this model can be cut after '
-                             f'{", ".join(cut_names(model))}')
-    ends = [names.index(c) + 1 for c in cuts]
-    if ends != sorted(set(ends)):
-        raise ValueError(f'cuts {", ".join(cuts)} must be distinct and in the order of the stages')
-    bounds = [0] + ends + [len(names)]
-    return [model[a:b] for a, b in zip(bounds, bounds[1:])]
+@torch.no_grad()
+def cut_names(model, image_size=32):
+    """{name: C×H×W of its output for one RGB image_size² image} for every submodule `model` can
+    be cut at (split() works, the cut is a feature map, and parameters follow it), in the order
+    forward computes them. One forward with hooks and one trace, not a split per submodule."""
+    p, shapes, calls = next(model.parameters()), {}, {}
+
+    def record(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+        return hook
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name]
+    try:
+        with eval_mode([model]):
+            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    nodes = list(torch.fx.Tracer().trace(model).nodes)
+    last = {}  # each submodule's output: the last node traced inside it
+    for n in nodes:
+        for name in n.meta.get('nn_module_stack', {}):
+            last[name] = n
+    cuts = {}
+    order = {n: k for k, n in enumerate(nodes)}
+    for name, n in sorted(last.items(), key=lambda item: (order[item[1]], item[0].count('.'))):
+        if calls.get(name) == 1 and shapes[name] is not None and len(shapes[name]) == 3:
+            try:
+                part = assign_parts(nodes, [n], [name], type(model).__name__)
+            except ValueError:
+                continue
+            if any(part[m] == 1 and m.op in ('call_module', 'get_attr') and (
+                    m.op == 'get_attr' or any(True for _ in model.get_submodule(m.target)
+                                              .parameters())) for m in nodes):
+                cuts[name] = shapes[name]
+    return cuts
 
 
+def stitch(c_in, c_out):
+    """A stitching layer (as in SN-Net) from a feature of c_in channels to the c_out channels a
+    down-half reads: 1×1 convolution + BatchNorm. The stitch into down_b belongs to net b."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch12=None,
+                    stitch21=None):
+    """XML (METHOD.md §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21}
+    [CE(z_p, y) + KL(z_22‖z_p)] and L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL
+    at temperature T times T², its target detached; mean=True divides each sum by its 3 paths.
+    Where the cut features differ in channels, stitch12 carries up_1's into down_2 (z_12 =
+    down_2(stitch12(up_1(x)))) and stitch21 up_2's into down_1; stitch12 is net 2's (put it in
+    net 2's optimizer) and stitch21 net 1's. Each half runs once per distinct input, so its
+    BatchNorm statistics update once per input."""
+    def kl(target, z):  # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T))
+        log_t = torch.log_softmax(target.detach() / T, dim=1)
+        return (log_t.exp() * (log_t - torch.log_softmax(z / T, dim=1))).sum(1).mean() * T * T
+
+    def into(s, f):
+        return f if s is None else s(f)
+
+    ce = torch.nn.functional.cross_entropy
+    f1 = up1(x)
+    z11, z12 = down1(f1), down2(into(stitch12, f1))
+    f2 = up2(x)
+    z21, z22 = down1(into(stitch21, f2)), down2(f2)
+    loss1 = sum(ce(z, labels) + kl(z22, z) for z in (z11, z12, z21))
+    loss2 = sum(ce(z, labels) + kl(z11, z) for z in (z12, z21, z22))
+    return (loss1 / 3, loss2 / 3) if mean else (loss1, loss2)
+
+
+def routed_backward(losses, optimizers):
+    """Gradient routing (METHOD.md §3): L_i is differentiated with respect to the parameters of
+    optimizers[i] only. In z_12, L_1 so trains up_1 through a fixed down_2 (and stitch12) and L_2
+    trains down_2 on a fixed up_1 feature; one backward of L_1 + L_2 would be wrong (it would
+    train down_2 on L_1 too). The caller then steps each optimizer: for opt in optimizers:
+    opt.step()."""
+    for n, (loss, opt) in enumerate(zip(losses, optimizers)):
+        opt.zero_grad(set_to_none=True)
+        params = [p for group in opt.param_groups for p in group['params']]
+        loss.backward(inputs=params, retain_graph=n + 1 < len(losses))
+
+
+@torch.no_grad()
+def cross_accuracy(up1, down1, up2, down2, batches, stitch12=None, stitch21=None):
+    """Top-1 (%) of the four paths over `batches` of (images, labels), in eval mode:
+    acc[a][b] for z_(a+1)(b+1) = down_(b+1)(up_(a+1)(x)). BatchNorm: down_b sees both features in
+    training, so its running statistics average the two, and z_ab meets statistics of features it
+    is not given (on CIFAR-10 this cost XML up to 13 points). To evaluate a path as it would run
+    alone, keep one copy (mean, var) per source beside each BatchNorm of down_b, update it while
+    down_b runs on that source (F.batch_norm(input, mean, var, training=True,
+    momentum=bn.momentum) in a forward pre-hook) and swap it into running_mean / running_var for
+    that path: xml_ref.py's OwnBatchNorm."""
+    ups, downs, stitches = (up1, up2), (down1, down2), {(0, 1): stitch12, (1, 0): stitch21}
+    right, n = [[0, 0], [0, 0]], 0
+    with eval_mode([up1, down1, up2, down2] + [s for s in stitches.values() if s is not None]):
+        for x, y in batches:
+            for a in range(2):
+                f = ups[a](x)
+                for b in range(2):
+                    s = stitches.get((a, b))
+                    right[a][b] += (downs[b](f if s is None else s(f)).argmax(1) == y).sum().item()
+            n += len(y)
+    return [[100.0 * r / n for r in row] for row in right]
+
+
+# ---------------------------------------------------------------------------------- cuts of K nets
 def default_cut(names):
     """The deck's cut: after stage 3 (256×8×8) for a pair with MobileNetV1, after stage 2
     (128×16×16) otherwise."""
@@ -377,24 +557,48 @@ def default_cut(names):
 
 
 @torch.no_grad()
-def cut_shape(model, cut, image_size=32):
-    """C×H×W of the feature up(x) at `cut` for one image_size×image_size input."""
-    up, _ = split(model, cut)
-    p = next(model.parameters())
-    with eval_mode([up]):
-        return tuple(up(torch.zeros(1, 3, image_size, image_size, device=p.device,
-                                    dtype=p.dtype)).shape[1:])
+def feature_shapes(parts, image_size=32):
+    """shapes[i][c]: C×H×W of net i's feature at its cut c + 1, for one image."""
+    p = next(parts[0][0].parameters())
+    shapes = []
+    with eval_mode([part for net in parts for part in net]):
+        for net in parts:
+            h, net_shapes = torch.zeros(1, 3, image_size, image_size, device=p.device,
+                                        dtype=p.dtype), []
+            for part in net[:-1]:
+                h = part(h)
+                net_shapes.append(tuple(h.shape[1:]))
+            shapes.append(net_shapes)
+    return shapes
 
 
-def check_cut(models, names, cut, image_size=32):
-    """The common feature shape of all nets at `cut`; a ValueError naming every shape where they
-    differ."""
-    shapes = [cut_shape(m, cut, image_size) for m in models]
-    if len(set(shapes)) > 1:
-        found = ', '.join(f'{n} {"×".join(map(str, s))}' for n, s in zip(names, shapes))
-        raise ValueError(f'cut {cut!r} gives up-halves of different shapes ({found}); '
-                         'choose a cut where they agree')
-    return shapes[0]
+def stitch_key(a, b, c):
+    """The name of the stitch from net a's feature at cut c (1-based) into net b's next part."""
+    return f'{a + 1}>{b + 1}@{c}'
+
+
+def make_stitches(shapes, names):
+    """A stitch for every cut c and ordered pair of nets (a, b) whose features there differ in
+    channels only (stitch_key(a, b, c) → stitch); a ValueError naming both shapes where heights or
+    widths differ."""
+    stitches = nn.ModuleDict()
+    for c in range(len(shapes[0])):
+        for a, b in itertools.permutations(range(len(shapes)), 2):
+            sa, sb = shapes[a][c], shapes[b][c]
+            if sa == sb:
+                continue
+            if len(sa) != 3 or sa[1:] != sb[1:]:
+                shown = ', '.join(f'{names[i]} {"×".join(map(str, s))}'
+                                  for i, s in ((a, sa), (b, sb)))
+                raise ValueError(f'the features at cut {c + 1} differ in more than channels '
+                                 f'({shown}); choose cuts of the same height and width')
+            stitches[stitch_key(a, b, c + 1)] = stitch(sa[0], sb[0])
+    return stitches
+
+
+def stitches_into(stitches, b):
+    """The stitches that belong to net b (they feed its parts)."""
+    return [s for key, s in stitches.items() if int(key.split('>')[1].split('@')[0]) == b + 1]
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -469,51 +673,10 @@ def discriminator(channels):
                          nn.Flatten(), nn.Linear(channels, 1))
 
 
-def regressor(channels):
-    """FitNet's regressor from the student's to the teacher's up-half feature (same shape here):
-    3×3 conv + BN."""
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
-                         nn.BatchNorm2d(channels))
-
-
-# -------------------------------------------------------------- XML for a pair: the copyable core
-# The whole method for two nets in two functions that need nothing but torch: copy them into another
-# codebase. Everything below generalises them (K nets × P parts, the baselines, the fast path); a
-# test checks that the general training step computes exactly what these two compute.
-def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False):
-    """XML (METHOD.md §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21}
-    [CE(z_p, y) + KL(z_22‖z_p)] and L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL
-    at temperature T times T², its target detached; mean=True divides each sum by its 3 paths. Each
-    half runs once per distinct input (BatchNorm statistics update once). BatchNorm: down_b sees
-    both features, so its running statistics average the two, and at evaluation z_ab meets
-    statistics of features it is not given (on CIFAR-10 this cost XML up to 13 points). Keep one
-    copy (mean, var) per source beside each BatchNorm of down_b, update it while down_b runs on
-    that source (F.batch_norm(input, mean, var, training=True, momentum=bn.momentum) in a forward
-    pre-hook) and swap it into running_mean / running_var to evaluate that path: OwnBatchNorm."""
-    # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T)), no gradient to the target
-    def kl(target, z):
-        log_t = torch.log_softmax(target.detach() / T, dim=1)
-        return (log_t.exp() * (log_t - torch.log_softmax(z / T, dim=1))).sum(1).mean() * T * T
-
-    ce = torch.nn.functional.cross_entropy
-    f1 = up1(x)
-    z11, z12 = down1(f1), down2(f1)
-    f2 = up2(x)
-    z21, z22 = down1(f2), down2(f2)
-    loss1 = sum(ce(z, labels) + kl(z22, z) for z in (z11, z12, z21))
-    loss2 = sum(ce(z, labels) + kl(z11, z) for z in (z12, z21, z22))
-    return (loss1 / 3, loss2 / 3) if mean else (loss1, loss2)
-
-
-def routed_backward(losses, optimizers):
-    """Gradient routing (METHOD.md §3): L_i is differentiated with respect to the parameters of
-    optimizers[i] only. In z_12, L_1 so trains up_1 through a fixed down_2 and L_2 trains down_2 on
-    a fixed up_1 feature; one backward of L_1 + L_2 would be wrong (it would train down_2 on L_1
-    too). The caller then steps each optimizer: for opt in optimizers: opt.step()."""
-    for n, (loss, opt) in enumerate(zip(losses, optimizers)):
-        opt.zero_grad(set_to_none=True)
-        params = [p for group in opt.param_groups for p in group['params']]
-        loss.backward(inputs=params, retain_graph=n + 1 < len(losses))
+def regressor(c_student, c_teacher):
+    """FitNet's regressor from the student's up-half feature to the teacher's: 3×3 conv + BN."""
+    return nn.Sequential(nn.Conv2d(c_student, c_teacher, 3, 1, 1, bias=False),
+                         nn.BatchNorm2d(c_teacher))
 
 
 # ------------------------------------------------------------------ K nets × P parts, all methods
@@ -530,19 +693,31 @@ def all_paths(K, P):
     return list(itertools.product(range(K), repeat=P))
 
 
-def run_paths(parts, x, paths, bn_source=None, out=None):
+def prefix_modules(parts, q, stitches=None):
+    """The modules that compute out[q] from out[q[:-1]]: part len(q) of net q[-1], after the stitch
+    from net q[-2] where their features differ in channels."""
+    k, part = len(q) - 1, parts[q[-1]][len(q) - 1]
+    key = stitch_key(q[-2], q[-1], k) if k else None
+    return [stitches[key], part] if stitches is not None and key in stitches else [part]
+
+
+def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
     """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
     prefix is run once, so each part sees each distinct input once per forward and its BatchNorm
-    running statistics are updated once per distinct input (METHOD.md §3), however many paths go through
-    it. bn_source(q), if given, is entered around the part that computes out[q] (OwnBatchNorm's
-    track or apply); `out` may hold prefixes already computed."""
+    running statistics are updated once per distinct input (METHOD.md §3), however many paths go
+    through it. bn_source(q), if given, is entered around the modules that compute out[q]
+    (OwnBatchNorm's track or apply); `out` may hold prefixes already computed; `stitches`
+    (make_stitches) join features that differ in channels."""
     out = {**(out or {}), (): x}
     for path in paths:
         for k in range(1, len(path) + 1):
             q = path[:k]
             if q not in out:
+                h = out[q[:-1]]
                 with bn_source(q) if bn_source else contextlib.nullcontext():
-                    out[q] = parts[q[-1]][k - 1](out[q[:-1]])
+                    for module in prefix_modules(parts, q, stitches):
+                        h = module(h)
+                out[q] = h
     return out
 
 
@@ -762,14 +937,15 @@ def step_optimizers(optimizers):
 
 
 def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, *,
-               disc_optimizer=None, own_bn=None, **loss_kw):
+               disc_optimizer=None, own_bn=None, stitches=None, **loss_kw):
     """One optimisation step of every net that learns (optimizers[i] is None for a frozen net) on
     `paths` (default: step_paths) with LOSSES[method] (loss_kw: its options); with disc_optimizer
     also xml+gan's discriminator (loss_kw['discriminator']) on discriminator_loss. Returns {i: L_i}
     (and 'discriminator'). simultaneous: one forward, each L_i routed to net i (routed_backward),
     every net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1, the paths run
     again, net 2 stepped on L_2, and so on; the repeated forwards do not update the BatchNorm
-    statistics. own_bn: an OwnBatchNorm whose sets the forward updates."""
+    statistics. own_bn: an OwnBatchNorm whose sets the forward updates; stitches: make_stitches'
+    (the stitches into net i are in optimizers[i])."""
     K, P = len(parts), len(parts[0])
     paths = paths or step_paths(method, K, P)
     track = own_bn.track if own_bn is not None else None
@@ -787,15 +963,16 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
         return losses
 
     if update == 'simultaneous':
-        losses = losses_of(run_paths(parts, x, paths, track), list(learners))
+        losses = losses_of(run_paths(parts, x, paths, track, stitches=stitches), list(learners))
         routed_backward([losses[k] for k in learners], list(learners.values()))
         step_optimizers(learners.values())
         return {k: losses[k].detach() for k in learners}
     losses = {}
     for n, (k, opt) in enumerate(learners.items()):
-        with (frozen_bn_stats([part for net in parts for part in net]) if n
-              else contextlib.nullcontext()):
-            out = run_paths(parts, x, paths, track)
+        with (frozen_bn_stats([part for net in parts for part in net]
+                              + (list(stitches.values()) if stitches else []))
+              if n else contextlib.nullcontext()):
+            out = run_paths(parts, x, paths, track, stitches=stitches)
         losses[k] = losses_of(out, [k])[k]
         routed_backward([losses[k]], [opt])
         step_optimizers([opt])
@@ -854,11 +1031,12 @@ def eval_batches(images, labels, mean, std, batch_size, device, fmt=torch.contig
 
 @torch.no_grad()
 def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None,
-             own_bn=None):
+             own_bn=None, stitches=None):
     """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of
     the ensemble of the pure nets (mean of softmax), and the half-feature distance: the mean of
-    (f_i − f_j)² over all elements of the features of every pair of nets at every cut (for a pair
-    cut once, mean((up_1(x) − up_2(x))²)), on uint8 images N×H×W×3, with the shared BatchNorm
+    (f_i − f_j)² over all elements of the features of every pair of nets at every cut where they
+    have one shape (for a pair cut once, mean((up_1(x) − up_2(x))²); None where no features
+    compare), on uint8 images N×H×W×3, through `stitches` (make_stitches), with the shared BatchNorm
     statistics. own_bn (an OwnBatchNorm): the same once more with each path's own statistics, under
     'own_bn', whose 'fallback' lists the paths that training never ran (shared statistics there).
     fast: bf16 autocast (CUDA). classes: the number of class logits, where the
@@ -872,12 +1050,13 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
     counts = {s: torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64) for s in sources}
     sq_dist = {s: torch.zeros((), device=dev, dtype=torch.float64) for s in sources}
     synthesis, n_dist = None, 0
-    with eval_mode([part for net in parts for part in net]), \
+    modules = [part for net in parts for part in net] + (list(stitches.values()) if stitches else [])
+    with eval_mode(modules), \
             torch.autocast(dev.type, torch.bfloat16, enabled=fast):
         for x, y in eval_batches(images, labels, mean, std, batch_size, dev, layout(parts[0][0])):
             ups = None  # the first parts have one source, the images: run once for both
             for s, bn_source in sources.items():
-                out = run_paths(parts, x, paths, bn_source, ups)
+                out = run_paths(parts, x, paths, bn_source, ups, stitches)
                 ups = {p: z for p, z in out.items() if len(p) == 1}
                 # xml+disc: right when > 0 means "own"
                 if classes is not None and out[paths[0]].shape[1] > classes:
@@ -891,6 +1070,8 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
                                           for z in [out[p] for p in paths] + [probs]])
                 for c in range(1, P):
                     for i, j in itertools.combinations(range(K), 2):
+                        if out[(i,) * c].shape != out[(j,) * c].shape:
+                            continue
                         sq_dist[s] += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum()
                         n_dist += out[(i,) * c].numel() if s == 'shared' else 0
 
@@ -898,7 +1079,7 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
         correct = counts[s].tolist()  # one host synchronisation for the whole test set
         return {**path_table({p: 100.0 * c / len(images) for p, c in zip(paths, correct)}, K, P),
                 'ensemble': 100.0 * correct[-1] / len(images),
-                'feature_distance': sq_dist[s].item() / max(n_dist, 1)}
+                'feature_distance': sq_dist[s].item() / n_dist if n_dist else None}
     result = report('shared')
     if synthesis is not None and P == 2:
         syn = dict(zip(paths, synthesis.tolist()))
@@ -1009,17 +1190,20 @@ def forward_flops(module, x):
 
 
 @torch.no_grad()
-def part_flops(parts, paths, image_size=32):
-    """{prefix: forward FLOPs per image of the prefix's last part}, for every prefix of `paths`,
-    each run once."""
+def part_flops(parts, paths, image_size=32, stitches=None):
+    """{prefix: forward FLOPs per image of the prefix's last part (and the stitch before it)}, for
+    every prefix of `paths`, each run once."""
     p = next(parts[0][0].parameters())
     out, flops = {(): torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)}, {}
-    with eval_mode([part for net in parts for part in net]):
+    with eval_mode([part for net in parts for part in net]
+                   + (list(stitches.values()) if stitches else [])):
         for path in paths:
             for k in range(1, len(path) + 1):
-                if path[:k] not in out:
-                    flops[path[:k]], out[path[:k]] = forward_flops(parts[path[k - 1]][k - 1],
-                                                                   out[path[:k - 1]])
+                q = path[:k]
+                if q not in out:
+                    flops[q], out[q] = forward_flops(nn.Sequential(*prefix_modules(parts, q,
+                                                                                   stitches)),
+                                                     out[q[:-1]])
     return flops
 
 
@@ -1047,16 +1231,16 @@ def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.1):
 
 
 @torch.no_grad()
-def path_costs(parts, accuracy, image_size=32, fast=False):
+def path_costs(parts, accuracy, image_size=32, fast=False, stitches=None):
     """For every path: top-1 (from evaluate()'s 'paths'), parameters, forward GFLOPs per image and
     latency (ms) at batch 1 and 128 on the parts' device; sorted by FLOPs, the Pareto front (no
     other path at most as costly and at least as accurate, better in one) marked. The deck's
-    "Dynamic Computation": pick a path by budget."""
+    "Dynamic Computation": pick a path by budget. A crossed path's costs include its stitches."""
     K, P = len(parts), len(parts[0])
-    flops = part_flops(parts, all_paths(K, P), image_size)
+    flops = part_flops(parts, all_paths(K, P), image_size, stitches)
     rows = []
     for path in all_paths(K, P):
-        modules = [parts[i][k] for k, i in enumerate(path)]
+        modules = [m for k in range(1, P + 1) for m in prefix_modules(parts, path[:k], stitches)]
         rows.append({'path': path_name(path), 'accuracy': accuracy[path_name(path)],
                      'params': sum(num_params(m) for m in modules),
                      'gflops': sum(flops[path[:k]] for k in range(1, P + 1)) / 1e9,
@@ -1179,7 +1363,8 @@ def progress_line(rec, total_epochs, seconds_left):
             f'loss {fmt(rec["loss"])}  top1 {both("accuracy", accs)}')
     if 'cross' in rec:
         line += '  cross ' + both('cross', lambda m: ' | '.join(accs(row) for row in m))
-    return (line + f'  ens {rec["ensemble"]:.2f}  dist {rec["feature_distance"]:.4f}  '
+    dist = rec['feature_distance']  # None where the features differ in channels
+    return (line + f'  ens {rec["ensemble"]:.2f}  dist {"-" if dist is None else f"{dist:.4f}"}  '
             f'lr {rec["lr"]:.4g}  {rec["img_per_s"]:,.0f} img/s  '
             f'left {format_duration(seconds_left)}')
 
@@ -1237,7 +1422,8 @@ class Run:
     std: list
     models: list
     parts: list
-    features: list  # C×H×W at each cut
+    shapes: list  # shapes[i][c]: C×H×W of net i's feature at cut c + 1
+    stitches: nn.ModuleDict  # make_stitches: where the nets' features differ in channels
     frozen: set  # nets that do not learn: kd's and fitnet's teacher, --freeze's net
     student: object  # kd, fitnet: the student's index, else None
     optimizers: list  # one per net, None for a frozen net
@@ -1330,7 +1516,12 @@ def set_up(cfg):
     if cfg.sync_bn:  # batch statistics over the whole batch, not each rank's share
         models = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in models]
     models = [m.to(dev, memory_format=fmt) for m in models]
-    features = [check_cut(models, cfg.nets, cut, data.train_x.shape[1]) for cut in cfg.cuts]
+    parts = [split_parts(m, cuts) for m, cuts in zip(models, cfg.cuts)]
+    shapes = feature_shapes(parts, data.train_x.shape[1])
+    try:  # (check_args checked 32×32 images)
+        stitches = make_stitches(shapes, cfg.nets).to(dev, memory_format=fmt)
+    except ValueError as e:
+        raise UsageError(f'--cut: on {data.train_x.shape[1]}-pixel images {e}') from None
     K = len(models)
     frozen, student = set(), None
     if cfg.method in ('kd', 'fitnet'):  # the teacher: the larger net of the pair, loaded and frozen
@@ -1345,16 +1536,20 @@ def set_up(cfg):
         frozen.add(cfg.freeze - 1)
     for i in frozen:
         models[i].requires_grad_(False)
-    run = Run(cfg, dev, rank, world, data, *channel_stats(data.train_x), models,
-              [split_parts(m, cfg.cuts) for m in models], features, frozen, student,
-              [None if i in frozen else sgd(models[i].parameters(), cfg, fast) for i in range(K)],
+    run = Run(cfg, dev, rank, world, data, *channel_stats(data.train_x), models, parts, shapes,
+              stitches, frozen, student,
+              [None if i in frozen else sgd([*models[i].parameters(),
+                                             *(p for s in stitches_into(stitches, i)
+                                               for p in s.parameters())], cfg, fast)
+               for i in range(K)],
               best={'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0})
     run.own_bn = OwnBatchNorm(run.parts)  # from the shared statistics of the nets as loaded
     if cfg.method == 'xml+gan':
-        run.discriminator = discriminator(features[0][0]).to(dev, memory_format=fmt)
+        run.discriminator = discriminator(shapes[0][0][0]).to(dev, memory_format=fmt)
         run.disc_optimizer = sgd(run.discriminator.parameters(), cfg, fast)
     if cfg.method == 'fitnet':
-        run.regressor = regressor(features[0][0]).to(dev, memory_format=fmt)
+        run.regressor = regressor(shapes[student][0][0], shapes[teacher][0][0]).to(
+            dev, memory_format=fmt)
         run.hint_optimizer = sgd(list(run.parts[student][0].parameters())
                                  + list(run.regressor.parameters()), cfg, fast)
     return run
@@ -1377,6 +1572,7 @@ def resume(run, gen):
     for module, key in ((run.regressor, 'regressor'), (run.discriminator, 'discriminator')):
         if module is not None:
             module.load_state_dict(ckpt[key])
+    run.stitches.load_state_dict(ckpt.get('stitches', {}))  # (none before stitches existed)
     run.own_bn.load_state_dict(ckpt['own_bn'])
     rng = ckpt['rng']['data']
     gen.set_state(rng)
@@ -1407,7 +1603,8 @@ def make_step(run, hint, paths_rng):
         def step_fn(x, labels):
             paths = step_paths(method, K, P, cfg.paths_per_step, paths_rng)
             return train_step(run.parts, run.optimizers, x, labels, method, cfg.update, paths,
-                              disc_optimizer=run.disc_optimizer, own_bn=run.own_bn, **kw)
+                              disc_optimizer=run.disc_optimizer, own_bn=run.own_bn,
+                              stitches=run.stitches, **kw)
     # sampled paths change from step to step, which one captured graph cannot; nor are the
     # collectives of torchrun tested inside a capture
     graph = fast and run.world == 1 and cfg.paths_per_step is None
@@ -1447,6 +1644,7 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
     step.new_epoch()
     for i, m in enumerate(run.models):
         m.train(i not in run.frozen)
+    run.stitches.train()
     perm = torch.randperm(len(train_x), device=run.dev, generator=gen)
     lr = None
     for s in range(n_steps):
@@ -1468,7 +1666,9 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
         sums /= run.world
         # a frozen net's statistics are the same on every rank: left exact, not re-averaged
         learning = [i for i in range(len(run.models)) if i not in run.frozen]
-        for buf in [b for i in learning for b in run.models[i].buffers()
+        modules = [run.models[i] for i in learning] + [s for i in learning
+                                                       for s in stitches_into(run.stitches, i)]
+        for buf in [b for m in modules for b in m.buffers()
                     if b.is_floating_point()] + run.own_bn.tensors(learning):
             dist.all_reduce(buf)
             buf /= run.world
@@ -1510,7 +1710,7 @@ def save_checkpoint(run, rec, gen, wall_s):
              'regressor': run.regressor.state_dict() if run.regressor is not None else None,
              'discriminator': (run.discriminator.state_dict() if run.discriminator is not None
                                else None),
-             'own_bn': run.own_bn.state_dict(),
+             'own_bn': run.own_bn.state_dict(), 'stitches': run.stitches.state_dict(),
              'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
              'history': run.history, 'best': best, 'wall_s': wall_s}
     out = Path(run.cfg.out)
@@ -1549,7 +1749,7 @@ def train(cfg):
             rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr,
                    'loss': losses, **evaluate(run.parts, test_x, test_y, run.mean, run.std,
                                               fast=cfg.fast == 'on', classes=run.data.num_classes,
-                                              own_bn=run.own_bn)}
+                                              own_bn=run.own_bn, stitches=run.stitches)}
             rec.update(img_per_s=len(train_x) // cfg.batch_size * cfg.batch_size / train_s,
                        epoch_s=time.time() - t0)
             run.history.append(rec)
@@ -1582,11 +1782,13 @@ def summarize(run, wall_s):
     cfg, last, student = run.cfg, run.history[-1], run.student
     # what a path shipped alone scores: with its own statistics (tools/export_path.py)
     costs = path_costs(run.parts, last['own_bn']['paths'], run.data.train_x.shape[1],
-                       cfg.fast == 'on')
-    features = [list(f) for f in run.features]
-    summary = {'pair': ','.join(cfg.nets), 'cut': ','.join(cfg.cuts),
+                       cfg.fast == 'on', run.stitches)
+    same = all(c == cfg.cuts[0] for c in cfg.cuts)
+    summary = {'pair': ','.join(cfg.nets),
+               'cut': ','.join(cfg.cuts[0] if same else [c[0] for c in cfg.cuts]),
                **{k: getattr(cfg, k) for k in RESUME_KEYS},  # every setting of the run
-               'feature_shape': features if len(features) > 1 else features[0],
+               'feature_shape': [[list(s) for s in net] for net in run.shapes],
+               'stitch_params': {k: num_params(s) for k, s in run.stitches.items()},
                'frozen': sorted(i + 1 for i in run.frozen),
                'init': {'1': cfg.init1, '2': cfg.init2},
                'teacher': (None if student is None
@@ -1633,12 +1835,16 @@ def make_parser():
                formatter_class=HelpFormatter)
     what = p.add_argument_group('what is trained')
     what.add_argument('--pair', default='res18,res34',
-                      help=f'net 1,net 2, from {", ".join(MODELS)}')
+                      help=f'net 1,net 2, from {", ".join(MODELS)} or tv:ARCH (torchvision\'s '
+                           'model ARCH, untrained, e.g. tv:resnet18)')
     what.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 '
                                      '(cut with --cuts)')
     what.add_argument('--method', choices=METHODS, default='xml', help='the loss (docs/METHOD.md §3)')
-    what.add_argument('--cut', help='the stage both nets are cut after, layer1 … layer4 '
-                                    '(default: layer3 with mbv1, else layer2: the deck\'s cuts)')
+    what.add_argument('--cut', help='the submodule whose output every net is cut at, or one per '
+                                    'net (layer2,features.6); where channels differ a stitch joins '
+                                    'them (default: layer3 with mbv1, else layer2: the deck\'s cuts)')
+    what.add_argument('--list-cuts', action='store_true',
+                      help='print each net\'s cuts with their feature shapes, and exit')
     what.add_argument('--cuts', help='several stages to cut every net after, in order '
                                      '(P − 1 cuts: P parts), e.g. layer2,layer3')
     what.add_argument('--width', type=int, default=64,
@@ -1715,24 +1921,49 @@ def parse_args(argv=None):
     """The command line, parsed and checked (check_args)."""
     cfg = make_parser().parse_args(argv)
     cfg.argv = list(sys.argv[1:] if argv is None else argv)  # for the summary's 'command'
-    return check_args(cfg)
+    return cfg if cfg.list_cuts else check_args(cfg)
+
+
+def net_names(cfg):
+    """The nets of --pair or --nets, checked by name."""
+    flag, names = ('--nets', cfg.nets.split(',')) if cfg.nets else ('--pair', cfg.pair.split(','))
+    if len(names) < 2 or (flag == '--pair' and len(names) != 2) or not all(names):
+        raise UsageError(f'{flag} takes {"two" if flag == "--pair" else "two or more"} nets joined '
+                         f'by a comma, like res18,res34; got {",".join(names)!r}')
+    for name in names:
+        if name not in MODELS and not name.startswith('tv:'):
+            raise UsageError(f'unknown model {name!r} in {flag}: choose from {", ".join(MODELS)} '
+                             'or tv:ARCH (a torchvision model, e.g. tv:resnet18)')
+    return names
+
+
+def list_cuts(names, width):
+    """--list-cuts: each net's cuts with their feature shapes on 32×32 images."""
+    lines = []
+    for name in names:
+        try:
+            cuts = cut_names(build(name, 10, width))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        lines += [f'{name}: {len(cuts)} cuts (C×H×W on 32×32 images)']
+        lines += [f'  {c:<24} {"×".join(map(str, shape))}' for c, shape in cuts.items()]
+    return '\n'.join(lines)
 
 
 def check_args(cfg):
     """Fill in the defaults that depend on other options, and refuse (UsageError, one line) any
     value or combination that would fail later, before anything is loaded or written."""
-    flag, cfg.nets = (('--nets', cfg.nets.split(',')) if cfg.nets
-                      else ('--pair', cfg.pair.split(',')))
-    if len(cfg.nets) < 2 or (flag == '--pair' and len(cfg.nets) != 2) or not all(cfg.nets):
-        raise UsageError(f'{flag} takes {"two" if flag == "--pair" else "two or more"} nets joined '
-                         f'by a comma, like res18,res34; got {",".join(cfg.nets)!r}')
-    for name in cfg.nets:
-        if name not in MODELS:
-            raise UsageError(f'unknown model {name!r} in {flag}: choose from {", ".join(MODELS)}')
+    cfg.nets = net_names(cfg)
+    K = len(cfg.nets)
     if cfg.cut and cfg.cuts:
         raise UsageError('give --cut (one cut) or --cuts (several), not both')
-    cfg.cuts = cfg.cuts.split(',') if cfg.cuts else [cfg.cut or default_cut(cfg.nets)]
-    K, P = len(cfg.nets), len(cfg.cuts) + 1
+    cut = (cfg.cut or default_cut(cfg.nets)).split(',')
+    if not cfg.cuts and len(cut) not in (1, K):
+        raise UsageError(f'--cut takes one name for every net or one per net ({K}); got {cfg.cut}')
+    # cuts[i]: the names net i is cut at
+    cfg.cuts = ([cfg.cuts.split(',')] * K if cfg.cuts
+                else [[c] for c in cut] if len(cut) == K else [cut] * K)
+    P = len(cfg.cuts[0]) + 1
     if cfg.method in PAIR_ONLY and (K, P) != (2, 2):
         raise UsageError(f'--method {cfg.method} is defined for a pair cut once, '
                          f'not {K} nets in {P} parts')
@@ -1783,19 +2014,23 @@ def check_args(cfg):
     elif cfg.teacher:
         raise UsageError('--teacher goes with --method kd or fitnet')
     try:  # the nets on the CPU: cheap, and before anything is loaded or written
-        models = [build(n, 10, cfg.width) for n in cfg.nets]
-        for cut in cfg.cuts:
-            check_cut(models, cfg.nets, cut)
-        split_parts(models[0], cfg.cuts)
+        parts = [split_parts(build(n, 10, cfg.width), c) for n, c in zip(cfg.nets, cfg.cuts)]
+        stitched = len(make_stitches(feature_shapes(parts), cfg.nets)) > 0
     except ValueError as e:
-        raise UsageError(f'{"--cuts" if len(cfg.cuts) > 1 else "--cut"}: {e}') from None
+        raise UsageError(f'{"--cuts" if P > 2 else "--cut"}: {e} (--list-cuts lists each net\'s '
+                         'cuts)') from None
+    if stitched and (cfg.method in ('xml+l2', 'xml+gan') or cfg.freeze):
+        raise UsageError(f'{"--freeze" if cfg.freeze else "--method " + cfg.method} needs the nets\' '
+                         'features to have one shape at the cut, and here their channels differ; '
+                         'cut where they agree')
     if cfg.dataset == 'folder' and not Path(cfg.data_dir).is_dir():
         raise UsageError(f'--data-dir {cfg.data_dir} is not a directory; --dataset folder needs '
                          f'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
     check_device(cfg)
     cfg.schedule = SCHEDULE
-    cfg.out = cfg.out or (f'runs/{"-".join(cfg.nets)}_{cfg.method}_{"-".join(cfg.cuts)}'
-                          f'_seed{cfg.seed}')
+    name = (f'{"-".join(cfg.nets)}_{cfg.method}_{"-".join(dict.fromkeys(sum(cfg.cuts, [])))}'
+            f'_seed{cfg.seed}')
+    cfg.out = cfg.out or 'runs/' + re.sub(r'[^\w.+-]', '-', name)
     check_out(cfg)
     return cfg
 
@@ -1871,7 +2106,11 @@ def main(argv=None):
     """The command line; returns the exit status: 0 done, 1 diverged, 2 bad input, 128 + N stopped
     by signal N after a checkpoint (argparse's own errors exit with 2 through SystemExit)."""
     try:
-        summary = train(parse_args(argv))
+        cfg = parse_args(argv)
+        if cfg.list_cuts:
+            print(list_cuts(net_names(cfg), cfg.width))
+            return 0
+        summary = train(cfg)
         if not distributed() or dist.get_rank() == 0:
             print(json.dumps({**{k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy',
                                                          'best_accuracy', 'cross', 'ensemble',

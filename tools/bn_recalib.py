@@ -59,14 +59,15 @@ def recalibration_batches(train_x, n, batch_size, seed, mean, std, rotate=0):
 
 
 def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=500, fast=False,
-                          classes=None):
+                          classes=None, stitches=None):
     """evaluate(), with each path's BatchNorm statistics re-estimated on its own features (on copies
     of its parts, so the trained statistics stay untouched); fast: in bf16 autocast, as evaluate."""
     K, P = len(parts), len(parts[0])
     dev = next(parts[0][0].parameters()).device
     acc = {}
     for path in X.all_paths(K, P):
-        copies = [copy.deepcopy(parts[i][k]) for k, i in enumerate(path)]
+        copies = [copy.deepcopy(m) for k in range(1, P + 1)
+                  for m in X.prefix_modules(parts, path[:k], stitches)]
         with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
             recalibrate_bn(copies, batches)
         # the copies form a one-net model whose only path is this one
@@ -78,13 +79,12 @@ def evaluate_recalibrated(parts, images, labels, mean, std, batches, batch_size=
 def study(run_dir, n_batches=20, device=None):
     """{'trained': each path's top-1 with shared statistics, 'own': with its own statistics kept in
     training, 'recalibrated': with statistics re-estimated on its own features, …}."""
-    cfg, ckpt, data, mean, std, models, dev, fast = load_run(run_dir, device)
-    parts = [X.split_parts(m, cfg.cuts) for m in models]
+    cfg, ckpt, data, mean, std, parts, stitches, dev, fast = load_run(run_dir, device)
     own_bn = X.OwnBatchNorm(parts)
     own_bn.load_state_dict(ckpt['own_bn'])
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
     result = X.evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes,
-                        own_bn=own_bn)
+                        own_bn=own_bn, stitches=stitches)
     trained, own = result['paths'], result['own_bn']['paths']
     reported = ckpt['history'][-1]
     if any(abs(trained[p] - reported['paths'][p]) > 0.5 or
@@ -95,7 +95,7 @@ def study(run_dir, n_batches=20, device=None):
     batches = recalibration_batches(data.train_x.to(dev), n_batches, cfg.batch_size, cfg.seed + 1,
                                     mean, std, cfg.rotate)
     recalibrated = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
-                                         classes=data.num_classes)['paths']
+                                         classes=data.num_classes, stitches=stitches)['paths']
     return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.cuts,
             'path_weights': cfg.path_weights, 'warmup_epochs': cfg.warmup_epochs,
             'epoch': ckpt['epoch'], 'batches': n_batches, 'trained': trained, 'own': own,

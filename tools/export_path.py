@@ -55,18 +55,17 @@ def parse_path(text, K, P):
 def path_model(run_dir, path_text):
     """(PathModel of the path on the CPU, in eval mode; the run's record of its last epoch; the path;
     the data set; whether the path fell back to the shared statistics)."""
-    cfg, ckpt, data, mean, std, models, _, _ = load_run(run_dir, 'cpu')
-    parts = [X.split_parts(m, cfg.cuts) for m in models]
+    cfg, ckpt, data, mean, std, parts, stitches, _, _ = load_run(run_dir, 'cpu')
     path = parse_path(path_text, len(parts), len(parts[0]))
     own_bn = X.OwnBatchNorm(parts)
     own_bn.load_state_dict(ckpt['own_bn'])
     copies = []
-    for k, i in enumerate(path):
-        with own_bn.apply(path[:k + 1]):  # the path's own statistics in the running buffers …
-            part = copy.deepcopy(parts[i][k])  # … copied with the weights
-        for m in part.modules():  # OwnBatchNorm's hooks stay behind: plain layers
-            m._forward_pre_hooks.clear()
-        copies.append(part)
+    for k in range(1, len(path) + 1):
+        with own_bn.apply(path[:k]):  # the path's own statistics in the running buffers …
+            modules = copy.deepcopy(X.prefix_modules(parts, path[:k], stitches))  # … copied
+        for m in (m for module in modules for m in module.modules()):  # OwnBatchNorm's hooks stay
+            m._forward_pre_hooks.clear()  # behind: plain layers
+        copies += modules
     model = PathModel(copies, mean, std, data.num_classes).eval()
     return model, ckpt['history'][-1], path, data, own_bn.fallback(path)
 

@@ -42,7 +42,8 @@ def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast
 
 def load_run(run_dir, device=None, pair_only=False):
     """A run's last.pt ready to evaluate as the run did (channels_last; bf16 where it trained with
-    --fast on and `device` is a GPU): (config, checkpoint, data, mean, std, nets, device, fast)."""
+    --fast on and `device` is a GPU): (config, checkpoint, data, mean, std, parts, stitches, device,
+    fast)."""
     run_dir = Path(run_dir)
     if not (run_dir / 'last.pt').exists():
         raise X.UsageError(f'{run_dir}: no last.pt there; give the --out directory of a training run')
@@ -51,9 +52,11 @@ def load_run(run_dir, device=None, pair_only=False):
         raise X.UsageError(f'{run_dir}/last.pt predates the per-path BatchNorm statistics; use the '
                            'xml_ref.py that wrote it')
     cfg = argparse.Namespace(**ckpt['config'])
-    if pair_only and (len(cfg.nets) != 2 or len(cfg.cuts) != 1):
-        raise X.UsageError(f'{run_dir}: the study is defined for a pair cut once, '
-                           f'not {cfg.nets} cut at {cfg.cuts}')
+    if isinstance(cfg.cuts[0], str):  # written before per-net cuts: the same cuts for every net
+        cfg.cuts = [cfg.cuts] * len(cfg.nets)
+    if pair_only and (len(cfg.nets) != 2 or len(cfg.cuts[0]) != 1 or ckpt.get('stitches')):
+        raise X.UsageError(f'{run_dir}: the study is defined for a pair cut once where the features '
+                           f'have one shape, not {cfg.nets} cut at {cfg.cuts}')
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     fast = dev.type == 'cuda' and cfg.fast == 'on'
     data = X.load_data(cfg.dataset, cfg.data_dir)
@@ -62,15 +65,19 @@ def load_run(run_dir, device=None, pair_only=False):
     for m, state in zip(models, ckpt['nets']):
         m.load_state_dict(state)
         m.to(dev, memory_format=torch.channels_last)  # as set_up trains them
+    parts = [X.split_parts(m, cuts) for m, cuts in zip(models, cfg.cuts)]
+    stitches = X.make_stitches(X.feature_shapes(parts, data.train_x.shape[1]), cfg.nets)
+    stitches.load_state_dict(ckpt.get('stitches', {}))
+    stitches.to(dev, memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = fast
-    return cfg, ckpt, data, mean, std, models, dev, fast
+    return cfg, ckpt, data, mean, std, parts, stitches, dev, fast
 
 
 def interpolate_run(run_dir, device=None):
     """interpolation.csv (and .png) in run_dir from its last.pt; returns the rows."""
     run_dir = Path(run_dir)
-    cfg, ckpt, data, mean, std, models, dev, fast = load_run(run_dir, device, pair_only=True)
-    rows = interpolation([list(X.split(m, cfg.cuts[0])) for m in models], data.test_x.to(dev),
+    cfg, ckpt, data, mean, std, parts, _, dev, fast = load_run(run_dir, device, pair_only=True)
+    rows = interpolation(parts, data.test_x.to(dev),
                          data.test_y.to(dev), mean, std, ALPHAS, fast=fast,
                            classes=data.num_classes)
     csv = 'alpha,down1,down2\n' + ''.join(f'{r["alpha"]:.1f},{r["down1"]:.2f},{r["down2"]:.2f}\n'
