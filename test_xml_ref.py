@@ -3,6 +3,7 @@ hand-written gradient routing). Full-size nets only for shapes and parameter cou
 inputs for everything that trains. Run: python -m pytest -q test_xml_ref.py"""
 import argparse
 import copy
+import functools
 import json
 import math
 import subprocess
@@ -220,27 +221,71 @@ def test_split_refuses_skip_connections_untraceable_nets_and_unknown_cuts():
         X.split(tv('resnet18'), 'layer1.0.relu')  # torchvision's BasicBlock calls its ReLU twice
     with pytest.raises(ValueError, match='order forward computes'):
         X.split_parts(tv('resnet18'), ['layer3', 'layer2'])
+    with pytest.raises(ValueError, match='changes its output in place'):  # bn1 is followed by ReLU(inplace=True)
+        X.split(tv('resnet18'), 'bn1')
+
+    class Dropping(torch.nn.Module):  # a traced split would freeze self.training
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(F.dropout(self.a(x), 0.5, self.training).mean((2, 3)))
+
+    with pytest.raises(ValueError, match='depends on self.training'):
+        X.split(Dropping(), 'a')
+
+
+def test_a_sequential_is_sliced_only_where_its_forward_is_sequentials():
+    from collections import OrderedDict
+
+    class Plain(torch.nn.Sequential):  # a subclass with its own constructor: sliced into plain Sequentials
+        def __init__(self, c=4):
+            super().__init__(OrderedDict(a=torch.nn.Conv2d(3, c, 1), b=torch.nn.ReLU(), c=torch.nn.Conv2d(c, 2, 1)))
+
+    class Doubled(Plain):  # its own forward: traced
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    x = torch.randn(2, 3, 8, 8)
+    for model in (Plain(), Doubled()):
+        up, down = X.split(model, 'b')
+        torch.testing.assert_close(down(up(x)), model(x), rtol=0, atol=0)
+        assert {id(p) for p in up.parameters()} == {id(p) for p in model.a.parameters()}
 
 
 def test_cut_names_lists_exactly_the_cuts_split_accepts_with_their_shapes():
-    for model in (tv('resnet18'), foreign().CifarStyle(), foreign().Residual(), tiny('mbv1').float()):
+    class Twice(torch.nn.Module):  # one activation module called at two places
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.act = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv2(self.act(self.conv1(x)))).mean((2, 3)))
+
+    for model in (tv('resnet18'), foreign().CifarStyle(), foreign().Residual(), tiny('mbv1').float(), Twice()):
         model.eval()
         cuts = X.cut_names(model, 16)
         x = torch.randn(2, 3, 16, 16)
         assert cuts
         for name, module in model.named_modules():
+            if not name:  # the model itself
+                continue
             try:
-                up, down = X.split(model, name) if name else (None, None)
+                up, down = X.split(model, name)
             except ValueError:
                 assert name not in cuts
                 continue
             if name in cuts:
                 assert tuple(up(x).shape[1:]) == cuts[name]
                 torch.testing.assert_close(down(up(x)), model(x), rtol=1e-5, atol=1e-6)
+            else:  # split accepts it, but it is no feature map, or nothing with parameters follows it
+                assert up(x).dim() != 4 or not any(True for _ in down.parameters()), name
     r18 = X.cut_names(tv('resnet18'))
     assert r18['layer2'] == (128, 4, 4) and r18['maxpool'] == (64, 8, 8)
-    assert 'layer2.0.conv1' not in r18 and 'fc' not in r18
-    assert list(r18)[:4] == ['conv1', 'bn1', 'relu', 'maxpool']  # in the order forward computes them
+    assert 'layer2.0.conv1' not in r18 and 'fc' not in r18 and 'bn1' not in r18  # skip, output, in-place ReLU
+    assert list(r18)[:4] == ['conv1', 'relu', 'maxpool', 'layer1.0']  # in the order forward computes them
 
 
 def stitched_pair(seed=0, dtype=torch.float64):
@@ -309,9 +354,33 @@ def test_a_stitched_xml_pair_learns():
             for i in (0, 1)]
     for m in [*models, stitches]:
         m.train()
+    before = copy.deepcopy(stitches.state_dict())
     losses = [X.train_step(parts, opts, x, y, 'xml', stitches=stitches) for _ in range(25)]
     for i in (0, 1):  # each net's own loss (three paths) falls by more than a third on this fixed batch
         assert losses[-1][i] < 0.66 * losses[0][i], [l[i].item() for l in losses]
+    for k, v in stitches.state_dict().items():  # and the stitches learned
+        assert k.endswith('num_batches_tracked') or (v - before[k]).abs().max() > 1e-3, k
+    state = copy.deepcopy(stitches.state_dict())  # evaluation runs them in eval mode: statistics untouched
+    X.evaluate(parts, data.test_x, data.test_y, mean, std, stitches=stitches)
+    assert all(torch.equal(v, state[k]) for k, v in stitches.state_dict().items()) and stitches.training
+
+
+def test_set_up_puts_each_stitch_in_the_optimizer_of_the_net_it_feeds(tmp_path):
+    """res18 and mbv1 at width 4 cut after the stem (4 and 2 channels): the CLI's set-up makes both stitches,
+    gives each to the net it feeds, and one xml step trains them."""
+    cfg = X.parse_args(['--pair', 'res18,mbv1', '--cut', 'stem', '--method', 'xml', '--dataset', 'synthetic',
+                        '--width', '4', '--device', 'cpu', '--out', str(tmp_path / 'run')])
+    run = X.set_up(cfg)
+    step, _ = X.make_step(run, False, __import__('random').Random(0))
+    for i in (0, 1):
+        params = {id(p) for g in run.optimizers[i].param_groups for p in g['params']}
+        into = {id(p) for s in X.stitches_into(run.stitches, i) for p in s.parameters()}
+        other = {id(p) for s in X.stitches_into(run.stitches, 1 - i) for p in s.parameters()}
+        assert into and into <= params and not other & params
+    before = copy.deepcopy(run.stitches.state_dict())
+    run.stitches.train()
+    step(run.data.train_x[:128], run.data.train_y[:128])
+    assert all(not torch.equal(before[k], v) for k, v in run.stitches.state_dict().items() if k.endswith('weight'))
 
 
 BLOCK_START = '# ------------------------------------------------------- XML for any two nets: the copyable block'
@@ -400,7 +469,7 @@ def test_cli_trains_torchvision_nets_joined_by_stitches(tmp_path, capsys):
                          '--out', str(out)], capsys)
     assert code == 0, cap.err
     s = json.loads((out / 'summary.json').read_text())
-    assert s['cuts'] == [['layer2'], ['features.6']] and s['feature_shape'] == [[[128, 4, 4]], [[32, 4, 4]]]
+    assert s['net_cuts'] == [['layer2'], ['features.6']] and s['feature_shape'] == [[[128, 4, 4]], [[32, 4, 4]]]
     assert s['stitch_params'] == {'1>2@1': 128 * 32 + 2 * 32, '2>1@1': 32 * 128 + 2 * 128}
     assert s['feature_distance'] is None and len(s['path_costs']) == 4
     ckpt = torch.load(out / 'last.pt', weights_only=True)
@@ -484,8 +553,9 @@ def test_xml_loss_sum_and_mean_and_kd_and_l2_formulas():
     target = torch.randn(6, 5, generator=g, dtype=torch.float64)
     y = torch.randint(5, (6,), generator=g)
     terms = [F.cross_entropy(z, y) + ref_kl(target, z) for z in zs]
-    torch.testing.assert_close(X.xml_loss(zs, [target], y, 'sum'), sum(terms))
-    torch.testing.assert_close(X.xml_loss(zs, [target], y, 'mean'), sum(terms) / 3)
+    out = {(0, 0): zs[0], (0, 1): zs[1], (1, 0): zs[2], (1, 1): target}  # net 1's three paths, net 2's pure one
+    torch.testing.assert_close(X.xml_losses(out, y, 2, 2, [0], path_weights='sum')[0], sum(terms))
+    torch.testing.assert_close(X.xml_losses(out, y, 2, 2, [0], path_weights='mean')[0], sum(terms) / 3)
     torch.testing.assert_close(X.kd_loss(zs[0], target, y, T=4.0), F.cross_entropy(zs[0], y) + ref_kl(target, zs[0], 4.0))
     a, b = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(X.feature_l2(a, b), ((a - b) ** 2).sum() / a.numel())
@@ -1068,9 +1138,10 @@ def run_steps(fast, steps=3, device='cpu', graph=False, bf16=False, width=8, siz
     if fast:
         X.graph_lr(opts, device)  # the lr as a device tensor, whether captured or not
 
-        def step_fn(x, y):
-            return X.train_step(hs, opts, x, y, 'xml', own_bn=own)
-        step = X.TrainStep(step_fn, [0, 1], mean, std, (32, size, size, 3), device, graph=graph, bf16=bf16)
+        step = X.TrainStep(functools.partial(X.train_step, hs, opts, method='xml', own_bn=own), [0, 1], mean, std,
+                           device, bf16=bf16)
+        if graph:
+            step = X.CudaGraphStep(step, (32, size, size, 3), device)
         for images, labels in batches:
             step(images.to(device), labels.to(device))
         sums = [step.loss_sum[i].item() for i in range(2)]
@@ -1510,9 +1581,11 @@ def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
     assert (out / 'last.pt').exists() and (out / 'best.pt').exists()
 
 
-def test_an_exported_path_runs_without_xml_ref_carries_its_own_statistics_and_scores_the_runs_number(tmp_path, capsys):
+@pytest.mark.parametrize('cut', [[], ['--cut', 'stem']])  # the deck's cut; stitched (4 and 2 channels)
+def test_an_exported_path_runs_without_xml_ref_carries_its_own_statistics_and_scores_the_runs_number(cut, tmp_path,
+                                                                                                     capsys):
     out = tmp_path / 'xml'
-    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(out)], capsys)[0] == 0
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, *cut, '--out', str(out)], capsys)[0] == 0
     summary = json.loads((out / 'summary.json').read_text())
     own = torch.load(out / 'last.pt', weights_only=True)['own_bn']
     data = X.synthetic_data()
@@ -1531,7 +1604,9 @@ def test_an_exported_path_runs_without_xml_ref_carries_its_own_statistics_and_sc
         assert float(r.stdout) == summary['own_bn']['paths'][path]
         # its down-half's BatchNorm layers hold the path's own set, not the shared statistics
         state = torch.export.load(str(tmp_path / f'{path}.pt2')).state_dict
-        down = sorted((k for k in state if k.startswith('parts.1.') and k.endswith(('running_mean', 'running_var'))),
+        last = max(int(k.split('.')[1]) for k in state if k.startswith('parts.'))  # after the stitch, if any
+        assert last == (2 if cut else 1)
+        down = sorted((k for k in state if k.startswith(f'parts.{last}.') and k.endswith(('running_mean', 'running_var'))),
                       key=lambda k: list(state).index(k))
         assert len(down) == len(own[path]['stats']) and own[path]['updated']
         assert all(torch.equal(state[k], t) for k, t in zip(down, own[path]['stats']))
@@ -1554,8 +1629,9 @@ def test_cli_kd_and_fitnet_learn_from_a_teacher_checkpoint(tmp_path, capsys):
         assert stages == (['hint', 'train'] if method == 'fitnet' else ['train'])
 
 
-def test_cli_resume_continues_to_the_same_result(tmp_path, capsys, monkeypatch):
-    args = ['--pair', 'res18,mbv1', '--method', 'xml', *TINY[:-4], '--epochs', '2', '--batch-size', '128']
+@pytest.mark.parametrize('cut', [[], ['--cut', 'stem']])  # the deck's cut; stitched (4 and 2 channels)
+def test_cli_resume_continues_to_the_same_result(cut, tmp_path, capsys, monkeypatch):
+    args = ['--pair', 'res18,mbv1', '--method', 'xml', *TINY[:-4], '--epochs', '2', '--batch-size', '128', *cut]
     full, part = tmp_path / 'full', tmp_path / 'part'
     assert run_cli([*args, '--out', str(full)], capsys)[0] == 0
 
@@ -1570,7 +1646,8 @@ def test_cli_resume_continues_to_the_same_result(tmp_path, capsys, monkeypatch):
     assert run_cli([*args, '--out', str(part), '--resume'], capsys)[0] == 0
     a, b = (json.loads((d / 'summary.json').read_text()) for d in (full, part))
     assert (a['accuracy'], a['cross'], a['feature_distance']) == (b['accuracy'], b['cross'], b['feature_distance'])
-    wa, wb = (torch.load(d / 'last.pt', weights_only=True)['nets'] for d in (full, part))
+    wa, wb = ([*c['nets'], c['stitches']] for c in (torch.load(d / 'last.pt', weights_only=True) for d in (full, part)))
+    assert len(wa[-1]) == (12 if cut else 0)  # each stitch: conv weight, BatchNorm weight, bias and 3 buffers
     for sa, sb in zip(wa, wb):
         for k in sa:
             assert torch.equal(sa[k], sb[k]), k
@@ -1587,9 +1664,9 @@ def record_lrs(monkeypatch):
         seen.append(('train', [float(g['lr']) for o in optimizers if o is not None for g in o.param_groups]))
         return real_train(parts, optimizers, *args, **kw)
 
-    def hint_step(up, teacher_up, reg, optimizer, x):
+    def hint_step(up, teacher_up, reg, optimizer, *args, **kw):
         seen.append(('hint', [float(g['lr']) for g in optimizer.param_groups]))
-        return real_hint(up, teacher_up, reg, optimizer, x)
+        return real_hint(up, teacher_up, reg, optimizer, *args, **kw)
     monkeypatch.setattr(X, 'train_step', train_step)
     monkeypatch.setattr(X, 'hint_step', hint_step)
     return seen
@@ -2224,7 +2301,7 @@ def test_resume_refuses_a_checkpoint_of_another_pair_cut_or_method(tmp_path, cap
         with pytest.raises(KeyboardInterrupt):
             X.main([*RUN[2:], '--epochs', '2', '--out', str(out)])
     before = (out / 'last.pt').read_bytes()
-    for change, word in ((['--pair', 'res18,res34', '--cut', 'layer3'], 'nets'), (['--cut', 'layer2'], 'cuts'),
+    for change, word in ((['--pair', 'res18,res34', '--cut', 'layer3'], 'nets'), (['--cut', 'layer2'], 'net_cuts'),
                          (['--method', 'dml'], 'method')):
         code, cap = run_cli([*RUN[2:], '--epochs', '2', *change, '--out', str(out), '--resume'], capsys)
         one_line_error(code, cap, word, '--resume')
@@ -2364,7 +2441,7 @@ def test_the_default_cut_of_every_pair_is_the_same_in_either_order(tmp_path):
     for a, b in __import__('itertools').product(X.MODELS, repeat=2):
         if a == b:
             continue
-        cuts = [X.parse_args(['--pair', p, '--width', '4', '--out', str(tmp_path / 'x')]).cuts
+        cuts = [X.parse_args(['--pair', p, '--width', '4', '--out', str(tmp_path / 'x')]).net_cuts
                 for p in (f'{a},{b}', f'{b},{a}')]
         assert cuts[0] == cuts[1] == [['layer3' if 'mbv1' in (a, b) else 'layer2']] * 2, (a, b)
         parts = [X.split_parts(X.build(n, 10, 4), c) for n, c in zip((a, b), cuts[0])]
@@ -2576,3 +2653,20 @@ def test_two_ranks_draw_the_same_batches_and_average_their_batchnorm_statistics(
         assert torch.equal(a0, a1)
         torch.testing.assert_close(a0, (b0 + b1) / 2)
     assert any(not torch.equal(b0, b1) for b0, b1 in zip(r0['before'], r1['before']))  # the shares differed
+
+
+def test_the_road_from_train_to_kl_div_is_at_most_six_calls(tmp_path, monkeypatch):
+    """A reader follows train() to the loss in six calls or fewer: train_epoch → the step → train_step →
+    xml_losses → dml_loss → kl_div (the plain path; the CUDA graph wraps the step on the GPU)."""
+    import inspect
+    depths, real = [], X.kl_div
+
+    def kl_div(*args, **kw):
+        # the calls from train() to here; comprehensions are frames in some Pythons, not calls
+        names = [f.function for f in inspect.stack()[1:] if not f.function.endswith('comp>')
+                 and f.function != '<genexpr>']
+        depths.append(names.index('train') + 1)
+        return real(*args, **kw)
+    monkeypatch.setattr(X, 'kl_div', kl_div)
+    X.train(X.parse_args(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(tmp_path / 'x')]))
+    assert depths and max(depths) <= 6, depths

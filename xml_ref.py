@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -42,19 +42,102 @@ from torch.utils.flop_counter import FlopCounterMode
 # ----------------------------------------------------------------------------------------- config
 # The CIFAR-100 recipe of weiaicunzai/pytorch-cifar100, whose models the deck's parameter counts
 # match (METHOD.md §4): SGD, lr 0.1 warmed up linearly per step over the first epoch (against early
-# divergence), then × 0.2 from epochs 60/120/160 of 200 on (epochs counted from 1, so epoch 60
-# already trains at 0.02), i.e. at 30/60/80 % of whatever --epochs says; batch 128; random crop
-# (4 px padding), flip, rotation by up to ±15°.
-RECIPE = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
-              lr_decay=0.2, milestones=(0.3, 0.6, 0.8), warmup_epochs=1, rotate=15)
+# divergence), then × 0.2 at 30, 60 and 80 % of the epochs (lr_at says how they are counted); batch
+# 128; random crop (4 px padding), flip, rotation by up to ±15°. Config below holds its values.
+MILESTONES, LR_DECAY, PAD = (0.3, 0.6, 0.8), 0.2, 4
 # The schedule's convention, recorded in every checkpoint and summary: runs before 2026-11-29 have
 # none; their lr dropped one epoch after each milestone, and they are not resumed by this code.
 SCHEDULE = 'pytorch-cifar100'
-PAD = 4
 METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2', 'xml+disc', 'xml+gan')
 PAIR_ONLY = ('kd', 'fitnet', 'xml+disc', 'xml+gan')  # defined for two nets cut once
 UPDATES = ('simultaneous', 'sequential')
 DATASETS = ('cifar100', 'cifar10', 'folder', 'synthetic')
+
+
+def names(text):
+    """'res18,res34' → ['res18', 'res34']: the type of the options that list names."""
+    return text.split(',')
+
+
+def option(default, help, group, **argparse_kw):
+    """A field of Config: its default, its --help text and group, and what else argparse needs."""
+    return field(default=default, metadata=dict(help=help, group=group, **argparse_kw))
+
+
+WHAT, HOW, RECIPE, DATA, OUT = ('what is trained', "the method's options",
+                                'the recipe (docs/METHOD.md §4)', 'data and device', 'output')
+
+
+@dataclass
+class Config:
+    """Every option of a run, declared once: default, type and help (make_parser builds the command
+    line from these fields; a string default of a list option is parsed like the command line).
+    derive() fills in the values that depend on other options, check() refuses bad ones and changes
+    nothing. Checkpoints and summaries record the fields."""
+    pair: list = option('res18,res34', 'net 1,net 2: res18, res34, mbv1, or tv:ARCH (torchvision\'s '
+                        'model ARCH, untrained, e.g. tv:resnet18)', WHAT, type=names)
+    nets: list = option(None, 'K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 (cut with '
+                        '--cuts)', WHAT, type=names)
+    method: str = option('xml', 'the loss (docs/METHOD.md §3)', WHAT, choices=METHODS)
+    cut: list = option(None, 'the submodule whose output every net is cut at, or one per net '
+                       '(layer2,features.6); where channels differ a stitch joins them (default: '
+                       'layer3 with mbv1, else layer2: the deck\'s cuts)', WHAT, type=names)
+    cuts: list = option(None, 'several cuts of every net, in order (P − 1 cuts: P parts), e.g. '
+                        'layer2,layer3', WHAT, type=names)
+    list_cuts: bool = option(False, 'print each net\'s cuts with their feature shapes, and exit',
+                             WHAT)
+    width: int = option(64, 'channels of the first stage of res18, res34 and mbv1 (64: the '
+                        'published nets)', WHAT)
+    update: str = option('simultaneous', 'order of the nets\' updates', HOW, choices=UPDATES)
+    path_weights: str = option('sum', 'the xml family: L_i sums its paths (the deck) or takes '
+                               'their mean', HOW, choices=('sum', 'mean'))
+    paths_per_step: int = option(None, 'xml, xml+l2 with K nets in P parts: train the pure paths '
+                                 'and R crossed paths drawn at random each step, not all K^P', HOW,
+                                 type=int, metavar='R')
+    temperature: float = option(None, 'KL temperature (default: 4 for kd and fitnet, else 1)',
+                                HOW, type=float)
+    l2_weight: float = option(1.0, 'λ of the xml+l2 feature term', HOW)
+    adv_weight: float = option(0.1, 'weight of the adversarial terms of xml+disc and xml+gan', HOW)
+    teacher: str = option(None, 'kd, fitnet: a last.pt or best.pt of an earlier run that trained '
+                          'the teacher (the larger net of the pair)', HOW, metavar='PATH')
+    hint_epochs: int = option(None, 'fitnet: epochs of stage 1 (default: epochs/10, at least 1)',
+                              HOW, type=int)
+    freeze: int = option(None, 'teacher-student XML: net 1 or 2 stays fixed (eval mode), loaded '
+                         'with --init1 / --init2', HOW, type=int, choices=(1, 2))
+    init1: str = option(None, 'start net 1 from the net of that name in a checkpoint', HOW,
+                        metavar='PATH')
+    init2: str = option(None, 'start net 2 from the net of that name in a checkpoint', HOW,
+                        metavar='PATH')
+    epochs: int = option(200, 'training epochs; lr × 0.2 from the epochs at 30, 60 and 80 %% of '
+                         'them on', RECIPE)
+    warmup_epochs: int = option(1, 'linear per-step lr warm-up over the first W epochs of each '
+                                'stage (0: none)', RECIPE, metavar='W')
+    batch_size: int = option(128, 'images per step', RECIPE)
+    lr: float = option(0.1, 'SGD learning rate after the warm-up', RECIPE)
+    momentum: float = option(0.9, 'SGD momentum', RECIPE)
+    weight_decay: float = option(5e-4, 'SGD weight decay', RECIPE)
+    seed: int = option(0, 'nets\' initialisation, data order and augmentation', RECIPE)
+    rotate: float = option(15.0, 'rotate each training image by an angle uniform in [-DEG, DEG], '
+                           'after the crop and the flip (0: no rotation)', RECIPE, metavar='DEG')
+    dataset: str = option('cifar100', 'synthetic: a tiny stand-in', DATA, choices=DATASETS)
+    data_dir: str = option('data', 'cifar*: where it is or is downloaded to; folder: the root '
+                           'holding train/<class>/ and test/<class>/', DATA)
+    device: str = option(None, 'cuda, cuda:N or cpu (default: cuda if present)', DATA)
+    fast: str = option('auto', 'on: bf16, fused SGD, the step in a CUDA graph (auto: on with '
+                       'CUDA); off: the plain fp32 eager loop it is tested against', DATA,
+                       choices=('auto', 'on', 'off'))
+    sync_bn: bool = option(False, 'torchrun on GPUs: BatchNorm statistics over the whole batch '
+                           '(SyncBatchNorm), not each process\'s share', DATA)
+    out: str = option(None, 'output directory (default: runs/<nets>_<method>_<cuts>_seed<seed>)',
+                      OUT)
+    resume: bool = option(False, 'continue the run in --out from its last.pt (or start it if it '
+                          'has none yet)', OUT)
+    force: bool = option(False, 'overwrite a run already in --out', OUT)
+    # set by derive(), not options
+    net_cuts: list = None  # net_cuts[i]: the names net i is cut at
+    processes: int = 1  # torchrun's processes
+    schedule: str = SCHEDULE
+    argv: list = None  # the command line, for the summary
 
 
 class UsageError(Exception):
@@ -344,6 +427,8 @@ def num_params(module):
 # path); tests check that the general step computes what the block computes, and that the block,
 # pasted alone into a fresh file, trains nets written the way other codebases write them.
 import contextlib  # noqa: E402 (the block's own imports, so that it copies whole)
+import operator  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 import torch  # noqa: E402
 import torch.fx  # noqa: E402
 from torch import nn  # noqa: E402
@@ -374,10 +459,45 @@ class CutTracer(torch.fx.Tracer):
         return name in self.cuts or super().is_leaf_module(module, name)
 
 
-def assign_parts(nodes, at, cuts, what):
-    """{node: its part} for a traced graph's `nodes` cut at the nodes `at` (the outputs of `cuts`):
-    the first cut whose output a node is needed for, else the last part; a ValueError where that is
-    not a chain of parts each reading only the previous part's output (`what` names the model)."""
+def trace(model, cuts=()):
+    """The torch.fx graph of model.forward, with the submodules named in `cuts` kept whole; a
+    ValueError where fx cannot trace it, or where the graph depends on self.training (functional
+    dropout, stochastic depth): fx would freeze the mode it traced."""
+    modes, graphs = [(m, m.training) for m in model.modules()], []
+    try:
+        for training in (True, False):
+            model.train(training)
+            graphs.append(CutTracer(cuts).trace(model))
+    except Exception as e:  # data-dependent control flow, an untraceable call
+        first = str(e).strip().split('\n')[0][:120]
+        raise ValueError(f'torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: '
+                         f'{first}); split it by hand into modules') from None
+    finally:
+        for m, training in modes:
+            m.training = training
+    if str(graphs[0]) != str(graphs[1]):
+        raise ValueError(f'{type(model).__name__}.forward depends on self.training (functional '
+                         'dropout or stochastic depth?), which a traced split would freeze; split '
+                         'it by hand into modules')
+    return graphs[0]
+
+
+def changes_input(node, root):
+    """True where the traced node writes into its input (ReLU(inplace=True), x.add_(y), x += y)."""
+    if node.op == 'call_module':
+        return getattr(root.get_submodule(node.target), 'inplace', False) is True
+    if node.op == 'call_method':
+        return node.target.endswith('_') and not node.target.endswith('__')
+    return node.kwargs.get('inplace') is True or node.target in (
+        operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def assign_parts(nodes, at, cuts, root):
+    """{node: its part} for the traced graph of `root` (its `nodes`) cut at the nodes `at` (the
+    outputs of `cuts`): the first cut whose output a node is needed for, else the last part; a
+    ValueError where that is not a chain of parts, each reading only the previous part's output and
+    leaving it unchanged."""
+    what = type(root).__name__
     part = {}
     for k, cut_node in enumerate(at):
         todo = [cut_node]
@@ -400,6 +520,10 @@ def assign_parts(nodes, at, cuts, what):
             raise ValueError(f'cannot cut {what} at {cuts[part[n]]!r}: {n.name}, computed before '
                              f'it, is used after it by {late[0].name} (a skip connection across the '
                              'cut?); cut where nothing but the cut\'s own output crosses')
+    for c, cut_node in zip(cuts, at):
+        if any(changes_input(u, root) for u in cut_node.users):
+            raise ValueError(f'cannot cut {what} at {c!r}: the next operation changes its output in '
+                             'place, so one down-half would change what the other reads; cut after it')
     return part
 
 
@@ -407,23 +531,19 @@ def split_parts(model, cuts):
     """The model cut at the outputs of the submodules named in `cuts` ('layer2', 'features.6', …, in
     the order forward computes them): P = len(cuts) + 1 parts with part_P(…part_1(x)) == model(x),
     each reading only the previous part's output. The parts share the model's modules (training
-    them trains the model). An nn.Sequential cut at its own children is sliced; any other model is
-    traced by torch.fx, so its forward may flatten or pool functionally and its children may be
-    registered in any order. A ValueError says why a cut cannot be made: not a submodule, called
-    twice, nothing after it, or a value from before it used after it (a skip connection across
-    it)."""
-    cuts, names, what = list(cuts), list(model._modules), type(model).__name__
-    if isinstance(model, nn.Sequential) and all(c in names[:-1] for c in cuts):
-        ends = [names.index(c) + 1 for c in cuts]
+    them trains the model). A model whose forward is nn.Sequential's, cut at its own children, is
+    sliced; any other is traced by torch.fx, so its forward may flatten or pool functionally and its
+    children may be registered in any order. A ValueError says why a cut cannot be made: not a
+    submodule, called twice, nothing after it, a value from before it used after it (a skip
+    connection across it), its output changed in place after it, or a forward fx cannot trace."""
+    cuts, children, what = list(cuts), list(model._modules.items()), type(model).__name__
+    names = [name for name, _ in children]
+    if type(model).forward is nn.Sequential.forward and all(c in names[:-1] for c in cuts):
+        ends = [names.index(c) + 1 for c in cuts]  # a Sequential's forward: slice its children
         if ends == sorted(set(ends)):
             bounds = [0] + ends + [len(names)]
-            return [model[a:b] for a, b in zip(bounds, bounds[1:])]
-    try:
-        traced = torch.fx.GraphModule(model, CutTracer(cuts).trace(model))
-    except Exception as e:  # data-dependent control flow, an untraceable call
-        first = str(e).strip().split('\n')[0][:120]
-        raise ValueError(f'torch.fx cannot trace {what} ({type(e).__name__}: {first}); split it by '
-                         'hand into modules') from None
+            return [nn.Sequential(OrderedDict(children[a:b])) for a, b in zip(bounds, bounds[1:])]
+    traced = torch.fx.GraphModule(model, trace(model, cuts))
     nodes, at = list(traced.graph.nodes), []
     for c in cuts:
         found = [n for n in nodes if n.op == 'call_module' and n.target == c]
@@ -432,7 +552,7 @@ def split_parts(model, cuts):
                 'forward calls it more than once' if found else
                 'no submodule of that name is called in forward'))
         at.append(found[0])
-    part = assign_parts(nodes, at, cuts, what)
+    part = assign_parts(nodes, at, cuts, model)
     whole = split_module(traced, model, lambda n: part[n])
     return [getattr(whole, f'submod_{k}') for k in range(len(at) + 1)]
 
@@ -462,7 +582,7 @@ def cut_names(model, image_size=32):
     finally:
         for h in hooks:
             h.remove()
-    nodes = list(torch.fx.Tracer().trace(model).nodes)
+    nodes = list(trace(model).nodes)
     last = {}  # each submodule's output: the last node traced inside it
     for n in nodes:
         for name in n.meta.get('nn_module_stack', {}):
@@ -472,7 +592,7 @@ def cut_names(model, image_size=32):
     for name, n in sorted(last.items(), key=lambda item: (order[item[1]], item[0].count('.'))):
         if calls.get(name) == 1 and shapes[name] is not None and len(shapes[name]) == 3:
             try:
-                part = assign_parts(nodes, [n], [name], type(model).__name__)
+                part = assign_parts(nodes, [n], [name], model)
             except ValueError:
                 continue
             if any(part[m] == 1 and m.op in ('call_module', 'get_attr') and (
@@ -629,13 +749,6 @@ def dml_loss(logits, others, labels, T=1.0):
     """Deep Mutual Learning: CE(z_i, y) + mean_j KL(z_j‖z_i) over the other nets' logits
     `others`."""
     return F.cross_entropy(logits, labels) + sum(kl_div(t, logits, T) for t in others) / len(others)
-
-
-def xml_loss(path_logits, others, labels, weights='sum', T=1.0):
-    """XML: L_i = Σ_p [CE(z_p, y) + mean_j KL(z_jj‖z_p)] over the paths p holding a part of net i
-    ('mean': ÷ #paths)."""
-    total = sum(dml_loss(z, others, labels, T) for z in path_logits)
-    return total / len(path_logits) if weights == 'mean' else total
 
 
 def feature_l2(feature, other_feature):
@@ -798,9 +911,10 @@ class OwnBatchNorm:
         ran it frozen, in eval mode, on its shared statistics)."""
         return any(not self.updated[path[:k]] for k in range(2, len(path) + 1))
 
-    def tensors(self, nets):
-        """Every statistic of the sets of the parts of `nets` (to average over processes)."""
-        return [t for q, stats in self.sets.items() if q[-1] in nets
+    def tensors(self, learners):
+        """Every statistic of the sets of the parts of the nets `learners` (to average over
+        processes)."""
+        return [t for q, stats in self.sets.items() if q[-1] in learners
                 for pair in stats for t in pair]
 
     def state_dict(self):
@@ -831,67 +945,75 @@ def step_paths(method, K, P, paths_per_step=None, rng=None):
     return pure_paths(K, P) + rng.sample(crossed, paths_per_step)
 
 
-# One function per method: {i: L_i} for each net i in `nets` (the nets that learn), from the outputs
-# `out` of run_paths on K nets cut into P parts. The deck's methods first, then its experiments.
-def independent_losses(out, labels, K, P, nets):
+# One function per method: {i: L_i} for each net i in `learners` (the indices of the nets that learn),
+# from the outputs `out` of run_paths on K nets cut into P parts. The deck's methods first, then its
+# experiments.
+def independent_losses(out, labels, K, P, learners):
     """Each net alone: L_i = CE(z_ii, y)."""
-    return {i: F.cross_entropy(out[(i,) * P], labels) for i in nets}
+    return {i: F.cross_entropy(out[(i,) * P], labels) for i in learners}
 
 
-def kd_losses(out, labels, K, P, nets, T=4.0):
+def kd_losses(out, labels, K, P, learners, T=4.0):
     """The student i of a pair: L_i = CE(z_ii, y) + KL(z_jj‖z_ii) at T, with net j the frozen
     teacher."""
-    return {i: kd_loss(out[(i,) * P], out[(1 - i,) * P], labels, T) for i in nets}
+    return {i: kd_loss(out[(i,) * P], out[(1 - i,) * P], labels, T) for i in learners}
 
 
-def dml_losses(out, labels, K, P, nets, T=1.0):
+def dml_losses(out, labels, K, P, learners, T=1.0):
     """Deep Mutual Learning: L_i = CE(z_ii, y) + mean_{j≠i} KL(z_jj‖z_ii)."""
     pure = [out[p] for p in pure_paths(K, P)]
-    return {i: dml_loss(pure[i], pure[:i] + pure[i + 1:], labels, T) for i in nets}
+    return {i: dml_loss(pure[i], pure[:i] + pure[i + 1:], labels, T) for i in learners}
 
 
-def xml_losses(out, labels, K, P, nets, T=1.0, path_weights='sum'):
+def xml_losses(out, labels, K, P, learners, T=1.0, path_weights='sum'):
     """XML: L_i = Σ_{p ∋ i} [CE(z_p, y) + mean_{j≠i} KL(z_jj‖z_p)] over the paths run that
     hold a part of net i ('mean': ÷ their number). For a pair this is xml_pair_losses."""
-    pure = [out[p] for p in pure_paths(K, P)]
-    return {i: xml_loss([z for p, z in out.items() if len(p) == P and i in p],
-                        pure[:i] + pure[i + 1:], labels, path_weights, T) for i in nets}
+    pure, losses = [out[p] for p in pure_paths(K, P)], {}
+    for i in learners:  # each of net i's paths is a DML term
+        terms = [dml_loss(z, pure[:i] + pure[i + 1:], labels, T)
+                 for p, z in out.items() if len(p) == P and i in p]
+        losses[i] = sum(terms) / len(terms) if path_weights == 'mean' else sum(terms)
+    return losses
 
 
-def xml_l2_losses(out, labels, K, P, nets, T=1.0, path_weights='sum', l2_weight=1.0):
-    """The deck's Experience 0: XML + λ · mean over the cuts c and the other nets j of
+def xml_l2_losses(out, labels, K, P, learners, T=1.0, path_weights='sum', l2_weight=1.0):
+    """The deck's Experience 0: XML + λ · mean over the cuts c and the other learners j of
     mean((f_i^c − f_j^c)²), f_i^c the output of net i's first c parts (for a pair:
     λ·mean((up_i(x) − up_j(x))²))."""
-    losses = xml_losses(out, labels, K, P, nets, T, path_weights)
-    for i in nets:
+    losses = xml_losses(out, labels, K, P, learners, T, path_weights)
+    for i in learners:
         l2 = sum(feature_l2(out[(i,) * c], out[(j,) * c])
                  for c in range(1, P) for j in range(K) if j != i)
         losses[i] = losses[i] + l2_weight * l2 / ((K - 1) * (P - 1))
     return losses
 
 
-def xml_disc_losses(out, labels, K, P, nets, T=1.0, path_weights='sum', adv_weight=0.1):
+def xml_disc_losses(out, labels, K, P, learners, T=1.0, path_weights='sum', adv_weight=0.1):
     """The deck's Experience 1 (a pair): each down-half has one output more, its synthesis score
     s_ab; XML on the class logits + adv_weight · synthesis_loss(s_ii, s_ji, s_ij)."""
     scores = {p: z[:, -1] for p, z in out.items() if len(p) == P}
     out = {p: z[:, :-1] if len(p) == P else z for p, z in out.items()}
-    losses = xml_losses(out, labels, K, P, nets, T, path_weights)
-    for i in nets:
+    losses = xml_losses(out, labels, K, P, learners, T, path_weights)
+    for i in learners:
         j = 1 - i
         losses[i] = losses[i] + adv_weight * synthesis_loss(scores[(i, i)], scores[(j, i)],
                                                             scores[(i, j)])
     return losses
 
 
-def xml_gan_losses(out, labels, K, P, nets, discriminator, T=1.0, path_weights='sum',
+def xml_gan_losses(out, labels, K, P, learners, discriminator, T=1.0, path_weights='sum',
                    adv_weight=0.1):
     """The deck's Experience 2 (a pair): XML + adv_weight · generator_loss: up_i learns to make the
-    independent discriminator D take its feature for the other net's. D's own loss is
-    discriminator_loss (train_step)."""
-    losses = xml_losses(out, labels, K, P, nets, T, path_weights)
-    for i in nets:
+    independent discriminator D take its feature for the other net's. With 'discriminator' among
+    `learners`, also D's own loss, discriminator_loss on the features detached (D must not train them)."""
+    losses = xml_losses(out, labels, K, P, [i for i in learners if i != 'discriminator'], T,
+                        path_weights)
+    for i in list(losses):
         losses[i] = losses[i] + adv_weight * generator_loss(discriminator(out[(i,)]).squeeze(1),
                                                             i == 1)
+    if 'discriminator' in learners:
+        losses['discriminator'] = discriminator_loss(discriminator(out[(0,)].detach()).squeeze(1),
+                                                     discriminator(out[(1,)].detach()).squeeze(1))
     return losses
 
 
@@ -937,33 +1059,25 @@ def step_optimizers(optimizers):
 
 
 def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, *,
-               disc_optimizer=None, own_bn=None, stitches=None, **loss_kw):
+               paths_per_step=None, rng=None, disc_optimizer=None, own_bn=None, stitches=None,
+               **loss_kw):
     """One optimisation step of every net that learns (optimizers[i] is None for a frozen net) on
-    `paths` (default: step_paths) with LOSSES[method] (loss_kw: its options); with disc_optimizer
-    also xml+gan's discriminator (loss_kw['discriminator']) on discriminator_loss. Returns {i: L_i}
-    (and 'discriminator'). simultaneous: one forward, each L_i routed to net i (routed_backward),
-    every net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1, the paths run
-    again, net 2 stepped on L_2, and so on; the repeated forwards do not update the BatchNorm
-    statistics. own_bn: an OwnBatchNorm whose sets the forward updates; stitches: make_stitches'
-    (the stitches into net i are in optimizers[i])."""
+    `paths` (default: step_paths(method, K, P, paths_per_step, rng)) with LOSSES[method] (loss_kw:
+    its options); with disc_optimizer also xml+gan's discriminator. Returns {i: L_i} (and
+    'discriminator'). simultaneous: one forward, each L_i routed to net i (routed_backward), every
+    net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1, the paths run again,
+    net 2 stepped on L_2, and so on; the repeated forwards do not update the BatchNorm statistics.
+    own_bn: an OwnBatchNorm whose sets the forward updates; stitches: make_stitches' (the stitches
+    into net i are in optimizers[i])."""
     K, P = len(parts), len(parts[0])
-    paths = paths or step_paths(method, K, P)
+    paths = paths or step_paths(method, K, P, paths_per_step, rng)
     track = own_bn.track if own_bn is not None else None
     learners = {i: opt for i, opt in enumerate(optimizers) if opt is not None}
     if disc_optimizer is not None:
         learners['discriminator'] = disc_optimizer
-
-    def losses_of(out, keys):
-        losses = LOSSES[method](out, labels, K, P, [k for k in keys if k != 'discriminator'],
-                                **loss_kw)
-        if 'discriminator' in keys:  # on features it must not train
-            d = loss_kw['discriminator']
-            losses['discriminator'] = discriminator_loss(d(out[(0,)].detach()).squeeze(1),
-                                                         d(out[(1,)].detach()).squeeze(1))
-        return losses
-
     if update == 'simultaneous':
-        losses = losses_of(run_paths(parts, x, paths, track, stitches=stitches), list(learners))
+        losses = LOSSES[method](run_paths(parts, x, paths, track, stitches=stitches), labels, K, P,
+                                list(learners), **loss_kw)
         routed_backward([losses[k] for k in learners], list(learners.values()))
         step_optimizers(learners.values())
         return {k: losses[k].detach() for k in learners}
@@ -973,22 +1087,23 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
                               + (list(stitches.values()) if stitches else []))
               if n else contextlib.nullcontext()):
             out = run_paths(parts, x, paths, track, stitches=stitches)
-        losses[k] = losses_of(out, [k])[k]
+        losses[k] = LOSSES[method](out, labels, K, P, [k], **loss_kw)[k]
         routed_backward([losses[k]], [opt])
         step_optimizers([opt])
         losses[k] = losses[k].detach()
     return losses
 
 
-def hint_step(student_up, teacher_up, regressor, optimizer, x):
+def hint_step(student_up, teacher_up, regressor, optimizer, x, labels=None, student=0):
     """FitNet's stage 1 (Romero et al. 2015): one step of the student's up-half and the regressor
     (the parameters of `optimizer`) on hint_loss(regressor(up_s(x)), up_t(x)); the frozen teacher
-    and the student's down-half are not trained. Returns the loss."""
+    and the student's down-half are not trained. Returns {student: the loss} (like train_step,
+    whose x, labels it takes: the labels go unused)."""
     teacher_feature = teacher_up(x)
     loss = hint_loss(regressor(student_up(x)), teacher_feature)
     routed_backward([loss], [optimizer])
     step_optimizers([optimizer])
-    return loss.detach()
+    return {student: loss.detach()}
 
 
 def sgd(params, cfg, fused=False):
@@ -1103,42 +1218,29 @@ def path_table(acc, K, P):
 
 # --------------------------------------------------------- speed and scale: changes how, not what
 class TrainStep:
-    """A training step function on batches of one shape: normalise the augmented uint8 images, call
-    step_fn(x, labels) → {learner: loss} (train_step or hint_step, bound to their nets and
-    optimizers), and sum each learner's loss on the device (loss_sum, so nothing waits for the
-    host). The plain path as it stands; the fast path for the GPU (all three flags on) changes how,
-    not what, it computes:
-    - channels_last: the layout tensor-core convolutions read fastest (normalize() yields it for
-      free);
+    """A training step on one batch of augmented uint8 images: normalise them, call
+    fn(x, labels) → {learner: loss} (train_step or hint_step with their nets and optimizers bound
+    by functools.partial), and sum each learner's loss on the device (loss_sum, so nothing waits
+    for the host). The flags change how, not what, it computes (the fast path, on the GPU):
+    - channels_last: the layout convolutions read fastest, tensor cores and oneDNN alike
+      (normalize() yields it for free);
     - bf16: autocast for convolutions and matrix products; losses, BatchNorm statistics and weights
-      stay fp32;
-    - graph: after `warmup` real steps, the whole step (the forward of every path, the routed
-      backward passes, the optimizers, the BatchNorm updates) is captured once in a CUDA graph and
-      replayed for every later batch: one launch instead of thousands, which is what bounds these
-      nets at batch 128. The learning rate then lives in a device tensor that set_lr() fills, and
-      optimizers should be fused (one kernel). step_fn must then run the same kernels every step (no
-      sampled paths).
-    Every batch must have the shape given here: the training loop drops the last partial batch."""
+      stay fp32."""
 
-    def __init__(self, step_fn, learners, mean, std, batch_shape, device, *, graph=False,
-                 bf16=False, channels_last=False, warmup=3):
-        self.step_fn, self.graph, self.bf16, self.warmup = step_fn, graph, bf16, warmup
+    def __init__(self, fn, learners, mean, std, device, *, bf16=False, channels_last=False):
+        self.fn, self.bf16 = fn, bf16
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-        # the captured step's input
-        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
-        self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
         self.loss_sum = {k: torch.zeros((), device=device) for k in learners}
         # the first step of the epoch (1-based; 0: none) whose loss was not finite, found without a
         # host sync
         self.first_bad = {k: torch.zeros((), dtype=torch.int64, device=device) for k in learners}
         self.steps_done = torch.zeros((), dtype=torch.int64, device=device)
-        self.captured, self.calls = None, 0
 
-    def step(self):
-        x = normalize(self.images, self.mean, self.std, self.memory_format)
+    def __call__(self, images, labels):
+        x = normalize(images, self.mean, self.std, self.memory_format)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            losses = self.step_fn(x, self.labels)
+            losses = self.fn(x, labels)
         self.steps_done += 1
         for k, loss in losses.items():
             self.loss_sum[k] += loss
@@ -1149,24 +1251,43 @@ class TrainStep:
         for total in [*self.loss_sum.values(), *self.first_bad.values(), self.steps_done]:
             total.zero_()
 
+
+class CudaGraphStep:
+    """The fast path's third trick, around a TrainStep: after `warmup` real steps, the whole step
+    (the forward of every path, the routed backward passes, the optimizers, the BatchNorm updates)
+    is captured once in a CUDA graph and replayed for every later batch: one launch instead of
+    thousands, which is what bounds these nets at batch 128. The learning rate then lives in a
+    device tensor that set_lr() fills (graph_lr), and optimizers should be fused (one kernel). The
+    step must run the same kernels every time (no sampled paths), and every batch must have the
+    shape given here (the training loop drops the last partial batch)."""
+
+    def __init__(self, step, batch_shape, device, warmup=3):
+        self.step, self.warmup, self.captured, self.calls = step, warmup, None, 0
+        # the captured step's input
+        self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
+        self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
+
+    def __getattr__(self, name):  # loss_sum, first_bad, new_epoch: the step's
+        if name == 'step':  # (not yet set: a copy in the making)
+            raise AttributeError(name)
+        return getattr(self.step, name)
+
     def __call__(self, images, labels):
         self.images.copy_(images)
         self.labels.copy_(labels)
         self.calls += 1
-        if not self.graph:
-            return self.step()
         # real steps; capture wants them on a side stream
         if self.captured is None and self.calls <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.step()
+                self.step(self.images, self.labels)
             torch.cuda.current_stream().wait_stream(side)
             return
         if self.captured is None:
             self.captured = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.captured):
-                self.step()  # recorded, not run
+                self.step(self.images, self.labels)  # recorded, not run
         self.captured.replay()
 
 
@@ -1273,8 +1394,8 @@ def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
         return lr * step / warmup_steps
     epoch = step // steps_per_epoch + 1  # counted from 1, as the codebase counts
     # never before epoch 2: a short run's first epoch trains at lr
-    drops = sum(epoch >= max(2, round(f * epochs)) for f in RECIPE['milestones'])
-    return lr * RECIPE['lr_decay'] ** drops
+    drops = sum(epoch >= max(2, round(f * epochs)) for f in MILESTONES)
+    return lr * LR_DECAY ** drops
 
 
 def write_atomic(path, write):
@@ -1310,6 +1431,12 @@ def load_checkpoint(path):
         raise UsageError(f'{path} is not a checkpoint of xml_ref.py (it holds no run config); give '
                          'a last.pt or best.pt that xml_ref.py wrote')
     return ckpt
+
+
+def net_cuts_of(config):
+    """The cuts of each net in a checkpoint's config (earlier runs kept one list for all nets)."""
+    cuts = config.get('net_cuts') or config['cuts']
+    return cuts if isinstance(cuts[0], list) else [cuts] * len(config['nets'])
 
 
 def load_net(path, name, model, index=None):
@@ -1370,7 +1497,7 @@ def progress_line(rec, total_epochs, seconds_left):
 
 
 # What a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ('nets', 'cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature',
+RESUME_KEYS = ('nets', 'net_cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature',
                'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs',
                'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width',
                'rotate', 'fast', 'sync_bn', 'processes', 'schedule')
@@ -1413,7 +1540,7 @@ def stop_on_signals():
 @dataclass
 class Run:
     """What a training run holds between its phases (set_up, resume, the epochs, the summary)."""
-    cfg: argparse.Namespace
+    cfg: Config
     dev: torch.device
     rank: int  # torchrun: this process; rank 0 alone writes
     world: int
@@ -1485,8 +1612,8 @@ def prepare_out(out, force):
 
 
 def set_up(cfg):
-    """A Run of `cfg` (validated by check_args) before its first epoch: processes, data, nets,
-    optimizers."""
+    """A Run of `cfg` (made by parse_args: derived and checked) before its first epoch: processes,
+    data, nets, optimizers."""
     dev, rank, world = start_processes(cfg)
     data = load_data(cfg.dataset, cfg.data_dir)
     if cfg.batch_size > len(data.train_x):
@@ -1516,12 +1643,15 @@ def set_up(cfg):
     if cfg.sync_bn:  # batch statistics over the whole batch, not each rank's share
         models = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in models]
     models = [m.to(dev, memory_format=fmt) for m in models]
-    parts = [split_parts(m, cuts) for m, cuts in zip(models, cfg.cuts)]
-    shapes = feature_shapes(parts, data.train_x.shape[1])
-    try:  # (check_args checked 32×32 images)
+    parts = [split_parts(m, cuts) for m, cuts in zip(models, cfg.net_cuts)]
+    try:  # check() tried 32×32 images
+        shapes = feature_shapes(parts, data.train_x.shape[1])
         stitches = make_stitches(shapes, cfg.nets).to(dev, memory_format=fmt)
-    except ValueError as e:
-        raise UsageError(f'--cut: on {data.train_x.shape[1]}-pixel images {e}') from None
+    except Exception as e:
+        raise UsageError(f'{",".join(cfg.nets)} on {data.train_x.shape[1]}-pixel images: '
+                         f'{str(e).strip().splitlines()[0][:200]}') from None
+    if cfg.sync_bn:
+        stitches = nn.SyncBatchNorm.convert_sync_batchnorm(stitches)
     K = len(models)
     frozen, student = set(), None
     if cfg.method in ('kd', 'fitnet'):  # the teacher: the larger net of the pair, loaded and frozen
@@ -1584,36 +1714,31 @@ def resume(run, gen):
 
 
 def make_step(run, hint, paths_rng):
-    """The TrainStep of a stage: FitNet's hint stage, or the method's training (fitnet's second
-    stage is kd)."""
+    """(the step of a stage, its optimizers): FitNet's hint stage, or the method's training
+    (fitnet's second stage is kd); a TrainStep, in a CudaGraphStep where that can be captured."""
     cfg, fast = run.cfg, run.cfg.fast == 'on'
-    K, P = len(run.parts), len(run.parts[0])
     if hint:
         student, teacher = run.student, 1 - run.student
         optimizers = [run.hint_optimizer]
-
-        def step_fn(x, labels):
-            return {student: hint_step(run.parts[student][0], run.parts[teacher][0], run.regressor,
-                                       run.hint_optimizer, x)}
+        fn = functools.partial(hint_step, run.parts[student][0], run.parts[teacher][0],
+                               run.regressor, run.hint_optimizer, student=student)
     else:
         method = 'kd' if cfg.method == 'fitnet' else cfg.method
-        kw = loss_options(cfg, method, run.discriminator)
         optimizers = [opt for opt in run.optimizers + [run.disc_optimizer] if opt is not None]
-
-        def step_fn(x, labels):
-            paths = step_paths(method, K, P, cfg.paths_per_step, paths_rng)
-            return train_step(run.parts, run.optimizers, x, labels, method, cfg.update, paths,
-                              disc_optimizer=run.disc_optimizer, own_bn=run.own_bn,
-                              stitches=run.stitches, **kw)
+        fn = functools.partial(train_step, run.parts, run.optimizers, method=method,
+                               update=cfg.update, paths_per_step=cfg.paths_per_step,
+                               rng=paths_rng, disc_optimizer=run.disc_optimizer,
+                               own_bn=run.own_bn, stitches=run.stitches,
+                               **loss_options(cfg, method, run.discriminator))
+    learners = [run.student] if hint else [k for k in run.learners() if k not in run.frozen]
+    step = TrainStep(fn, learners, run.mean, run.std, run.dev, bf16=fast, channels_last=True)
     # sampled paths change from step to step, which one captured graph cannot; nor are the
     # collectives of torchrun tested inside a capture
-    graph = fast and run.world == 1 and cfg.paths_per_step is None
-    if graph:
+    if fast and run.world == 1 and cfg.paths_per_step is None:
         graph_lr(optimizers, run.dev)
-    learners = [run.student] if hint else [k for k in run.learners() if k not in run.frozen]
-    return TrainStep(step_fn, learners, run.mean, run.std, (cfg.batch_size // run.world,
-                     *run.data.train_x.shape[1:]), run.dev, graph=graph, bf16=fast,
-                     channels_last=True), optimizers
+        step = CudaGraphStep(step, (cfg.batch_size // run.world, *run.data.train_x.shape[1:]),
+                             run.dev)
+    return step, optimizers
 
 
 def loss_options(cfg, method, discriminator=None):
@@ -1632,7 +1757,7 @@ def loss_options(cfg, method, discriminator=None):
     return kw
 
 
-def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
+def train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen):
     """One pass over the training set in a fresh random order, the lr set per step (lr_at); returns
     each learner's mean loss (None for those that do not learn in this stage) and the last lr."""
     cfg, H = run.cfg, run.cfg.hint_epochs
@@ -1641,7 +1766,7 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
     stage_epoch, stage_epochs = (epoch, H) if hint else (epoch - H, cfg.epochs)
     n_steps = len(train_x) // cfg.batch_size  # the last partial batch is dropped
     share, rank = cfg.batch_size // run.world, run.rank  # each rank's share of a batch
-    step.new_epoch()
+    train_batch.new_epoch()
     for i, m in enumerate(run.models):
         m.train(i not in run.frozen)
     run.stitches.train()
@@ -1658,9 +1783,11 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
         idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
         # the whole batch, so every rank draws alike
         images = augment(train_x[idx], generator=gen, rotate=cfg.rotate)
-        step(images[rank * share:(rank + 1) * share], train_y[idx[rank * share:(rank + 1) * share]])
+        mine = slice(rank * share, (rank + 1) * share)
+        train_batch(images[mine], train_y[idx[mine]])
     keys = run.learners()
-    sums = torch.stack([step.loss_sum.get(k, torch.zeros((), device=run.dev)) for k in keys])
+    sums = torch.stack([train_batch.loss_sum.get(k, torch.zeros((), device=run.dev))
+                        for k in keys])
     if run.world > 1:  # the mean over ranks; BatchNorm statistics too (each rank saw its own share)
         dist.all_reduce(sums)
         sums /= run.world
@@ -1672,7 +1799,7 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
                     if b.is_floating_point()] + run.own_bn.tensors(learning):
             dist.all_reduce(buf)
             buf /= run.world
-    first_bad = torch.stack([step.first_bad.get(k, torch.zeros((), dtype=torch.int64,
+    first_bad = torch.stack([train_batch.first_bad.get(k, torch.zeros((), dtype=torch.int64,
                                                                device=run.dev))
                              for k in keys])
     if run.world > 1:  # every rank must see a divergence, or the others would wait for it forever
@@ -1688,7 +1815,8 @@ def train_epoch(run, step, optimizers, epoch, train_x, train_y, gen):
                 else 'no checkpoint was written')
         raise Diverged(f'the loss of {name} became NaN or infinite at epoch {epoch + 1}, '
                        f'batch {at} of {n_steps}; {kept}; lower --lr or check the data')
-    return [v / n_steps if k in step.loss_sum else None for k, v in zip(keys, sums.tolist())], lr
+    return [v / n_steps if k in train_batch.loss_sum else None
+            for k, v in zip(keys, sums.tolist())], lr
 
 
 def save_checkpoint(run, rec, gen, wall_s):
@@ -1722,7 +1850,7 @@ def save_checkpoint(run, rec, gen, wall_s):
 
 
 def train(cfg):
-    """Train the nets of `cfg` (a validated configuration, see check_args) with its method,
+    """Train the nets of `cfg` (made by parse_args: derived and checked) with its method,
     evaluating after every epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into
     cfg.out and returns the summary. Under torchrun (several processes) every rank trains on its
     share of each batch and rank 0 writes."""
@@ -1738,13 +1866,13 @@ def train(cfg):
     with stop_on_signals() as stop:
         for epoch in range(run.start, total):
             hint = epoch < cfg.hint_epochs
-            if hint not in steps:  # one TrainStep (one CUDA graph) per stage
+            if hint not in steps:  # one step (one CUDA graph) per stage
                 steps[hint] = make_step(run, hint, paths_rng)
-            step, optimizers = steps[hint]
+            train_batch, optimizers = steps[hint]
             # the sampled paths of an epoch, also after a resume
             paths_rng.seed(cfg.seed * 1_000_003 + epoch)
             t0 = time.time()
-            losses, lr = train_epoch(run, step, optimizers, epoch, train_x, train_y, gen)
+            losses, lr = train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen)
             train_s = time.time() - t0
             rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr,
                    'loss': losses, **evaluate(run.parts, test_x, test_y, run.mean, run.std,
@@ -1783,9 +1911,9 @@ def summarize(run, wall_s):
     # what a path shipped alone scores: with its own statistics (tools/export_path.py)
     costs = path_costs(run.parts, last['own_bn']['paths'], run.data.train_x.shape[1],
                        cfg.fast == 'on', run.stitches)
-    same = all(c == cfg.cuts[0] for c in cfg.cuts)
+    same = all(c == cfg.net_cuts[0] for c in cfg.net_cuts)
     summary = {'pair': ','.join(cfg.nets),
-               'cut': ','.join(cfg.cuts[0] if same else [c[0] for c in cfg.cuts]),
+               'cut': ','.join(cfg.net_cuts[0] if same else [c[0] for c in cfg.net_cuts]),
                **{k: getattr(cfg, k) for k in RESUME_KEYS},  # every setting of the run
                'feature_shape': [[list(s) for s in net] for net in run.shapes],
                'stitch_params': {k: num_params(s) for k, s in run.stitches.items()},
@@ -1817,124 +1945,72 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """--help names an option's default where it has one that its help text does not already
-    give."""
-
-    def _get_help_string(self, action):
-        text = action.help or ''
-        if action.default not in (None, False, argparse.SUPPRESS) and 'default' not in text:
-            text += ' (default: %(default)s)'
-        return text
-
-
 def make_parser():
-    """What each option is, with its default; check_args says which values and combinations are
-    refused."""
+    """The command line, one option per field of Config, in its groups. A default of None or False
+    is left to Config (argparse's formatter would print it as '(default: None)')."""
     p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
-               formatter_class=HelpFormatter)
-    what = p.add_argument_group('what is trained')
-    what.add_argument('--pair', default='res18,res34',
-                      help=f'net 1,net 2, from {", ".join(MODELS)} or tv:ARCH (torchvision\'s '
-                           'model ARCH, untrained, e.g. tv:resnet18)')
-    what.add_argument('--nets', help='K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 '
-                                     '(cut with --cuts)')
-    what.add_argument('--method', choices=METHODS, default='xml', help='the loss (docs/METHOD.md §3)')
-    what.add_argument('--cut', help='the submodule whose output every net is cut at, or one per '
-                                    'net (layer2,features.6); where channels differ a stitch joins '
-                                    'them (default: layer3 with mbv1, else layer2: the deck\'s cuts)')
-    what.add_argument('--list-cuts', action='store_true',
-                      help='print each net\'s cuts with their feature shapes, and exit')
-    what.add_argument('--cuts', help='several stages to cut every net after, in order '
-                                     '(P − 1 cuts: P parts), e.g. layer2,layer3')
-    what.add_argument('--width', type=int, default=64,
-                      help='channels of the first stage (64: the published nets)')
-    how = p.add_argument_group('the method\'s options')
-    how.add_argument('--update', choices=UPDATES, default='simultaneous',
-                     help='order of the nets\' updates')
-    how.add_argument('--path-weights', choices=('sum', 'mean'), default='sum',
-                     help='the xml family: L_i sums its paths (the deck) or takes their mean')
-    how.add_argument('--paths-per-step', type=int, metavar='R',
-                     help='xml, xml+l2 with K nets in P parts: train the pure paths and R crossed '
-                     'paths drawn at random each step, not all K^P')
-    how.add_argument('--temperature', type=float,
-                     help='KL temperature (default: 4 for kd and fitnet, else 1)')
-    how.add_argument('--l2-weight', type=float, default=1.0, help='λ of the xml+l2 feature term')
-    how.add_argument('--adv-weight', type=float, default=0.1,
-                     help='weight of the adversarial terms of xml+disc and xml+gan')
-    how.add_argument('--teacher', metavar='PATH',
-                     help='kd, fitnet: a last.pt or best.pt of an earlier run that trained the '
-                          'teacher (the larger net of the pair)')
-    how.add_argument('--hint-epochs', type=int,
-                     help='fitnet: epochs of stage 1 (default: epochs/10, at least 1)')
-    how.add_argument('--freeze', type=int, choices=(1, 2),
-                     help='teacher-student XML: net 1 or 2 stays fixed (eval mode), loaded with '
-                          '--init1 / --init2')
-    how.add_argument('--init1', metavar='PATH',
-                     help='start net 1 from the net of that name in a checkpoint')
-    how.add_argument('--init2', metavar='PATH',
-                     help='start net 2 from the net of that name in a checkpoint')
-    recipe = p.add_argument_group('the recipe (docs/METHOD.md §4)')
-    recipe.add_argument('--epochs', type=int, default=RECIPE['epochs'],
-                        help='training epochs; lr × 0.2 from the epochs at 30, 60 and 80 %% of '
-                             'them on')
-    recipe.add_argument('--warmup-epochs', type=int, default=RECIPE['warmup_epochs'], metavar='W',
-                        help='linear per-step lr warm-up over the first W epochs of each stage '
-                             '(0: none)')
-    recipe.add_argument('--batch-size', type=int, default=RECIPE['batch_size'],
-                        help='images per step')
-    recipe.add_argument('--lr', type=float, default=RECIPE['lr'],
-                        help='SGD learning rate after the warm-up')
-    recipe.add_argument('--momentum', type=float, default=RECIPE['momentum'], help='SGD momentum')
-    recipe.add_argument('--weight-decay', type=float, default=RECIPE['weight_decay'],
-                        help='SGD weight decay')
-    recipe.add_argument('--seed', type=int, default=0,
-                        help='nets\' initialisation, data order and augmentation')
-    recipe.add_argument('--rotate', type=float, default=RECIPE['rotate'], metavar='DEG',
-                        help='rotate each training image by an angle uniform in [-DEG, DEG], after '
-                             'the crop and the flip (0: no rotation)')
-    data = p.add_argument_group('data and device')
-    data.add_argument('--dataset', choices=DATASETS, default='cifar100',
-                      help='synthetic: a tiny stand-in')
-    data.add_argument('--data-dir', default='data',
-                      help='cifar*: where it is or is downloaded to; folder: the root holding '
-                           'train/<class>/ and test/<class>/')
-    data.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
-    data.add_argument('--fast', choices=('auto', 'on', 'off'), default='auto',
-                      help='on: bf16, fused SGD, the step in a CUDA graph '
-                           '(auto: on with CUDA); '
-                           'off: the plain fp32 eager loop it is tested against')
-    data.add_argument('--sync-bn', action='store_true',
-                      help='torchrun on GPUs: BatchNorm statistics over the whole batch '
-                           '(SyncBatchNorm), not each process\'s share')
-    files = p.add_argument_group('output')
-    files.add_argument('--out',
-                       help='output directory (default: runs/<nets>_<method>_<cuts>_seed<seed>)')
-    files.add_argument('--resume', action='store_true',
-                       help='continue the run in --out from its last.pt '
-                            '(or start it if it has none yet)')
-    files.add_argument('--force', action='store_true', help='overwrite a run already in --out')
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {}
+    for f in fields(Config):
+        if 'help' not in f.metadata:
+            continue
+        kw = {k: v for k, v in f.metadata.items() if k not in ('group', 'help')}
+        group = groups.setdefault(f.metadata['group'], p.add_argument_group(f.metadata['group']))
+        default = argparse.SUPPRESS if f.default in (None, False) else f.default
+        if f.type is bool:
+            kw['action'] = 'store_true'
+        elif 'type' not in kw and f.default is not None:
+            kw['type'] = type(f.default)
+        group.add_argument('--' + f.name.replace('_', '-'), default=default, help=f.metadata['help'],
+                           **kw)
     return p
 
 
 def parse_args(argv=None):
-    """The command line, parsed and checked (check_args)."""
-    cfg = make_parser().parse_args(argv)
-    cfg.argv = list(sys.argv[1:] if argv is None else argv)  # for the summary's 'command'
-    return cfg if cfg.list_cuts else check_args(cfg)
+    """The command line as a Config, derived and checked (with --list-cuts: derived only)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = derive(Config(**vars(make_parser().parse_args(argv)), argv=argv))
+    if not cfg.list_cuts:
+        check(cfg)
+    return cfg
 
 
-def net_names(cfg):
-    """The nets of --pair or --nets, checked by name."""
-    flag, names = ('--nets', cfg.nets.split(',')) if cfg.nets else ('--pair', cfg.pair.split(','))
-    if len(names) < 2 or (flag == '--pair' and len(names) != 2) or not all(names):
+def default_device():
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def derive(cfg):
+    """cfg with the values that depend on other options: the nets (of --nets or --pair), each net's
+    cuts, the temperature, the hint epochs, the device, --fast, the processes and --out."""
+    nets = cfg.nets or cfg.pair
+    cut = cfg.cut or [default_cut(nets)]
+    net_cuts = ([cfg.cuts] * len(nets) if cfg.cuts else
+                [[c] for c in cut] if len(cut) == len(nets) else [cut] * len(nets))
+    device = cfg.device or default_device()
+    fast = cfg.fast if cfg.fast != 'auto' else 'on' if device.startswith('cuda') else 'off'
+    processes = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
+                 else int(os.environ.get('WORLD_SIZE', 1)))
+    name = (f'{"-".join(nets)}_{cfg.method}_{"-".join(dict.fromkeys(sum(net_cuts, [])))}'
+            f'_seed{cfg.seed}')
+    return replace(
+        cfg, nets=nets, net_cuts=net_cuts, device=device, fast=fast, processes=processes,
+        temperature=(cfg.temperature if cfg.temperature is not None
+                     else 4.0 if cfg.method in ('kd', 'fitnet') else 1.0),
+        hint_epochs=(cfg.hint_epochs if cfg.hint_epochs is not None
+                     else max(1, cfg.epochs // 10) if cfg.method == 'fitnet' else 0),
+        out=cfg.out or 'runs/' + re.sub(r'[^\w.+-]', '-', name))
+
+
+def check_nets(cfg):
+    """Refuse a --pair or --nets that does not name two (or K ≥ 2) known nets."""
+    flag = '--pair' if cfg.nets == cfg.pair else '--nets'
+    if len(cfg.nets) < 2 or (flag == '--pair' and len(cfg.nets) != 2) or not all(cfg.nets):
         raise UsageError(f'{flag} takes {"two" if flag == "--pair" else "two or more"} nets joined '
-                         f'by a comma, like res18,res34; got {",".join(names)!r}')
-    for name in names:
+                         f'by a comma, like res18,res34; got {",".join(cfg.nets)!r}')
+    for name in cfg.nets:
         if name not in MODELS and not name.startswith('tv:'):
             raise UsageError(f'unknown model {name!r} in {flag}: choose from {", ".join(MODELS)} '
                              'or tv:ARCH (a torchvision model, e.g. tv:resnet18)')
-    return names
 
 
 def list_cuts(names, width):
@@ -1943,27 +2019,23 @@ def list_cuts(names, width):
     for name in names:
         try:
             cuts = cut_names(build(name, 10, width))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        except Exception as e:  # not a known net, not traceable, not for 32×32 images
+            raise UsageError(f'{name}: {str(e).strip().splitlines()[0][:200]}') from None
         lines += [f'{name}: {len(cuts)} cuts (C×H×W on 32×32 images)']
         lines += [f'  {c:<24} {"×".join(map(str, shape))}' for c, shape in cuts.items()]
     return '\n'.join(lines)
 
 
-def check_args(cfg):
-    """Fill in the defaults that depend on other options, and refuse (UsageError, one line) any
-    value or combination that would fail later, before anything is loaded or written."""
-    cfg.nets = net_names(cfg)
-    K = len(cfg.nets)
+def check(cfg):
+    """Refuse (UsageError, one line) any value or combination of a derived Config that would fail
+    later, before anything is loaded or written."""
+    check_nets(cfg)
+    K, P = len(cfg.nets), len(cfg.net_cuts[0]) + 1
     if cfg.cut and cfg.cuts:
         raise UsageError('give --cut (one cut) or --cuts (several), not both')
-    cut = (cfg.cut or default_cut(cfg.nets)).split(',')
-    if not cfg.cuts and len(cut) not in (1, K):
-        raise UsageError(f'--cut takes one name for every net or one per net ({K}); got {cfg.cut}')
-    # cuts[i]: the names net i is cut at
-    cfg.cuts = ([cfg.cuts.split(',')] * K if cfg.cuts
-                else [[c] for c in cut] if len(cut) == K else [cut] * K)
-    P = len(cfg.cuts[0]) + 1
+    if cfg.cut and len(cfg.cut) not in (1, K):
+        raise UsageError(f'--cut takes one name for every net or one per net ({K}); '
+                         f'got {",".join(cfg.cut)}')
     if cfg.method in PAIR_ONLY and (K, P) != (2, 2):
         raise UsageError(f'--method {cfg.method} is defined for a pair cut once, '
                          f'not {K} nets in {P} parts')
@@ -1985,7 +2057,7 @@ def check_args(cfg):
         if path and not Path(path).is_file():
             raise UsageError(f'--init{i + 1} {path}: no such file; '
                              'give a last.pt or best.pt of an earlier run')
-    for flag in ('epochs', 'batch_size', 'lr', 'width'):
+    for flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature'):
         if not getattr(cfg, flag) > 0:
             raise UsageError(f'--{flag.replace("_", "-")} must be positive, '
                              f'got {getattr(cfg, flag)}')
@@ -1993,13 +2065,7 @@ def check_args(cfg):
         if getattr(cfg, flag) < 0:
             raise UsageError(f'--{flag.replace("_", "-")} must not be negative, '
                              f'got {getattr(cfg, flag)}')
-    if cfg.temperature is None:
-        cfg.temperature = 4.0 if cfg.method in ('kd', 'fitnet') else 1.0
-    if not cfg.temperature > 0:
-        raise UsageError(f'--temperature must be positive, got {cfg.temperature}')
-    if cfg.hint_epochs is None:
-        cfg.hint_epochs = max(1, cfg.epochs // 10) if cfg.method == 'fitnet' else 0
-    elif cfg.method != 'fitnet' or cfg.hint_epochs < 1:
+    if (cfg.method == 'fitnet') != (cfg.hint_epochs > 0) or cfg.hint_epochs < 0:
         raise UsageError('--hint-epochs goes with --method fitnet and must be at least 1')
     longest = min(cfg.epochs, cfg.hint_epochs or cfg.epochs)  # each stage warms up on its own
     if not 0 <= cfg.warmup_epochs <= longest:
@@ -2014,11 +2080,14 @@ def check_args(cfg):
     elif cfg.teacher:
         raise UsageError('--teacher goes with --method kd or fitnet')
     try:  # the nets on the CPU: cheap, and before anything is loaded or written
-        parts = [split_parts(build(n, 10, cfg.width), c) for n, c in zip(cfg.nets, cfg.cuts)]
+        parts = [split_parts(build(n, 10, cfg.width), c) for n, c in zip(cfg.nets, cfg.net_cuts)]
         stitched = len(make_stitches(feature_shapes(parts), cfg.nets)) > 0
     except ValueError as e:
         raise UsageError(f'{"--cuts" if P > 2 else "--cut"}: {e} (--list-cuts lists each net\'s '
                          'cuts)') from None
+    except Exception as e:  # a net that does not run on 32×32 images (a ViT's fixed input size)
+        raise UsageError(f'{",".join(cfg.nets)} on 32×32 images: {type(e).__name__}: '
+                         f'{str(e).strip().splitlines()[0][:160]}') from None
     if stitched and (cfg.method in ('xml+l2', 'xml+gan') or cfg.freeze):
         raise UsageError(f'{"--freeze" if cfg.freeze else "--method " + cfg.method} needs the nets\' '
                          'features to have one shape at the cut, and here their channels differ; '
@@ -2026,39 +2095,27 @@ def check_args(cfg):
     if cfg.dataset == 'folder' and not Path(cfg.data_dir).is_dir():
         raise UsageError(f'--data-dir {cfg.data_dir} is not a directory; --dataset folder needs '
                          f'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
-    check_device(cfg)
-    cfg.schedule = SCHEDULE
-    name = (f'{"-".join(cfg.nets)}_{cfg.method}_{"-".join(dict.fromkeys(sum(cfg.cuts, [])))}'
-            f'_seed{cfg.seed}')
-    cfg.out = cfg.out or 'runs/' + re.sub(r'[^\w.+-]', '-', name)
-    check_out(cfg)
-    return cfg
-
-
-def check_device(cfg):
-    """--device (default: cuda if there is one), --fast auto → on or off, --sync-bn only under
-    torchrun on GPUs; cfg.processes: the number of torchrun processes (1 without torchrun)."""
-    cfg.device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        dev = torch.device(cfg.device)
-    except RuntimeError:
-        raise UsageError(f'--device {cfg.device!r} is not a device; '
-                         'use cuda, cuda:N or cpu') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f'--device {cfg.device}: no CUDA GPU is visible; use --device cpu')
-    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f'--device {cfg.device}: only {torch.cuda.device_count()} CUDA GPU(s) are '
-                         f'visible, cuda:0 … cuda:{torch.cuda.device_count() - 1}')
-    if cfg.fast == 'on' and dev.type != 'cuda':
+    check_device(cfg.device)
+    if cfg.fast == 'on' and not cfg.device.startswith('cuda'):
         raise UsageError('--fast on needs a CUDA device (CUDA graphs, bf16); '
                          'use --fast off on the CPU')
-    cfg.fast = ('on' if cfg.fast == 'auto' and dev.type == 'cuda'
-                else 'off' if cfg.fast == 'auto' else cfg.fast)
-    cfg.processes = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
-                     else int(os.environ.get('WORLD_SIZE', 1)))
-    if cfg.sync_bn and (dev.type != 'cuda' or cfg.processes < 2):
+    if cfg.sync_bn and (not cfg.device.startswith('cuda') or cfg.processes < 2):
         raise UsageError('--sync-bn needs several GPU processes: '
                          'launch with torchrun --nproc_per_node=N on GPUs')
+    check_out(cfg)
+
+
+def check_device(name):
+    """Refuse a --device that is not one, or not here."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f'--device {name!r} is not a device; use cuda, cuda:N or cpu') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: no CUDA GPU is visible; use --device cpu')
+    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f'--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are '
+                         f'visible, cuda:0 … cuda:{torch.cuda.device_count() - 1}')
 
 
 def check_out(cfg):
@@ -2077,6 +2134,7 @@ def check_out(cfg):
     if cfg.resume and (out / 'last.pt').exists():
         ckpt = load_checkpoint(out / 'last.pt')
         saved = ckpt['config']
+        saved['net_cuts'] = net_cuts_of(saved)
         if saved.get('schedule') != cfg.schedule or 'own_bn' not in ckpt:
             raise UsageError(f'--resume: {out}/last.pt was written by an older xml_ref.py (another '
                              'lr schedule, or no per-path BatchNorm statistics); finish it with '
@@ -2108,7 +2166,8 @@ def main(argv=None):
     try:
         cfg = parse_args(argv)
         if cfg.list_cuts:
-            print(list_cuts(net_names(cfg), cfg.width))
+            check_nets(cfg)
+            print(list_cuts(cfg.nets, cfg.width))
             return 0
         summary = train(cfg)
         if not distributed() or dist.get_rank() == 0:

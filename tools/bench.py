@@ -6,6 +6,7 @@ workers, fp32 eager) against xml_ref's fast path (data on the GPU, bf16, channel
 Writes bench.json and bench.md into --out after every row; rows already there are kept (run it again to fill in
 the missing ones). Needs a CUDA GPU."""
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -79,10 +80,10 @@ def bench_loop(loop, pair, method, batch, data, dev, steps, warmup=6):
         if loop == 'ours':
             X.graph_lr(opts, dev)
 
-        def step_fn(x, y):
-            return X.train_step(parts, opts, x, y, method)
-        step = X.TrainStep(step_fn, [0, 1], mean, std, (batch, *images.shape[1:]), dev, graph=loop == 'ours',
+        step = X.TrainStep(functools.partial(X.train_step, parts, opts, method=method), [0, 1], mean, std, dev,
                            bf16=True, channels_last=True)
+        if loop == 'ours':
+            step = X.CudaGraphStep(step, (batch, *images.shape[1:]), dev)
         gen = torch.Generator(dev).manual_seed(0)
 
         def run():

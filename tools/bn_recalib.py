@@ -96,7 +96,7 @@ def study(run_dir, n_batches=20, device=None):
                                     mean, std, cfg.rotate)
     recalibrated = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
                                          classes=data.num_classes, stitches=stitches)['paths']
-    return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.cuts,
+    return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.net_cuts,
             'path_weights': cfg.path_weights, 'warmup_epochs': cfg.warmup_epochs,
             'epoch': ckpt['epoch'], 'batches': n_batches, 'trained': trained, 'own': own,
             'fallback': result['own_bn']['fallback'], 'recalibrated': recalibrated,
@@ -141,13 +141,13 @@ def main(argv=None):
     try:
         if args.batches < 1:
             raise X.UsageError(f'--batches must be at least 1, got {args.batches}')
-        device = argparse.Namespace(device=args.device, fast='auto', sync_bn=False)
+        device = args.device or X.default_device()
         X.check_device(device)  # a one-line error for a device that is not there
         if args.out and not Path(args.out).resolve().parent.is_dir():
             raise X.UsageError(f'--out {args.out}: {Path(args.out).parent} is not a directory')
         results = []
         for run_dir in args.run_dirs:
-            r = study(run_dir, args.batches, device.device)
+            r = study(run_dir, args.batches, device)
             results.append(r)
             print(f'{r["run"]} ({label(r)}, {r["batches"]} batches)\n'
                   'path    shared     own  re-estimated  re-estimated − own')

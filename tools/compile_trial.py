@@ -27,6 +27,7 @@ compile_trial.md into --out after every stage, so a run cut off by a time limit 
 Exit status 0 when the check passed and nothing failed."""
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
@@ -76,20 +77,29 @@ def parse_args(argv=None):
     return args
 
 
-class Step(X.TrainStep):
-    """xml_ref.TrainStep around xml_ref.train_step, whose step can be swapped: use(fn) makes a call run
-    `fn` (the eager step or a compiled one) instead of the eager step, with graph: `warmup` real steps,
-    then one CUDA-graph capture of fn, replayed for every later batch (TrainStep's own logic)."""
+class Step(X.CudaGraphStep):
+    """xml_ref.TrainStep around xml_ref.train_step, held in CudaGraphStep's static batch, whose step
+    can be swapped: use(fn) makes a call run `fn` (the eager TrainStep or a compiled one) instead,
+    with graph: `warmup` real steps, then one CUDA-graph capture of fn, replayed for every later batch
+    (CudaGraphStep's own logic); without: eagerly, on the static batch too."""
 
     def __init__(self, parts, opts, method, mean, std, batch_shape, dev, bf16, channels_last,
                  warmup=3):
-        def step_fn(x, labels):
-            return X.train_step(parts, opts, x, labels, method)
-        super().__init__(step_fn, list(range(len(opts))), mean, std, batch_shape, dev, bf16=bf16,
-                         channels_last=channels_last, warmup=warmup)
+        eager = X.TrainStep(functools.partial(X.train_step, parts, opts, method=method),
+                            list(range(len(opts))), mean, std, dev, bf16=bf16,
+                            channels_last=channels_last)
+        super().__init__(eager, batch_shape, dev, warmup)
+        self.eager, self.loss_sum, self.graph = eager, eager.loss_sum, False
 
     def use(self, fn, graph=False):
         self.step, self.graph, self.captured, self.calls = fn, graph, None, 0
+
+    def __call__(self, images, labels):
+        if self.graph:
+            return super().__call__(images, labels)
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.step(self.images, self.labels)
 
 
 class Trial:
@@ -116,7 +126,7 @@ class Trial:
                     group['lr'] = torch.tensor(cfg.lr, device=self.dev)
         self.ts = Step(parts, self.opts, args.method, mean, std,
                        (args.batch, args.size, args.size, 3), self.dev, self.bf16, self.cuda)
-        self.eager_step = self.ts.step
+        self.eager_step = self.ts.eager.__call__
         self.init = [copy.deepcopy(m.state_dict()) for m in self.models]
         self.gen = torch.Generator(self.dev).manual_seed(1)
         self.check_batches = [self.sample() for _ in range(args.check_steps)]
@@ -145,7 +155,7 @@ class Trial:
         final state and each step's seconds. bf16: this run's precision (default: the trial's)."""
         self.reset()
         self.ts.use(step)
-        self.ts.bf16 = self.bf16 if bf16 is None else bf16
+        self.ts.eager.bf16 = self.bf16 if bf16 is None else bf16
         losses, seconds, before = [], [], [0.0] * len(self.ts.loss_sum)
         try:
             for images, labels in self.check_batches:
@@ -157,7 +167,7 @@ class Trial:
                 losses.append([a - b for a, b in zip(now, before)])
                 before = now
         finally:
-            self.ts.bf16 = self.bf16
+            self.ts.eager.bf16 = self.bf16
         state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.models]
         return {'losses': losses, 'state': state, 'seconds': seconds}
 

@@ -51,12 +51,10 @@ def load_run(run_dir, device=None, pair_only=False):
     if 'own_bn' not in ckpt:
         raise X.UsageError(f'{run_dir}/last.pt predates the per-path BatchNorm statistics; use the '
                            'xml_ref.py that wrote it')
-    cfg = argparse.Namespace(**ckpt['config'])
-    if isinstance(cfg.cuts[0], str):  # written before per-net cuts: the same cuts for every net
-        cfg.cuts = [cfg.cuts] * len(cfg.nets)
-    if pair_only and (len(cfg.nets) != 2 or len(cfg.cuts[0]) != 1 or ckpt.get('stitches')):
+    cfg = argparse.Namespace(**{**ckpt['config'], 'net_cuts': X.net_cuts_of(ckpt['config'])})
+    if pair_only and (len(cfg.nets) != 2 or len(cfg.net_cuts[0]) != 1 or ckpt.get('stitches')):
         raise X.UsageError(f'{run_dir}: the study is defined for a pair cut once where the features '
-                           f'have one shape, not {cfg.nets} cut at {cfg.cuts}')
+                           f'have one shape, not {cfg.nets} cut at {cfg.net_cuts}')
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     fast = dev.type == 'cuda' and cfg.fast == 'on'
     data = X.load_data(cfg.dataset, cfg.data_dir)
@@ -65,7 +63,7 @@ def load_run(run_dir, device=None, pair_only=False):
     for m, state in zip(models, ckpt['nets']):
         m.load_state_dict(state)
         m.to(dev, memory_format=torch.channels_last)  # as set_up trains them
-    parts = [X.split_parts(m, cuts) for m, cuts in zip(models, cfg.cuts)]
+    parts = [X.split_parts(m, cuts) for m, cuts in zip(models, cfg.net_cuts)]
     stitches = X.make_stitches(X.feature_shapes(parts, data.train_x.shape[1]), cfg.nets)
     stitches.load_state_dict(ckpt.get('stitches', {}))
     stitches.to(dev, memory_format=torch.channels_last)
@@ -111,9 +109,9 @@ def main(argv=None):
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda if present)')
     args = p.parse_args(argv)
     try:
-        device = argparse.Namespace(device=args.device, fast='auto', sync_bn=False)
+        device = args.device or X.default_device()
         X.check_device(device)  # a one-line error for a device that is not there
-        interpolate_run(args.run_dir, device.device)
+        interpolate_run(args.run_dir, device)
     except X.UsageError as e:
         print(f'interpolate.py: error: {e}', file=sys.stderr)
         return 2
