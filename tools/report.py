@@ -250,7 +250,8 @@ def report(runs_dir, out_dir, name='RESULTS'):
                       '| down 1 | ' + ' | '.join(at(1, a) for a in alphas) + ' |',
                       '| down 2 | ' + ' | '.join(at(2, a) for a in alphas) + ' |']
         lines.append('')
-    lines += ['## Runs', '', 'fast: on = bf16 + CUDA graph (TrainStep), off = the plain fp32 loop.', '',
+    lines += ['## Runs', '', 'fast: on = bf16 + CUDA graph (TrainStep in a CudaGraphStep), off = the plain '
+              'fp32 loop.', '',
               '| run | epochs | warm-up | update | seed | dataset | fast | device | torch | date | wall | command |',
               '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for run, s in runs.items():
