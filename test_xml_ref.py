@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -435,7 +436,8 @@ torch.save({'losses': losses, 'grads': [p.grad for p in [*opt1.param_groups[0]['
             'cross': cross_accuracy(up1, down1, up2, down2, batches['test'], stitch12, stitch21)}, 'result.pt')
 ''')
     run = subprocess.run([sys.executable, 'user.py'], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={'PATH': '/usr/bin:/bin', 'OMP_NUM_THREADS': '1'})
+                         env={**{k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
+                              'OMP_NUM_THREADS': '1'})
     assert run.returncode == 0, run.stderr
     copied = torch.load(tmp_path / 'result.pt')
     # the same in xml_ref: its splitter, make_stitches and train_step, and evaluate()
