@@ -144,6 +144,11 @@ class UsageError(Exception):
     """Bad input from the user: main() prints it as one line on stderr and exits with status 2."""
 
 
+def first_line(error, n=160):
+    """The first line of an exception's message, without terminal colours, at most n characters."""
+    return re.sub(r'\x1b\[[0-9;]*m', '', str(error)).strip().split('\n')[0][:n]
+
+
 # ------------------------------------------------------------------------------------------- data
 @dataclass
 class Data:
@@ -1424,9 +1429,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # not a torch file, truncated, or objects weights_only refuses
-        first = re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().split('\n')[0][:160]
-        raise UsageError(f'cannot read checkpoint {path} ({type(e).__name__}: {first}); give a '
-                         'last.pt or best.pt that xml_ref.py wrote') from None
+        raise UsageError(f'cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)}); '
+                         'give a last.pt or best.pt that xml_ref.py wrote') from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict):
         raise UsageError(f'{path} is not a checkpoint of xml_ref.py (it holds no run config); give '
                          'a last.pt or best.pt that xml_ref.py wrote')
@@ -1649,7 +1653,7 @@ def set_up(cfg):
         stitches = make_stitches(shapes, cfg.nets).to(dev, memory_format=fmt)
     except Exception as e:
         raise UsageError(f'{",".join(cfg.nets)} on {data.train_x.shape[1]}-pixel images: '
-                         f'{str(e).strip().splitlines()[0][:200]}') from None
+                         f'{first_line(e, 200)}') from None
     if cfg.sync_bn:
         stitches = nn.SyncBatchNorm.convert_sync_batchnorm(stitches)
     K = len(models)
@@ -2020,7 +2024,7 @@ def list_cuts(names, width):
         try:
             cuts = cut_names(build(name, 10, width))
         except Exception as e:  # not a known net, not traceable, not for 32×32 images
-            raise UsageError(f'{name}: {str(e).strip().splitlines()[0][:200]}') from None
+            raise UsageError(f'{name}: {first_line(e, 200)}') from None
         lines += [f'{name}: {len(cuts)} cuts (C×H×W on 32×32 images)']
         lines += [f'  {c:<24} {"×".join(map(str, shape))}' for c, shape in cuts.items()]
     return '\n'.join(lines)
@@ -2087,7 +2091,7 @@ def check(cfg):
                          'cuts)') from None
     except Exception as e:  # a net that does not run on 32×32 images (a ViT's fixed input size)
         raise UsageError(f'{",".join(cfg.nets)} on 32×32 images: {type(e).__name__}: '
-                         f'{str(e).strip().splitlines()[0][:160]}') from None
+                         f'{first_line(e)}') from None
     if stitched and (cfg.method in ('xml+l2', 'xml+gan') or cfg.freeze):
         raise UsageError(f'{"--freeze" if cfg.freeze else "--method " + cfg.method} needs the nets\' '
                          'features to have one shape at the cut, and here their channels differ; '

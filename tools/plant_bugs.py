@@ -54,7 +54,7 @@ M = [  # (name, file, old, new, -k expression)
  ('normalize std/mean swapped', 'xml_ref.py', "scale = torch.as_tensor(std,", "scale = torch.as_tensor(mean,", 'normalize'),
  ('flip never', 'xml_ref.py', "flip = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool()", "flip = torch.zeros((n, 1), device=dev, dtype=torch.bool)", 'augment'),
  ('frozen nets count 0 parameters', 'xml_ref.py', "return sum(p.numel() for p in module.parameters())", "return sum(p.numel() for p in module.parameters() if p.requires_grad)", 'teacher_student'),
- ('checkpoint error over several lines', 'xml_ref.py', ".strip().split('\\n')[0][:160]", "", 'no_checkpoint'),
+ ('checkpoint error over several lines', 'xml_ref.py', ".strip().split('\\n')[0][:n]", "", 'no_checkpoint'),
  ('any pickle taken for a checkpoint', 'xml_ref.py', "    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict):", "    if False:", 'no_checkpoint'),
  ('GPU index unchecked', 'xml_ref.py', "    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():", "    if False:", 'gpu_index'),
  ('resume ignores the process count', 'xml_ref.py', "'sync_bn', 'processes', 'schedule')", "'sync_bn', 'schedule')", 'resume_refuses'),
