@@ -819,6 +819,11 @@ def prefix_modules(parts, q, stitches=None):
     return [stitches[key], part] if stitches is not None and key in stitches else [part]
 
 
+def all_modules(parts, stitches=None):
+    """Every part of every net, then the stitches: what switches mode or freezes statistics together."""
+    return [part for net in parts for part in net] + (list(stitches.values()) if stitches else [])
+
+
 def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
     """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
     prefix is run once, so each part sees each distinct input once per forward and its BatchNorm
@@ -1088,9 +1093,7 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
         return {k: losses[k].detach() for k in learners}
     losses = {}
     for n, (k, opt) in enumerate(learners.items()):
-        with (frozen_bn_stats([part for net in parts for part in net]
-                              + (list(stitches.values()) if stitches else []))
-              if n else contextlib.nullcontext()):
+        with frozen_bn_stats(all_modules(parts, stitches)) if n else contextlib.nullcontext():
             out = run_paths(parts, x, paths, track, stitches=stitches)
         losses[k] = LOSSES[method](out, labels, K, P, [k], **loss_kw)[k]
         routed_backward([losses[k]], [opt])
@@ -1170,8 +1173,7 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
     counts = {s: torch.zeros(len(paths) + 1, device=dev, dtype=torch.int64) for s in sources}
     sq_dist = {s: torch.zeros((), device=dev, dtype=torch.float64) for s in sources}
     synthesis, n_dist = None, 0
-    modules = [part for net in parts for part in net] + (list(stitches.values()) if stitches else [])
-    with eval_mode(modules), \
+    with eval_mode(all_modules(parts, stitches)), \
             torch.autocast(dev.type, torch.bfloat16, enabled=fast):
         for x, y in eval_batches(images, labels, mean, std, batch_size, dev, layout(parts[0][0])):
             ups = None  # the first parts have one source, the images: run once for both
@@ -1321,8 +1323,7 @@ def part_flops(parts, paths, image_size=32, stitches=None):
     every prefix of `paths`, each run once."""
     p = next(parts[0][0].parameters())
     out, flops = {(): torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)}, {}
-    with eval_mode([part for net in parts for part in net]
-                   + (list(stitches.values()) if stitches else [])):
+    with eval_mode(all_modules(parts, stitches)):
         for path in paths:
             for k in range(1, len(path) + 1):
                 q = path[:k]
