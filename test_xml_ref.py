@@ -1778,7 +1778,7 @@ BAD_INPUTS = [
     (['--epochs', 'many'], 'invalid int'),
     (['--dataset', 'folder', '--data-dir', '/nonexistent/dir'], 'not a directory'),
     (['--method', 'kd'], 'needs --teacher'),
-    (['--nets', 'res18,res34,mbv1', '--method', 'kd'], 'defined for a pair'),
+    (['--nets', 'res18,res34,mbv1', '--method', 'kd'], 'is for a pair cut once'),
     (['--nets', 'res18,res34,mbv1', '--cuts', 'layer2,layer3', '--paths-per-step', '30'], '--paths-per-step'),
     (['--cuts', 'layer3,layer2'], 'order forward computes them'),
     (['--method', 'xml', '--freeze', '2'], 'needs --init2'),
@@ -2425,7 +2425,7 @@ def test_pair_only_methods_and_paths_per_step_are_refused_outside_their_range(tm
         extra = ['--teacher', __file__] if method in ('kd', 'fitnet') else []
         code, cap = run_cli(['--pair', 'res18,mbv1', '--cuts', 'layer2,layer3', '--method', method, *extra,
                              '--width', '4', '--out', str(tmp_path / 'x')], capsys)
-        one_line_error(code, cap, 'defined for a pair cut once')
+        one_line_error(code, cap, 'is for a pair cut once')
     for nets, cuts, crossed in (('res18,mbv1', 'layer3', 2), ('res18,mbv1', 'layer2,layer3', 6),
                                 ('res18,res34,mbv1', 'layer2,layer3', 24)):
         for r in (1, crossed):
@@ -2435,7 +2435,7 @@ def test_pair_only_methods_and_paths_per_step_are_refused_outside_their_range(tm
         for r in (0, crossed + 1):
             code, cap = run_cli(['--nets', nets, '--cuts', cuts, '--paths-per-step', str(r), '--width', '4',
                                  '--out', str(tmp_path / 'x')], capsys)
-            one_line_error(code, cap, f'must be 1 … {crossed}')
+            one_line_error(code, cap, f'is 1 … {crossed}')
     assert not (tmp_path / 'x').exists()
 
 

@@ -1,17 +1,13 @@
 #!/usr/bin/env python3
 """Xross Mutual Learning (XML): the reference implementation, in one file.
 
-Two classifiers are cut where their feature maps have the same shape, net i = down_i ∘ up_i.
-Deep Mutual Learning (DML) trains both nets together, each with cross-entropy plus a KL term that
-pulls it toward the other's prediction. XML also trains the crossed paths up_1 → down_2 and
-up_2 → down_1, so each up-half must feed both down-halves and each down-half must read both
-up-halves. Notation: z_ab = down_b(up_a(x)); z_11, z_22 are the pure nets, z_12, z_21 the crossed
-paths.
-
-The file reads top to bottom like a method section: the method (config → data → models →
-splitter → losses → training step → evaluation), then speed and scale (changes how, not what),
-cost, and I/O (the training run, the CLI). Measurement that is not the method lives in tools/.
-docs/METHOD.md states what the code is checked against; comments cite it as METHOD.md §n.
+Two classifiers are cut where their feature maps have the same shape, net i = down_i ∘ up_i. DML
+trains both nets, each with cross-entropy plus a KL term toward the other's prediction; XML also
+trains the crossed paths z_12 = down_2(up_1(x)) and z_21 = down_1(up_2(x)). docs/METHOD.md states
+the method (formulas, routing, BatchNorm, recipe, the deck's numbers); comments cite it as
+METHOD.md §n.
+The file reads top to bottom: config, data, models, the copyable block (splitter, XML for a pair),
+K nets × P parts and the baselines, evaluation, the fast path, cost, the training run, the CLI.
 
     python xml_ref.py --pair res18,res34 --method xml        # CIFAR-100 with the standard recipe
     python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
@@ -40,14 +36,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 # ----------------------------------------------------------------------------------------- config
-# The CIFAR-100 recipe of weiaicunzai/pytorch-cifar100, whose models the deck's parameter counts
-# match (METHOD.md §4): SGD, lr 0.1 warmed up linearly per step over the first epoch (against early
-# divergence), then × 0.2 at 30, 60 and 80 % of the epochs (lr_at says how they are counted); batch
-# 128; random crop (4 px padding), flip, rotation by up to ±15°. Config below holds its values.
+# The recipe (METHOD.md §4) is that of weiaicunzai/pytorch-cifar100, whose models the deck's
+# parameter counts match; Config holds its values, lr_at its schedule.
 MILESTONES, LR_DECAY, PAD = (0.3, 0.6, 0.8), 0.2, 4
-# The schedule's convention, recorded in every checkpoint and summary: runs before 2026-11-29 have
-# none; their lr dropped one epoch after each milestone, and they are not resumed by this code.
-SCHEDULE = 'pytorch-cifar100'
+SCHEDULE = 'pytorch-cifar100'  # recorded in checkpoints; older runs (another lr schedule) have none
 METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2', 'xml+disc', 'xml+gan')
 PAIR_ONLY = ('kd', 'fitnet', 'xml+disc', 'xml+gan')  # defined for two nets cut once
 UPDATES = ('simultaneous', 'sequential')
@@ -70,12 +62,12 @@ WHAT, HOW, RECIPE, DATA, OUT = ('what is trained', "the method's options",
 
 @dataclass
 class Config:
-    """Every option of a run, declared once: default, type and help (make_parser builds the command
-    line from these fields; a string default of a list option is parsed like the command line).
-    derive() fills in the values that depend on other options, check() refuses bad ones and changes
-    nothing. Checkpoints and summaries record the fields."""
-    pair: list = option('res18,res34', 'net 1,net 2: res18, res34, mbv1, or tv:ARCH (torchvision\'s '
-                        'model ARCH, untrained, e.g. tv:resnet18)', WHAT, type=names)
+    """Every option of a run, declared once (make_parser builds the command line from the fields).
+    derive() fills in the values that depend on others, check() refuses bad ones and changes
+    nothing."""
+    pair: list = option('res18,res34', 'net 1,net 2: res18, res34, mbv1, or tv:ARCH '
+                        '(torchvision\'s model ARCH, untrained, e.g. tv:resnet18)', WHAT,
+                        type=names)
     nets: list = option(None, 'K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 (cut with '
                         '--cuts)', WHAT, type=names)
     method: str = option('xml', 'the loss (docs/METHOD.md §3)', WHAT, choices=METHODS)
@@ -144,16 +136,10 @@ class UsageError(Exception):
     """Bad input from the user: main() prints it as one line on stderr and exits with status 2."""
 
 
-def first_line(error, n=160):
-    """The first line of an exception's message, without terminal colours, at most n characters."""
-    return re.sub(r'\x1b\[[0-9;]*m', '', str(error)).strip().split('\n')[0][:n]
-
-
 # ------------------------------------------------------------------------------------------- data
 @dataclass
 class Data:
-    """A classification data set held whole in memory: images uint8 N×H×W×3 (CIFAR's own layout),
-    labels int64."""
+    """A classification data set in memory: images uint8 N×H×W×3 (CIFAR's layout), labels int64."""
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
@@ -166,8 +152,8 @@ class Data:
 
 
 def synthetic_data(n_train=512, n_test=256, num_classes=10, size=32, seed=0):
-    """A small, learnable stand-in for CIFAR with no download: each class is a smooth random colour
-    pattern, each image its class's pattern plus strong pixel noise."""
+    """A small, learnable stand-in for CIFAR: each class a smooth random colour pattern, each image
+    its class's pattern plus strong pixel noise."""
     g = torch.Generator().manual_seed(seed)
     patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=(size, size),
                              mode='bilinear', align_corners=False)
@@ -186,48 +172,38 @@ def load_cifar(name, data_dir):
     import torchvision
     cls = torchvision.datasets.CIFAR100 if name == 'cifar100' else torchvision.datasets.CIFAR10
     try:
-        # torchvision's download chatter stays off stdout
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr):  # the download chatter stays off stdout
             train, test = (cls(data_dir, train=t, download=True) for t in (True, False))
-    except Exception as e:  # offline, partial or corrupt download: say how to supply a local copy
+    except Exception as e:  # offline, partial or corrupt download
         archive = 'cifar-100-python.tar.gz' if name == 'cifar100' else 'cifar-10-python.tar.gz'
-        raise UsageError(f'cannot load {name} from --data-dir {data_dir} '
-                         f'({type(e).__name__}: {e}); offline, put {archive} (or its extracted '
-                         f'folder) into {data_dir}, or use --dataset folder') from None
-
-    def as_tensors(s):
-        return (torch.from_numpy(s.data), torch.tensor(s.targets, dtype=torch.int64))
-
-    return Data(*as_tensors(train), *as_tensors(test), list(train.classes))
+        raise UsageError(f'cannot load {name} from --data-dir {data_dir} ({type(e).__name__}: '
+                         f'{e}); offline, put {archive} (or its extracted folder) into {data_dir}, '
+                         'or use --dataset folder') from None
+    return Data(*(t for s in (train, test) for t in (torch.from_numpy(s.data), torch.tensor(
+        s.targets, dtype=torch.int64))), list(train.classes))
 
 
 def load_folder(root):
-    """ImageFolder layout root/train/<class>/<image>, root/test/<class>/<image>. Any image mode is
-    converted to RGB; all images must share one size (the nets take any size, but a batch needs
-    one)."""
+    """ImageFolder layout root/{train,test}/<class>/<image>, any image mode (converted to RGB), all
+    images of one size (a batch needs one)."""
     import numpy as np
     import torchvision
     from PIL import Image
-    root = Path(root)
-    sets = {}
+    root, sets = Path(root), {}
     for split in ('train', 'test'):
         if not (root / split).is_dir():
             raise UsageError(f'--data-dir {root} has no {split}/ folder: expected '
                              f'{root}/train/<class>/<image> and {root}/test/<class>/<image>')
         try:
             sets[split] = torchvision.datasets.ImageFolder(str(root / split))
-        # no class folders, or no image files in them
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UsageError(f'{root / split}: {e}') from None
+        except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
+            raise UsageError(f'{root / split}: {first_line(e)}') from None
     if sets['train'].classes != sets['test'].classes:
         only = sorted(set(sets['train'].classes) ^ set(sets['test'].classes))
-        raise UsageError(f'{root}: train/ and test/ have different classes (in one but not the '
-                         f'other: {", ".join(only) or "same names, different order"}); give both '
-                         'the same class folders')
-
-    # One process, one image at a time: about 0.2 ms per CIFAR JPEG. Threads only queue on the GIL
-    # (seen: slower with 2 and with 16 threads), and a process pool would burden every caller with
-    # its start method.
+        raise UsageError(f'{root}: train/ and test/ have different classes (in one only: '
+                         f'{", ".join(only) or "none; the order differs"}); give both the same')
+    # One process, one image at a time (0.2 ms per CIFAR JPEG): threads only queue on the GIL
+    # (slower with 2 and with 16), and a process pool would impose a start method on every caller.
     out, first = [], None
     for split in ('train', 'test'):
         images = []
@@ -238,31 +214,26 @@ def load_folder(root):
             except Exception as e:
                 raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); '
                                  'remove or replace it') from None
-            if first is None:
-                first = (path, images[-1].shape)
-            elif images[-1].shape != first[1]:
-                h, w = images[-1].shape[:2]
-                raise UsageError(f'{path} is {w}×{h} but {first[0]} is '
-                                 f'{first[1][1]}×{first[1][0]}: all images must share one size; '
-                                 f'resize them')
+            first = first or (path, images[-1].shape)
+            if images[-1].shape != first[1]:
+                raise UsageError(f'{path} is {images[-1].shape[1]}×{images[-1].shape[0]} but '
+                                 f'{first[0]} is {first[1][1]}×{first[1][0]}: all images must '
+                                 'share one size; resize them')
         out += [torch.from_numpy(np.stack(images)),
                 torch.tensor(sets[split].targets, dtype=torch.int64)]
     return Data(*out, list(sets['train'].classes))
 
 
-# several runs in one process (reproduce drivers) decode the images once
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)  # several runs in one process (reproduce drivers) decode once
 def load_data(name, data_dir):
     """The data set named by --dataset (its tensors are shared: treat them as read-only)."""
     if name == 'synthetic':
         return synthetic_data()
-    if name == 'folder':
-        return load_folder(data_dir)
-    return load_cifar(name, data_dir)
+    return load_folder(data_dir) if name == 'folder' else load_cifar(name, data_dir)
 
 
 def channel_stats(images):
-    """Per-channel mean and std of uint8 N×H×W×3 images on the 0..1 scale, exact (from 256-bin
+    """Per-channel mean and std of uint8 N×H×W×3 images on the 0..1 scale, exact (256-bin
     histograms)."""
     levels = torch.arange(256, dtype=torch.float64) / 255
     mean, std = [], []
@@ -276,10 +247,9 @@ def channel_stats(images):
 
 def augment(images, pad=PAD, generator=None, rotate=0):
     """torchvision's RandomCrop(size, padding=pad), RandomHorizontalFlip() and, with rotate > 0,
-    RandomRotation(rotate), in that order (pytorch-cifar100's), on a uint8 N×H×W×C batch on any
-    device: zero padding, a crop offset uniform in [0, 2·pad] per image and axis, a flip with
-    probability ½ (one gather), then an angle uniform in [−rotate, rotate] per image
-    (rotate_images)."""
+    RandomRotation(rotate), in that order (pytorch-cifar100's), per image of a uint8 N×H×W×C batch
+    on its device (torchvision's transforms draw one crop, flip or angle per call): zero padding,
+    one gather for crop and flip, then rotate_images."""
     n, h, w, _ = images.shape
     dev = images.device
     padded = F.pad(images, (0, 0, pad, pad, pad, pad))
@@ -298,15 +268,14 @@ def augment(images, pad=PAD, generator=None, rotate=0):
 
 def rotate_images(images, angles):
     """Each image of a uint8 N×H×W×C batch turned by its own angle (degrees, counter-clockwise)
-    about its centre, nearest neighbour, corners 0, size kept: torchvision's rotate() on tensors
-    with the same inverse map, for the whole batch in one grid_sample (torchvision's transforms
-    take one angle per call: a loop of N calls)."""
+    about its centre, nearest neighbour, corners 0, size kept: torchvision's rotate() on tensors,
+    with its inverse map, for the whole batch in one grid_sample."""
     n, h, w, _ = images.shape
     dev = images.device
     rad = angles.double().deg2rad()  # the map in float64, then float32, as torchvision builds it
     cos, sin, zero = rad.cos().float(), rad.sin().float(), torch.zeros(n, device=dev)
-    # output pixel (x, y) about the centre, y down, reads the input at (x·cos − y·sin,
-    # x·sin + y·cos), scaled to grid_sample's [−1, 1]
+    # output pixel (x, y) about the centre, y down, reads the input at (x·cos − y·sin, x·sin +
+    # y·cos), scaled to grid_sample's [−1, 1]
     theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(n, 2, 3)
     xs = torch.linspace(0.5 - w / 2, w / 2 - 0.5, w, device=dev)
     ys = torch.linspace(0.5 - h / 2, h / 2 - 0.5, h, device=dev)
@@ -320,11 +289,9 @@ def rotate_images(images, angles):
 
 
 def normalize(images, mean, std, memory_format=torch.contiguous_format):
-    """uint8 N×H×W×3 → float N×3×H×W, (x/255 − mean)/std: torchvision's ToTensor then
-    Normalize. The pixels are already in channels_last order, so asking for that layout (the fast
-    one on GPUs) costs no copy."""
-    # as_tensor copies nothing when mean and std already live on the device (inside a CUDA graph
-    # capture)
+    """uint8 N×H×W×3 → float N×3×H×W, (x/255 − mean)/std: torchvision's ToTensor then Normalize. The
+    pixels are in channels_last order already, so that layout (the fast one) costs no copy."""
+    # as_tensor copies nothing when mean and std live on the device (inside a CUDA graph capture)
     scale = torch.as_tensor(std, dtype=torch.float32,
                             device=images.device).reciprocal().div(255).view(1, -1, 1, 1)
     shift = -torch.as_tensor(mean, dtype=torch.float32,
@@ -334,9 +301,9 @@ def normalize(images, mean, std, memory_format=torch.contiguous_format):
 
 
 # ----------------------------------------------------------------------------------------- models
-# CIFAR-style nets (METHOD.md §2): 3×3 stem with stride 1, no max-pool. Each is an nn.Sequential of
-# named stages, so a cut is a stage name. For all three nets layerK ends at the same shape:
-# layer1 64×32×32, layer2 128×16×16, layer3 256×8×8, layer4 512×4×4 (at width 64).
+# CIFAR-style nets (METHOD.md §2): 3×3 stem with stride 1, no max-pool; an nn.Sequential of named
+# stages, so a cut is a stage name. At width 64 layerK ends at the same shape in all three nets:
+# layer1 64×32×32, layer2 128×16×16, layer3 256×8×8, layer4 512×4×4.
 class BasicBlock(nn.Module):
     def __init__(self, c_in, c_out, stride):
         super().__init__()
@@ -372,8 +339,8 @@ def resnet(blocks, num_classes=100, width=64):
 
 
 def separable(c_in, c_out, stride):
-    """MobileNetV1 block: depthwise 3×3 (no bias) + BN + ReLU, then pointwise 1×1 (with bias,
-    METHOD.md §2) + BN + ReLU."""
+    """MobileNetV1 block: depthwise 3×3 (no bias) + BN + ReLU, pointwise 1×1 (with bias) + BN +
+    ReLU."""
     return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
                          nn.BatchNorm2d(c_in), nn.ReLU(),
                          nn.Conv2d(c_in, c_out, 1, bias=True), nn.BatchNorm2d(c_out), nn.ReLU())
@@ -405,9 +372,9 @@ MODELS = {'res18': lambda num_classes, width: resnet((2, 2, 2, 2), num_classes, 
 
 
 def build(name, num_classes=100, width=64):
-    """The net `name` for `num_classes` classes: res18, res34 or mbv1 (width 64 is the published
-    size, smaller widths scale every layer down, for fast tests), or tv:ARCH, torchvision's
-    classification model ARCH, untrained and as torchvision defines it (width does not apply)."""
+    """The net `name`: res18, res34 or mbv1 (width 64: the published size; smaller widths for
+    fast tests), or tv:ARCH, torchvision's classification model ARCH, untrained (width does not
+    apply)."""
     if name.startswith('tv:'):
         import torchvision
         if name[3:] not in torchvision.models.list_models(module=torchvision.models):
@@ -420,24 +387,29 @@ def build(name, num_classes=100, width=64):
 
 
 def num_params(module):
-    """Parameters, frozen or not: the count METHOD.md §2's table gives."""
+    """Parameters, frozen or not: the count of METHOD.md §2's table."""
     return sum(p.numel() for p in module.parameters())
 
 
 # ------------------------------------------------------- XML for any two nets: the copyable block
 # The method for a pair, needing nothing but torch: copy this section whole into another codebase.
 # split() cuts any net torch.fx can trace, stitch() joins cuts whose channels differ,
-# xml_pair_losses() and routed_backward() are one training step, cross_accuracy() evaluates the
-# four paths. Everything after the block generalises it (K nets × P parts, the baselines, the fast
-# path); tests check that the general step computes what the block computes, and that the block,
-# pasted alone into a fresh file, trains nets written the way other codebases write them.
+# xml_pair_losses() and routed_backward() are one training step, cross_accuracy() evaluates the four
+# paths. Tests check that the general step below computes what the block computes, and that the
+# block, pasted alone into a fresh file, trains nets written the way other codebases write them.
 import contextlib  # noqa: E402 (the block's own imports, so that it copies whole)
 import operator  # noqa: E402
+import re  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 import torch  # noqa: E402
 import torch.fx  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.fx.passes.split_module import split_module  # noqa: E402
+
+
+def first_line(error, n=160):
+    """The first line of an exception's message, without terminal colours, at most n characters."""
+    return re.sub(r'\x1b\[[0-9;]*m', '', str(error)).strip().split('\n')[0][:n]
 
 
 @contextlib.contextmanager
@@ -465,25 +437,22 @@ class CutTracer(torch.fx.Tracer):
 
 
 def trace(model, cuts=()):
-    """The torch.fx graph of model.forward, with the submodules named in `cuts` kept whole; a
-    ValueError where fx cannot trace it, or where the graph depends on self.training (functional
-    dropout, stochastic depth): fx would freeze the mode it traced."""
-    modes, graphs = [(m, m.training) for m in model.modules()], []
-    try:
-        for training in (True, False):
-            model.train(training)
-            graphs.append(CutTracer(cuts).trace(model))
-    except Exception as e:  # data-dependent control flow, an untraceable call
-        first = str(e).strip().split('\n')[0][:120]
-        raise ValueError(f'torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: '
-                         f'{first}); split it by hand into modules') from None
-    finally:
-        for m, training in modes:
-            m.training = training
+    """The torch.fx graph of model.forward, cuts kept whole; a ValueError where fx cannot trace it
+    or where the graph depends on self.training (functional dropout: fx would freeze the traced
+    mode)."""
+    graphs = []
+    with eval_mode([model]):  # (restores the modes)
+        try:
+            for training in (True, False):
+                model.train(training)
+                graphs.append(CutTracer(cuts).trace(model))
+        except Exception as e:  # data-dependent control flow, an untraceable call
+            raise ValueError(f'torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: '
+                             f'{first_line(e, 120)}); split it by hand into modules') from None
     if str(graphs[0]) != str(graphs[1]):
         raise ValueError(f'{type(model).__name__}.forward depends on self.training (functional '
-                         'dropout or stochastic depth?), which a traced split would freeze; split '
-                         'it by hand into modules')
+                         'dropout?), which a traced split would freeze; split it by hand into '
+                         'modules')
     return graphs[0]
 
 
@@ -498,12 +467,10 @@ def changes_input(node, root):
 
 
 def assign_parts(nodes, at, cuts, root):
-    """{node: its part} for the traced graph of `root` (its `nodes`) cut at the nodes `at` (the
-    outputs of `cuts`): the first cut whose output a node is needed for, else the last part; a
-    ValueError where that is not a chain of parts, each reading only the previous part's output and
-    leaving it unchanged."""
-    what = type(root).__name__
-    part = {}
+    """{node: its part} for the traced `nodes` of `root` cut at the nodes `at` (the outputs of
+    `cuts`): the first cut a node is needed for, else the last part; a ValueError where that is not
+    a chain of parts, each reading only the previous part's output and leaving it unchanged."""
+    what, part = type(root).__name__, {}
     for k, cut_node in enumerate(at):
         todo = [cut_node]
         while todo:
@@ -520,31 +487,30 @@ def assign_parts(nodes, at, cuts, root):
             raise ValueError(f'cannot cut {what} at {c!r}: nothing is computed after it before the '
                              'next cut or the output')
     for n in nodes:
-        late = [u for u in n.users if part[u] > part[n] and not (n in at and part[u] == part[n] + 1)]
+        late = [u for u in n.users
+                if part[u] > part[n] and not (n in at and part[u] == part[n] + 1)]
         if late:
             raise ValueError(f'cannot cut {what} at {cuts[part[n]]!r}: {n.name}, computed before '
-                             f'it, is used after it by {late[0].name} (a skip connection across the '
-                             'cut?); cut where nothing but the cut\'s own output crosses')
+                             f'it, is used after it by {late[0].name} (a skip connection across '
+                             'the cut?); cut where nothing but the cut\'s own output crosses')
     for c, cut_node in zip(cuts, at):
         if any(changes_input(u, root) for u in cut_node.users):
-            raise ValueError(f'cannot cut {what} at {c!r}: the next operation changes its output in '
-                             'place, so one down-half would change what the other reads; cut after it')
+            raise ValueError(f'cannot cut {what} at {c!r}: the next operation changes its output '
+                             'in place, so one down-half would change what the other reads; cut '
+                             'after it')
     return part
 
 
 def split_parts(model, cuts):
-    """The model cut at the outputs of the submodules named in `cuts` ('layer2', 'features.6', …, in
-    the order forward computes them): P = len(cuts) + 1 parts with part_P(…part_1(x)) == model(x),
-    each reading only the previous part's output. The parts share the model's modules (training
-    them trains the model). A model whose forward is nn.Sequential's, cut at its own children, is
-    sliced; any other is traced by torch.fx, so its forward may flatten or pool functionally and its
-    children may be registered in any order. A ValueError says why a cut cannot be made: not a
-    submodule, called twice, nothing after it, a value from before it used after it (a skip
-    connection across it), its output changed in place after it, or a forward fx cannot trace."""
+    """The model cut at the outputs of the submodules named in `cuts` (in forward's order): P =
+    len(cuts) + 1 parts, part_P(…part_1(x)) == model(x), sharing the model's modules. A model whose
+    forward is nn.Sequential's, cut at its children, is sliced; any other is traced by torch.fx, so
+    its forward may flatten or pool functionally and register children in any order. A ValueError
+    says why a cut cannot be made (see assign_parts)."""
     cuts, children, what = list(cuts), list(model._modules.items()), type(model).__name__
     names = [name for name, _ in children]
     if type(model).forward is nn.Sequential.forward and all(c in names[:-1] for c in cuts):
-        ends = [names.index(c) + 1 for c in cuts]  # a Sequential's forward: slice its children
+        ends = [names.index(c) + 1 for c in cuts]
         if ends == sorted(set(ends)):
             bounds = [0] + ends + [len(names)]
             return [nn.Sequential(OrderedDict(children[a:b])) for a, b in zip(bounds, bounds[1:])]
@@ -570,9 +536,9 @@ def split(model, cut):
 
 @torch.no_grad()
 def cut_names(model, image_size=32):
-    """{name: C×H×W of its output for one RGB image_size² image} for every submodule `model` can
-    be cut at (split() works, the cut is a feature map, and parameters follow it), in the order
-    forward computes them. One forward with hooks and one trace, not a split per submodule."""
+    """{name: C×H×W of its output on one image} for every submodule `model` can be cut at (split()
+    works, the cut is a feature map, parameters follow it), in forward's order: one forward with
+    hooks and one trace, not a split per submodule."""
     p, shapes, calls = next(model.parameters()), {}, {}
 
     def record(name):
@@ -587,12 +553,10 @@ def cut_names(model, image_size=32):
     finally:
         for h in hooks:
             h.remove()
-    nodes = list(trace(model).nodes)
-    last = {}  # each submodule's output: the last node traced inside it
-    for n in nodes:
+    nodes, last, cuts = list(trace(model).nodes), {}, {}
+    for n in nodes:  # each submodule's output: the last node traced inside it
         for name in n.meta.get('nn_module_stack', {}):
             last[name] = n
-    cuts = {}
     order = {n: k for k, n in enumerate(nodes)}
     for name, n in sorted(last.items(), key=lambda item: (order[item[1]], item[0].count('.'))):
         if calls.get(name) == 1 and shapes[name] is not None and len(shapes[name]) == 3:
@@ -600,9 +564,8 @@ def cut_names(model, image_size=32):
                 part = assign_parts(nodes, [n], [name], model)
             except ValueError:
                 continue
-            if any(part[m] == 1 and m.op in ('call_module', 'get_attr') and (
-                    m.op == 'get_attr' or any(True for _ in model.get_submodule(m.target)
-                                              .parameters())) for m in nodes):
+            if any(part[m] == 1 and (m.op == 'get_attr' or m.op == 'call_module' and any(
+                    True for _ in model.get_submodule(m.target).parameters())) for m in nodes):
                 cuts[name] = shapes[name]
     return cuts
 
@@ -615,13 +578,11 @@ def stitch(c_in, c_out):
 
 def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch12=None,
                     stitch21=None):
-    """XML (METHOD.md §3) with z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21}
-    [CE(z_p, y) + KL(z_22‖z_p)] and L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL
-    at temperature T times T², its target detached; mean=True divides each sum by its 3 paths.
-    Where the cut features differ in channels, stitch12 carries up_1's into down_2 (z_12 =
-    down_2(stitch12(up_1(x)))) and stitch21 up_2's into down_1; stitch12 is net 2's (put it in
-    net 2's optimizer) and stitch21 net 1's. Each half runs once per distinct input, so its
-    BatchNorm statistics update once per input."""
+    """XML (METHOD.md §3), z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21} [CE(z_p, y) +
+    KL(z_22‖z_p)], L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL at T times T², its
+    target detached; mean=True divides by the 3 paths. stitch12 (net 2's) carries up_1's feature
+    into down_2 where channels differ, stitch21 (net 1's) up_2's into down_1. Each half runs once
+    per distinct input, so its BatchNorm statistics update once per input."""
     def kl(target, z):  # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T))
         log_t = torch.log_softmax(target.detach() / T, dim=1)
         return (log_t.exp() * (log_t - torch.log_softmax(z / T, dim=1))).sum(1).mean() * T * T
@@ -640,11 +601,10 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch
 
 
 def routed_backward(losses, optimizers):
-    """Gradient routing (METHOD.md §3): L_i is differentiated with respect to the parameters of
-    optimizers[i] only. In z_12, L_1 so trains up_1 through a fixed down_2 (and stitch12) and L_2
-    trains down_2 on a fixed up_1 feature; one backward of L_1 + L_2 would be wrong (it would
-    train down_2 on L_1 too). The caller then steps each optimizer: for opt in optimizers:
-    opt.step()."""
+    """Gradient routing (METHOD.md §3): L_i is differentiated with respect to optimizers[i]'s
+    parameters only, so in z_12 L_1 trains up_1 through a fixed down_2 and L_2 trains down_2 on a
+    fixed up_1 feature (one backward of L_1 + L_2 would train down_2 on L_1 too). Then the caller
+    steps each optimizer."""
     for n, (loss, opt) in enumerate(zip(losses, optimizers)):
         opt.zero_grad(set_to_none=True)
         params = [p for group in opt.param_groups for p in group['params']]
@@ -653,14 +613,9 @@ def routed_backward(losses, optimizers):
 
 @torch.no_grad()
 def cross_accuracy(up1, down1, up2, down2, batches, stitch12=None, stitch21=None):
-    """Top-1 (%) of the four paths over `batches` of (images, labels), in eval mode:
-    acc[a][b] for z_(a+1)(b+1) = down_(b+1)(up_(a+1)(x)). BatchNorm: down_b sees both features in
-    training, so its running statistics average the two, and z_ab meets statistics of features it
-    is not given (on CIFAR-10 this cost XML up to 13 points). To evaluate a path as it would run
-    alone, keep one copy (mean, var) per source beside each BatchNorm of down_b, update it while
-    down_b runs on that source (F.batch_norm(input, mean, var, training=True,
-    momentum=bn.momentum) in a forward pre-hook) and swap it into running_mean / running_var for
-    that path: xml_ref.py's OwnBatchNorm."""
+    """Top-1 (%) of the four paths over `batches` of (images, labels), in eval mode: acc[a][b] for
+    z_(a+1)(b+1). With the shared BatchNorm statistics, which mix both features a down-half sees in
+    training (METHOD.md §3; xml_ref.py's OwnBatchNorm keeps each path's own)."""
     ups, downs, stitches = (up1, up2), (down1, down2), {(0, 1): stitch12, (1, 0): stitch21}
     right, n = [[0, 0], [0, 0]], 0
     with eval_mode([up1, down1, up2, down2] + [s for s in stitches.values() if s is not None]):
@@ -676,24 +631,18 @@ def cross_accuracy(up1, down1, up2, down2, batches, stitch12=None, stitch21=None
 
 # ---------------------------------------------------------------------------------- cuts of K nets
 def default_cut(names):
-    """The deck's cut: after stage 3 (256×8×8) for a pair with MobileNetV1, after stage 2
-    (128×16×16) otherwise."""
+    """The deck's cut: after stage 3 (256×8×8) for a pair with MobileNetV1, else after stage 2."""
     return 'layer3' if 'mbv1' in names else 'layer2'
 
 
 @torch.no_grad()
 def feature_shapes(parts, image_size=32):
     """shapes[i][c]: C×H×W of net i's feature at its cut c + 1, for one image."""
-    p = next(parts[0][0].parameters())
-    shapes = []
+    p, shapes = next(parts[0][0].parameters()), []
     with eval_mode([part for net in parts for part in net]):
         for net in parts:
-            h, net_shapes = torch.zeros(1, 3, image_size, image_size, device=p.device,
-                                        dtype=p.dtype), []
-            for part in net[:-1]:
-                h = part(h)
-                net_shapes.append(tuple(h.shape[1:]))
-            shapes.append(net_shapes)
+            h = torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
+            shapes.append([tuple((h := part(h)).shape[1:]) for part in net[:-1]])
     return shapes
 
 
@@ -703,21 +652,19 @@ def stitch_key(a, b, c):
 
 
 def make_stitches(shapes, names):
-    """A stitch for every cut c and ordered pair of nets (a, b) whose features there differ in
-    channels only (stitch_key(a, b, c) → stitch); a ValueError naming both shapes where heights or
-    widths differ."""
+    """nn.ModuleDict {stitch_key(a, b, c): stitch} for every cut c and nets a ≠ b whose features
+    differ in channels only; a ValueError naming both shapes where heights or widths differ."""
     stitches = nn.ModuleDict()
     for c in range(len(shapes[0])):
         for a, b in itertools.permutations(range(len(shapes)), 2):
             sa, sb = shapes[a][c], shapes[b][c]
-            if sa == sb:
-                continue
-            if len(sa) != 3 or sa[1:] != sb[1:]:
+            if sa != sb and (len(sa) != 3 or sa[1:] != sb[1:]):
                 shown = ', '.join(f'{names[i]} {"×".join(map(str, s))}'
                                   for i, s in ((a, sa), (b, sb)))
                 raise ValueError(f'the features at cut {c + 1} differ in more than channels '
                                  f'({shown}); choose cuts of the same height and width')
-            stitches[stitch_key(a, b, c + 1)] = stitch(sa[0], sb[0])
+            if sa != sb:
+                stitches[stitch_key(a, b, c + 1)] = stitch(sa[0], sb[0])
     return stitches
 
 
@@ -727,13 +674,11 @@ def stitches_into(stitches, b):
 
 
 # ----------------------------------------------------------------------------------------- losses
-# Pure functions of logits and features. The target of every KL term is detached (METHOD.md §1). Under
-# bf16 autocast, log_softmax, cross_entropy and mse_loss compute in fp32; in fp64 they stay fp64
-# (the tests).
+# Pure functions of logits and features; every KL target is detached (METHOD.md §1). Under bf16
+# autocast log_softmax, cross_entropy and mse_loss compute in fp32; in fp64 they stay fp64 (tests).
 def kl_div(target_logits, logits, T=1.0):
     """KL(t‖s) = T² · mean_batch Σ_c softmax(t/T)·(log softmax(t/T) − log softmax(s/T)), t
     detached."""
-    # log_softmax runs in fp32 under bf16 autocast
     log_t = F.log_softmax(target_logits.detach() / T, dim=1)
     log_s = F.log_softmax(logits / T, dim=1)
     return (log_t.exp() * (log_t - log_s)).sum(1).mean() * T * T
@@ -762,31 +707,29 @@ def feature_l2(feature, other_feature):
 
 
 def synthesis_loss(own, from_other, into_other):
-    """The deck's Experience 1, for net i: BCE(s_ii, 1) + BCE(s_ji, 0) + BCE(s_ij, 1), with s_ab the
-    synthesis logit of down_b on up_a's feature: down_i learns to tell its own up-half's feature (1)
-    from the other's (0), and up_i learns to make down_j take its feature for down_j's own."""
+    """The deck's Experience 1 for net i: BCE(s_ii, 1) + BCE(s_ji, 0) + BCE(s_ij, 1), s_ab the
+    synthesis logit of down_b on up_a's feature (down_i tells its own up-half's feature from the
+    other's; up_i makes down_j take its feature for down_j's own)."""
     bce = F.binary_cross_entropy_with_logits
     return (bce(own, torch.ones_like(own)) + bce(from_other, torch.zeros_like(from_other))
             + bce(into_other, torch.ones_like(into_other)))
 
 
 def discriminator_loss(d_on_1, d_on_2):
-    """The deck's Experience 2, for the discriminator D: BCE(D(up_1(x)), 1) + BCE(D(up_2(x)), 0) on
-    the detached features (1 = net 1's)."""
+    """The deck's Experience 2, for the discriminator D: BCE(D(up_1(x)), 1) + BCE(D(up_2(x)), 0)."""
     bce = F.binary_cross_entropy_with_logits
     return bce(d_on_1, torch.ones_like(d_on_1)) + bce(d_on_2, torch.zeros_like(d_on_2))
 
 
 def generator_loss(d_on_i, label_of_other):
-    """Experience 2, for up_i as a generator: BCE(D(up_i(x)), label of the other net): look like the
-    other net."""
+    """Experience 2 for up_i: BCE(D(up_i(x)), the other net's label): look like the other net."""
     return F.binary_cross_entropy_with_logits(d_on_i,
                                               torch.full_like(d_on_i, float(label_of_other)))
 
 
 def discriminator(channels):
-    """Experience 2's independent discriminator on the cut feature: 3×3 conv + ReLU, pool,
-    linear → one logit."""
+    """Experience 2's discriminator on the cut feature: 3×3 conv + ReLU, pool, linear → one
+    logit."""
     return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(channels, 1))
 
@@ -820,17 +763,16 @@ def prefix_modules(parts, q, stitches=None):
 
 
 def all_modules(parts, stitches=None):
-    """Every part of every net, then the stitches: what switches mode or freezes statistics together."""
+    """Every part of every net, then the stitches: what switches mode or freezes statistics
+    together."""
     return [part for net in parts for part in net] + (list(stitches.values()) if stitches else [])
 
 
 def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
     """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
-    prefix is run once, so each part sees each distinct input once per forward and its BatchNorm
-    running statistics are updated once per distinct input (METHOD.md §3), however many paths go
-    through it. bn_source(q), if given, is entered around the modules that compute out[q]
-    (OwnBatchNorm's track or apply); `out` may hold prefixes already computed; `stitches`
-    (make_stitches) join features that differ in channels."""
+    prefix runs once, so each part's BatchNorm statistics update once per distinct input (METHOD.md
+    §3). bn_source(q), if given, is entered around computing out[q] (OwnBatchNorm's track or apply);
+    `out` may hold prefixes already computed."""
     out = {**(out or {}), (): x}
     for path in paths:
         for k in range(1, len(path) + 1):
@@ -851,20 +793,16 @@ def batchnorms(module):
 
 
 class OwnBatchNorm:
-    """Each path's own BatchNorm running statistics, kept beside the shared ones (METHOD.md §3).
-    Training normalises with batch statistics, so only evaluation depends on running statistics;
-    a part fed by several sources (a down-half by both up-halves) averages them all into its shared
-    statistics, which no single path produces. sets[q], for a prefix q of at least two net indices,
-    holds (mean, var) for every BatchNorm of part len(q) − 1 of net q[−1] fed by prefix q[:−1]'s
-    feature. Inside track(q), a training forward of that part updates sets[q] from the same batch
-    with the same momentum (the layer's own F.batch_norm call, in a forward pre-hook); gradients and
-    shared statistics are untouched. Inside apply(q), the part normalises with sets[q] if training
-    ever updated it, else with the shared statistics. The first part has one source, the images:
-    its shared statistics are its own."""
+    """Each path's own BatchNorm running statistics beside the shared ones (METHOD.md §3): sets[q],
+    for a prefix q of at least two nets, holds (mean, var) of every BatchNorm of part len(q) − 1 of
+    net q[−1] fed by prefix q[:−1]. Inside track(q) a training forward also updates sets[q] (the
+    layer's own F.batch_norm call in a forward pre-hook, same batch and momentum; gradients and
+    shared statistics untouched); inside apply(q) the part normalises with sets[q] if training
+    updated it. The first part has one source, the images: its shared statistics are its own."""
 
     def __init__(self, parts):
         K, P = len(parts), len(parts[0])
-        self.parts, self.active = parts, {}  # active: BatchNorm → (mean, var) being updated
+        self.active = {}  # BatchNorm → (mean, var) being updated
         self.sets, self.updated, self.bns = {}, {}, {}  # bns[q]: the layers sets[q] belongs to
         for q in (q for k in range(2, P + 1) for q in itertools.product(range(K), repeat=k)):
             bns = batchnorms(parts[q[-1]][len(q) - 1])
@@ -878,21 +816,19 @@ class OwnBatchNorm:
             if bn in active and bn.training and bn.track_running_stats:
                 with torch.no_grad():
                     F.batch_norm(args[0], *active[bn], None, None, True, bn.momentum, bn.eps)
-        for net in parts:
-            for part in net[1:]:
-                for bn in batchnorms(part):
-                    bn.register_forward_pre_hook(update)
+        for bn in (bn for net in parts for part in net[1:] for bn in batchnorms(part)):
+            bn.register_forward_pre_hook(update)
 
     @contextlib.contextmanager
     def track(self, q):
-        """Training: the forward of prefix q also updates sets[q] (where the part tracks
-        statistics: not a frozen net, not a repeated forward under frozen_bn_stats)."""
+        """Training: the forward of prefix q also updates sets[q] where the part tracks statistics
+        (not a frozen net, not a repeated forward under frozen_bn_stats)."""
         if q not in self.sets:
             yield
             return
-        bns = self.bns[q]  # listed once: no walk over the modules in the training step
+        bns = self.bns[q]
         if not bns or (bns[0].training and bns[0].track_running_stats):
-            self.updated[q] = True  # (a part without BatchNorm has nothing to keep: its own is shared)
+            self.updated[q] = True  # (a part without BatchNorm keeps nothing: its own is shared)
         self.active.update(zip(bns, self.sets[q]))
         try:
             yield
@@ -901,14 +837,14 @@ class OwnBatchNorm:
 
     @contextlib.contextmanager
     def apply(self, q):
-        """Evaluation: the forward of prefix q normalises with sets[q] (the shared statistics where
-        training never updated it)."""
+        """Evaluation: the forward of prefix q normalises with sets[q] (shared ones if never
+        updated)."""
         if q not in self.sets or not self.updated[q]:
             yield
             return
         bns = self.bns[q]
         shared = [(bn.running_mean, bn.running_var) for bn in bns]
-        for bn, (mean, var) in zip(bns, self.sets[q]):  # (in the layer's dtype and device)
+        for bn, (mean, var) in zip(bns, self.sets[q]):
             bn.running_mean, bn.running_var = mean.to(bn.running_mean), var.to(bn.running_var)
         try:
             yield
@@ -917,13 +853,11 @@ class OwnBatchNorm:
                 bn.running_mean, bn.running_var = mean, var
 
     def fallback(self, path):
-        """True where some part of `path` has no own statistics (training never ran it there, or
-        ran it frozen, in eval mode, on its shared statistics)."""
+        """True where some part of `path` has no own statistics (training never ran it there)."""
         return any(not self.updated[path[:k]] for k in range(2, len(path) + 1))
 
     def tensors(self, learners):
-        """Every statistic of the sets of the parts of the nets `learners` (to average over
-        processes)."""
+        """Every statistic of the nets `learners` (to average over processes)."""
         return [t for q, stats in self.sets.items() if q[-1] in learners
                 for pair in stats for t in pair]
 
@@ -933,20 +867,17 @@ class OwnBatchNorm:
                 for q, stats in self.sets.items()}
 
     def load_state_dict(self, state):
-        """Copied into the existing tensors (a captured CUDA graph and the hooks keep reading
-        them)."""
+        """Copied into the existing tensors (a captured CUDA graph and the hooks read them)."""
         for q, stats in self.sets.items():
-            saved = state[path_name(q)]
-            self.updated[q] = saved['updated']
-            for t, s in zip((t for pair in stats for t in pair), saved['stats']):
+            self.updated[q] = state[path_name(q)]['updated']
+            for t, s in zip((t for pair in stats for t in pair), state[path_name(q)]['stats']):
                 t.copy_(s)
 
 
 def step_paths(method, K, P, paths_per_step=None, rng=None):
-    """The paths one training step runs: the pure nets for methods without crossing, every path for
-    the XML family; or, with paths_per_step = R, the K pure paths plus R crossed paths drawn
-    uniformly without replacement from the K^P − K (each path is drawn with probability
-    R / (K^P − K) at every step)."""
+    """The paths of one training step: the pure nets without crossing, every path for the XML
+    family, or with paths_per_step = R the K pure paths plus R of the K^P − K crossed ones, drawn
+    uniformly without replacement."""
     if not method.startswith('xml'):
         return pure_paths(K, P)
     if paths_per_step is None:
@@ -955,17 +886,15 @@ def step_paths(method, K, P, paths_per_step=None, rng=None):
     return pure_paths(K, P) + rng.sample(crossed, paths_per_step)
 
 
-# One function per method: {i: L_i} for each net i in `learners` (the indices of the nets that learn),
-# from the outputs `out` of run_paths on K nets cut into P parts. The deck's methods first, then its
-# experiments.
+# One function per method: {i: L_i} for each net i in `learners` (the nets that learn), from the
+# outputs `out` of run_paths on K nets cut into P parts. The deck's methods, then its experiments.
 def independent_losses(out, labels, K, P, learners):
     """Each net alone: L_i = CE(z_ii, y)."""
     return {i: F.cross_entropy(out[(i,) * P], labels) for i in learners}
 
 
 def kd_losses(out, labels, K, P, learners, T=4.0):
-    """The student i of a pair: L_i = CE(z_ii, y) + KL(z_jj‖z_ii) at T, with net j the frozen
-    teacher."""
+    """The student i of a pair: L_i = CE(z_ii, y) + KL(z_jj‖z_ii) at T, net j the frozen teacher."""
     return {i: kd_loss(out[(i,) * P], out[(1 - i,) * P], labels, T) for i in learners}
 
 
@@ -976,8 +905,8 @@ def dml_losses(out, labels, K, P, learners, T=1.0):
 
 
 def xml_losses(out, labels, K, P, learners, T=1.0, path_weights='sum'):
-    """XML: L_i = Σ_{p ∋ i} [CE(z_p, y) + mean_{j≠i} KL(z_jj‖z_p)] over the paths run that
-    hold a part of net i ('mean': ÷ their number). For a pair this is xml_pair_losses."""
+    """XML: L_i = Σ_{p ∋ i} [CE(z_p, y) + mean_{j≠i} KL(z_jj‖z_p)] over the paths run that hold a
+    part of net i ('mean': ÷ their number). For a pair: xml_pair_losses."""
     pure, losses = [out[p] for p in pure_paths(K, P)], {}
     for i in learners:  # each of net i's paths is a DML term
         terms = [dml_loss(z, pure[:i] + pure[i + 1:], labels, T)
@@ -987,9 +916,8 @@ def xml_losses(out, labels, K, P, learners, T=1.0, path_weights='sum'):
 
 
 def xml_l2_losses(out, labels, K, P, learners, T=1.0, path_weights='sum', l2_weight=1.0):
-    """The deck's Experience 0: XML + λ · mean over the cuts c and the other learners j of
-    mean((f_i^c − f_j^c)²), f_i^c the output of net i's first c parts (for a pair:
-    λ·mean((up_i(x) − up_j(x))²))."""
+    """The deck's Experience 0: XML + λ · mean over cuts c and other nets j of mean((f_i^c −
+    f_j^c)²), f_i^c the output of net i's first c parts (a pair: λ·mean((up_i(x) − up_j(x))²))."""
     losses = xml_losses(out, labels, K, P, learners, T, path_weights)
     for i in learners:
         l2 = sum(feature_l2(out[(i,) * c], out[(j,) * c])
@@ -1013,9 +941,9 @@ def xml_disc_losses(out, labels, K, P, learners, T=1.0, path_weights='sum', adv_
 
 def xml_gan_losses(out, labels, K, P, learners, discriminator, T=1.0, path_weights='sum',
                    adv_weight=0.1):
-    """The deck's Experience 2 (a pair): XML + adv_weight · generator_loss: up_i learns to make the
-    independent discriminator D take its feature for the other net's. With 'discriminator' among
-    `learners`, also D's own loss, discriminator_loss on the features detached (D must not train them)."""
+    """The deck's Experience 2 (a pair): XML + adv_weight · generator_loss (up_i makes D take its
+    feature for the other net's); with 'discriminator' among `learners` also D's own loss on the
+    detached features."""
     losses = xml_losses(out, labels, K, P, [i for i in learners if i != 'discriminator'], T,
                         path_weights)
     for i in list(losses):
@@ -1033,10 +961,9 @@ LOSSES = {'independent': independent_losses, 'kd': kd_losses, 'dml': dml_losses,
 
 @contextlib.contextmanager
 def frozen_bn_stats(modules):
-    """Inside: BatchNorm layers in train mode still normalise with batch statistics but leave their
-    running statistics alone (for a repeated forward of inputs they have already seen this step)."""
-    bns = [m for mod in modules for m in mod.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    """Inside: BatchNorm layers in train mode normalise with batch statistics but leave their
+    running statistics alone (for a repeated forward of inputs they have seen this step)."""
+    bns = [bn for module in modules for bn in batchnorms(module)]
     for m in bns:
         m.track_running_stats = False
     try:
@@ -1052,10 +979,9 @@ def distributed():
 
 
 def step_optimizers(optimizers):
-    """optimizer.step() for each; under torchrun each gradient is first replaced by its mean over
-    the ranks (what DistributedDataParallel does; each rank's loss is a mean over its equal share of
-    the batch, so this is the gradient of the mean over the whole batch, up to BatchNorm normalising
-    each share by its own statistics), one all-reduce of the flattened gradients per optimizer."""
+    """optimizer.step() for each; under torchrun each gradient first becomes its mean over the ranks
+    (as in DistributedDataParallel: the gradient of the mean loss over the whole batch), in one
+    all-reduce per optimizer."""
     for opt in optimizers:
         if distributed():
             grads = [p.grad for group in opt.param_groups for p in group['params']
@@ -1071,14 +997,11 @@ def step_optimizers(optimizers):
 def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, *,
                paths_per_step=None, rng=None, disc_optimizer=None, own_bn=None, stitches=None,
                **loss_kw):
-    """One optimisation step of every net that learns (optimizers[i] is None for a frozen net) on
-    `paths` (default: step_paths(method, K, P, paths_per_step, rng)) with LOSSES[method] (loss_kw:
-    its options); with disc_optimizer also xml+gan's discriminator. Returns {i: L_i} (and
-    'discriminator'). simultaneous: one forward, each L_i routed to net i (routed_backward), every
-    net stepped. sequential (DML paper, Algorithm 1): net 1 stepped on L_1, the paths run again,
-    net 2 stepped on L_2, and so on; the repeated forwards do not update the BatchNorm statistics.
-    own_bn: an OwnBatchNorm whose sets the forward updates; stitches: make_stitches' (the stitches
-    into net i are in optimizers[i])."""
+    """One step of every net that learns (optimizers[i]; None for a frozen net; the stitches into
+    net i in it) on `paths` (default: step_paths) with LOSSES[method](…, **loss_kw), and xml+gan's
+    discriminator with disc_optimizer. Returns {i: L_i}. simultaneous: one forward, each L_i routed
+    to net i; sequential (DML's Algorithm 1): net 1 stepped on L_1, the paths run again (BatchNorm
+    statistics not updated again), net 2 stepped on L_2, …. own_bn: an OwnBatchNorm to update."""
     K, P = len(parts), len(parts[0])
     paths = paths or step_paths(method, K, P, paths_per_step, rng)
     track = own_bn.track if own_bn is not None else None
@@ -1103,10 +1026,9 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
 
 
 def hint_step(student_up, teacher_up, regressor, optimizer, x, labels=None, student=0):
-    """FitNet's stage 1 (Romero et al. 2015): one step of the student's up-half and the regressor
-    (the parameters of `optimizer`) on hint_loss(regressor(up_s(x)), up_t(x)); the frozen teacher
-    and the student's down-half are not trained. Returns {student: the loss} (like train_step,
-    whose x, labels it takes: the labels go unused)."""
+    """FitNet's stage 1: one step of the student's up-half and the regressor (`optimizer`) on
+    hint_loss(regressor(up_s(x)), up_t(x)). Returns {student: loss}; takes x, labels as train_step
+    does (the labels go unused)."""
     teacher_feature = teacher_up(x)
     loss = hint_loss(regressor(student_up(x)), teacher_feature)
     routed_backward([loss], [optimizer])
@@ -1138,15 +1060,14 @@ def path_name(path):
 
 def layout(module):
     """The memory format of `module`'s first convolution weight (set_up puts our nets in
-    channels_last): inputs in the same layout cost the convolutions no conversion."""
+    channels_last): inputs in that layout cost the convolutions no conversion."""
     w = next((p for p in module.parameters() if p.dim() == 4), None)
     return (torch.channels_last if w is not None and not w.is_contiguous()
             and w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
 
 
 def eval_batches(images, labels, mean, std, batch_size, device, fmt=torch.contiguous_format):
-    """The test set in order, batch by batch: (normalised images in layout fmt, labels) on
-    `device`."""
+    """The test set in order: (normalised images in layout fmt, labels) on `device`."""
     for s in range(0, len(images), batch_size):
         yield (normalize(images[s:s + batch_size].to(device), mean, std, fmt),
                labels[s:s + batch_size].to(device))
@@ -1155,16 +1076,13 @@ def eval_batches(images, labels, mean, std, batch_size, device, fmt=torch.contig
 @torch.no_grad()
 def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None,
              own_bn=None, stitches=None):
-    """Top-1 accuracy (%) of every path (for a pair: the pure nets and the 2×2 cross pairings), of
-    the ensemble of the pure nets (mean of softmax), and the half-feature distance: the mean of
-    (f_i − f_j)² over all elements of the features of every pair of nets at every cut where they
-    have one shape (for a pair cut once, mean((up_1(x) − up_2(x))²); None where no features
-    compare), on uint8 images N×H×W×3, through `stitches` (make_stitches), with the shared BatchNorm
-    statistics. own_bn (an OwnBatchNorm): the same once more with each path's own statistics, under
-    'own_bn', whose 'fallback' lists the paths that training never ran (shared statistics there).
-    fast: bf16 autocast (CUDA). classes: the number of class logits, where the
-    down-halves output more (xml+disc's synthesis score, whose accuracy at telling the down-half's
-    own up-half from the other's is then reported as 'synthesis')."""
+    """On uint8 images N×H×W×3: top-1 (%) of every path (path_table), of the ensemble of the pure
+    nets (mean softmax), and the feature distance, the mean of (f_i − f_j)² over the features of
+    every two nets at every cut where they have one shape (None where none do); with the shared
+    BatchNorm statistics, and with own_bn (OwnBatchNorm) once more under 'own_bn' with each path's
+    own, its 'fallback' listing the paths training never ran. fast: bf16 autocast. classes: the
+    class logits, where down-halves output more (xml+disc's synthesis score, whose accuracy at
+    telling the own up-half from the other is 'synthesis')."""
     K, P = len(parts), len(parts[0])
     paths = all_paths(K, P)
     dev = next(parts[0][0].parameters()).device
@@ -1180,8 +1098,7 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
             for s, bn_source in sources.items():
                 out = run_paths(parts, x, paths, bn_source, ups, stitches)
                 ups = {p: z for p, z in out.items() if len(p) == 1}
-                # xml+disc: right when > 0 means "own"
-                if classes is not None and out[paths[0]].shape[1] > classes:
+                if classes is not None and out[paths[0]].shape[1] > classes:  # xml+disc: > 0 is own
                     if s == 'shared':
                         right = torch.stack([((out[p][:, classes] > 0) == (len(set(p)) == 1)).sum()
                                              for p in paths])
@@ -1192,10 +1109,10 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
                                           for z in [out[p] for p in paths] + [probs]])
                 for c in range(1, P):
                     for i, j in itertools.combinations(range(K), 2):
-                        if out[(i,) * c].shape != out[(j,) * c].shape:
-                            continue
-                        sq_dist[s] += (out[(i,) * c].float() - out[(j,) * c].float()).pow(2).sum()
-                        n_dist += out[(i,) * c].numel() if s == 'shared' else 0
+                        if out[(i,) * c].shape == out[(j,) * c].shape:
+                            sq_dist[s] += (out[(i,) * c].float()
+                                           - out[(j,) * c].float()).pow(2).sum()
+                            n_dist += out[(i,) * c].numel() if s == 'shared' else 0
 
     def report(s):
         correct = counts[s].tolist()  # one host synchronisation for the whole test set
@@ -1223,26 +1140,21 @@ def path_table(acc, K, P):
     return table
 
 
-# --------------------------------------------------------- speed and scale: changes how, not what
+# ------------------------------------------------------------ the fast path: changes how, not what
 class TrainStep:
-    """A training step on one batch of augmented uint8 images: normalise them, call
-    fn(x, labels) → {learner: loss} (train_step or hint_step with their nets and optimizers bound
-    by functools.partial), and sum each learner's loss on the device (loss_sum, so nothing waits
-    for the host). The flags change how, not what, it computes (the fast path, on the GPU):
-    - channels_last: the layout convolutions read fastest, tensor cores and oneDNN alike
-      (normalize() yields it for free);
-    - bf16: autocast for convolutions and matrix products; losses, BatchNorm statistics and weights
-      stay fp32."""
+    """A training step on a batch of augmented uint8 images: normalise, call fn(x, labels) →
+    {learner: loss} (train_step or hint_step, bound by functools.partial), and sum each loss on the
+    device (loss_sum; first_bad: the first step whose loss was not finite), so nothing waits for the
+    host. On the GPU: channels_last (the layout convolutions read fastest; normalize() yields it for
+    free) and bf16 autocast (losses, BatchNorm statistics and weights stay fp32)."""
 
     def __init__(self, fn, learners, mean, std, device, *, bf16=False, channels_last=False):
         self.fn, self.bf16 = fn, bf16
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
         self.loss_sum = {k: torch.zeros((), device=device) for k in learners}
-        # the first step of the epoch (1-based; 0: none) whose loss was not finite, found without a
-        # host sync
         self.first_bad = {k: torch.zeros((), dtype=torch.int64, device=device) for k in learners}
-        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)  # (1-based; 0: none)
 
     def __call__(self, images, labels):
         x = normalize(images, self.mean, self.std, self.memory_format)
@@ -1260,13 +1172,11 @@ class TrainStep:
 
 
 class CudaGraphStep:
-    """The fast path's third trick, around a TrainStep: after `warmup` real steps, the whole step
-    (the forward of every path, the routed backward passes, the optimizers, the BatchNorm updates)
-    is captured once in a CUDA graph and replayed for every later batch: one launch instead of
-    thousands, which is what bounds these nets at batch 128. The learning rate then lives in a
-    device tensor that set_lr() fills (graph_lr), and optimizers should be fused (one kernel). The
-    step must run the same kernels every time (no sampled paths), and every batch must have the
-    shape given here (the training loop drops the last partial batch)."""
+    """Around a TrainStep: after `warmup` real steps the whole step (forwards, routed backwards,
+    optimizers, BatchNorm updates) is captured once in a CUDA graph and replayed for every later
+    batch: one launch instead of thousands, which bounds these nets at batch 128. Needs the lr in a
+    device tensor (graph_lr), fused optimizers, the same kernels every step (no sampled paths) and
+    every batch of the shape given (the loop drops the last partial batch)."""
 
     def __init__(self, step, batch_shape, device, warmup=3):
         self.step, self.warmup, self.captured, self.calls = step, warmup, None, 0
@@ -1283,8 +1193,7 @@ class CudaGraphStep:
         self.images.copy_(images)
         self.labels.copy_(labels)
         self.calls += 1
-        # real steps; capture wants them on a side stream
-        if self.captured is None and self.calls <= self.warmup:
+        if self.captured is None and self.calls <= self.warmup:  # real steps, on a side stream
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -1299,8 +1208,7 @@ class CudaGraphStep:
 
 
 def graph_lr(optimizers, device):
-    """Make each optimizer's learning rate a device tensor: a replayed CUDA graph reads it from
-    memory."""
+    """Each optimizer's lr as a device tensor, which a replayed CUDA graph reads from memory."""
     for opt in optimizers:
         for group in opt.param_groups:
             group['lr'] = torch.tensor(float(group['lr']), device=device)
@@ -1309,9 +1217,8 @@ def graph_lr(optimizers, device):
 # ------------------------------------------------------------------------------------------- cost
 # The deck's "Dynamic Computation" (METHOD.md §5): what each path costs, to pick one by budget.
 def forward_flops(module, x):
-    """(FLOPs of one forward of `module` on x, its output): torch's FlopCounterMode, which counts
-    2 × the multiply-adds of convolutions and matrix products (BatchNorm, ReLU and pooling are left
-    out; a test checks a hand count)."""
+    """(FLOPs of one forward of `module` on x, its output): FlopCounterMode's count, 2 × the
+    multiply-adds of convolutions and matrix products (a test checks a hand count)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = module(x)
     return counter.get_total_flops(), out
@@ -1319,25 +1226,20 @@ def forward_flops(module, x):
 
 @torch.no_grad()
 def part_flops(parts, paths, image_size=32, stitches=None):
-    """{prefix: forward FLOPs per image of the prefix's last part (and the stitch before it)}, for
-    every prefix of `paths`, each run once."""
+    """{prefix: forward FLOPs per image of its last part and the stitch before it} for every prefix
+    of `paths`."""
     p = next(parts[0][0].parameters())
     out, flops = {(): torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)}, {}
     with eval_mode(all_modules(parts, stitches)):
-        for path in paths:
-            for k in range(1, len(path) + 1):
-                q = path[:k]
-                if q not in out:
-                    flops[q], out[q] = forward_flops(nn.Sequential(*prefix_modules(parts, q,
-                                                                                   stitches)),
-                                                     out[q[:-1]])
+        for q in dict.fromkeys(path[:k] for path in paths for k in range(1, len(path) + 1)):
+            flops[q], out[q] = forward_flops(nn.Sequential(*prefix_modules(parts, q, stitches)),
+                                             out[q[:-1]])
     return flops
 
 
 @torch.no_grad()
 def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.1):
-    """Median wall time (ms) of one forward of `modules` in order, eval mode, on their device, at
-    `batch`."""
+    """Median wall time (ms) of one forward of `modules` in order, eval mode, at `batch`."""
     p = next(modules[0].parameters())
     x = torch.randn(batch, 3, image_size, image_size,
                     device=p.device).contiguous(memory_format=layout(modules[0]))
@@ -1359,10 +1261,9 @@ def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.1):
 
 @torch.no_grad()
 def path_costs(parts, accuracy, image_size=32, fast=False, stitches=None):
-    """For every path: top-1 (from evaluate()'s 'paths'), parameters, forward GFLOPs per image and
-    latency (ms) at batch 1 and 128 on the parts' device; sorted by FLOPs, the Pareto front (no
-    other path at most as costly and at least as accurate, better in one) marked. The deck's
-    "Dynamic Computation": pick a path by budget. A crossed path's costs include its stitches."""
+    """Per path (with its stitches): top-1 (evaluate()'s 'paths'), parameters, GFLOPs per image,
+    latency (ms) at batch 1 and 128; sorted by FLOPs, the Pareto front marked (no other path at most
+    as costly and at least as accurate, better in one)."""
     K, P = len(parts), len(parts[0])
     flops = part_flops(parts, all_paths(K, P), image_size, stitches)
     rows = []
@@ -1390,16 +1291,14 @@ def cost_table(rows):
 
 # ----------------------------------------------------------------------------------- training run
 def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
-    """The recipe's learning rate at `step` (0-based, counted from the start of training): lr·s/S
-    at step s of the first warm-up epochs' S steps (METHOD.md §4), then in epoch e = 1, 2, … lr × 0.2
-    per milestone m ≤ e, m = 30, 60 and 80 % of the epochs (60, 120, 160 of 200), at least 2. As
-    in pytorch-cifar100, which calls MultiStepLR.step(e) before epoch e: epoch 60 trains at
-    lr × 0.2."""
+    """The recipe's lr at `step` (0-based, from the start of the stage; METHOD.md §4): lr·s/S at
+    step s of the warm-up epochs' S steps, then in epoch e = 1, 2, … lr × 0.2 per milestone m ≤ e
+    (30, 60 and 80 % of the epochs, at least 2): as pytorch-cifar100 calls MultiStepLR.step(e)
+    before epoch e, epoch 60 of 200 trains at lr × 0.2."""
     warmup_steps = warmup_epochs * steps_per_epoch
     if step < warmup_steps:
         return lr * step / warmup_steps
-    epoch = step // steps_per_epoch + 1  # counted from 1, as the codebase counts
-    # never before epoch 2: a short run's first epoch trains at lr
+    epoch = step // steps_per_epoch + 1
     drops = sum(epoch >= max(2, round(f * epochs)) for f in MILESTONES)
     return lr * LR_DECAY ** drops
 
@@ -1425,8 +1324,8 @@ def write_json(path, obj):
 
 
 def load_checkpoint(path):
-    """A checkpoint this script wrote (a dict with the run's 'config'), loaded onto the CPU; a
-    one-line UsageError for any other file."""
+    """A checkpoint this script wrote (a dict with the run's 'config'), on the CPU; else a
+    UsageError."""
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # not a torch file, truncated, or objects weights_only refuses
@@ -1445,8 +1344,8 @@ def net_cuts_of(config):
 
 
 def load_net(path, name, model, index=None):
-    """Load into `model` the weights of the net called `name` in a checkpoint this script wrote: the
-    one at position `index` if it is called so, else the first."""
+    """Load into `model` the net called `name` in a checkpoint: the one at `index` if so called,
+    else the first."""
     ckpt = load_checkpoint(path)
     names = ckpt['config'].get('nets', [])
     if name not in names:
@@ -1454,16 +1353,15 @@ def load_net(path, name, model, index=None):
                          f'give a checkpoint (last.pt or best.pt) of a run that trained {name}')
     try:
         model.load_state_dict(ckpt['nets'][index if index is not None and index < len(names)
-                                                    and names[index] == name
-                                           else names.index(name)])
+                                           and names[index] == name else names.index(name)])
     except RuntimeError as e:  # another width or number of classes
         raise UsageError(f'{path}: its {name} does not fit this run '
                          f'({str(e).splitlines()[1].strip()}); train the teacher with the same '
-                         f'--dataset and --width') from None
+                         '--dataset and --width') from None
 
 
 def build_nets(cfg, num_classes):
-    """The nets of a run; with xml+disc every net has one output more, its down-half's synthesis
+    """The nets of a run; with xml+disc each has one output more, its down-half's synthesis
     score."""
     return [build(n, num_classes + (cfg.method == 'xml+disc'), cfg.width) for n in cfg.nets]
 
@@ -1482,35 +1380,30 @@ def format_duration(seconds):
 def progress_line(rec, total_epochs, seconds_left):
     """One line per epoch: losses, top-1 of each net and of the cross pairings with shared (and in
     brackets own) BatchNorm statistics, lr, speed, time left."""
-    def fmt(xs):
-        return ' '.join('-' if x is None else f'{x:.3f}' for x in xs)
-
     def both(key, show):
         return show(rec[key]) + (f' ({show(rec["own_bn"][key])})' if 'own_bn' in rec else '')
 
     def accs(xs):
         return ' '.join(f'{a:.2f}' for a in xs)
 
-    line = (f'epoch {rec["epoch"]:>{len(str(total_epochs))}}/{total_epochs} {rec["stage"]:<5} '
-            f'loss {fmt(rec["loss"])}  top1 {both("accuracy", accs)}')
-    if 'cross' in rec:
-        line += '  cross ' + both('cross', lambda m: ' | '.join(accs(row) for row in m))
     dist = rec['feature_distance']  # None where the features differ in channels
-    return (line + f'  ens {rec["ensemble"]:.2f}  dist {"-" if dist is None else f"{dist:.4f}"}  '
-            f'lr {rec["lr"]:.4g}  {rec["img_per_s"]:,.0f} img/s  '
-            f'left {format_duration(seconds_left)}')
+    cross = f'  cross {both("cross", lambda m: " | ".join(map(accs, m)))}' if 'cross' in rec else ''
+    return (f'epoch {rec["epoch"]:>{len(str(total_epochs))}}/{total_epochs} {rec["stage"]:<5} loss '
+            + ' '.join('-' if x is None else f'{x:.3f}' for x in rec['loss'])
+            + f'  top1 {both("accuracy", accs)}{cross}  ens {rec["ensemble"]:.2f}  '
+            f'dist {"-" if dist is None else f"{dist:.4f}"}  lr {rec["lr"]:.4g}  '
+            f'{rec["img_per_s"]:,.0f} img/s  left {format_duration(seconds_left)}')
 
 
 # What a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ('nets', 'net_cuts', 'method', 'update', 'path_weights', 'paths_per_step', 'temperature',
-               'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs', 'warmup_epochs',
-               'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset', 'width',
-               'rotate', 'fast', 'sync_bn', 'processes', 'schedule')
+RESUME_KEYS = ('nets', 'net_cuts', 'method', 'update', 'path_weights', 'paths_per_step',
+               'temperature', 'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs',
+               'warmup_epochs', 'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset',
+               'width', 'rotate', 'fast', 'sync_bn', 'processes', 'schedule')
 
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM stopped the run after a checkpoint; main() exits with 128 + the signal
-    number."""
+    """SIGINT or SIGTERM stopped the run after a checkpoint; main() exits with 128 + the signal."""
 
 
 class Diverged(Exception):
@@ -1519,9 +1412,8 @@ class Diverged(Exception):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Inside: the first SIGINT or SIGTERM asks the run to stop after the current epoch's checkpoint
-    (the returned dict then holds the signal); a second one stops at once, losing the epoch in
-    progress."""
+    """Inside: the first SIGINT or SIGTERM asks the run to stop after this epoch's checkpoint (the
+    returned dict then holds the signal); a second one stops at once."""
     request = {'signal': 0}
 
     def handler(signum, _):
@@ -1530,8 +1422,7 @@ def stop_on_signals():
         request['signal'] = signum
         print(f'\n{signal.Signals(signum).name}: stopping after this epoch\'s checkpoint '
               '(again to stop now)', file=sys.stderr, flush=True)
-    # only the main thread may set handlers
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield request
         return
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1559,11 +1450,10 @@ class Run:
     frozen: set  # nets that do not learn: kd's and fitnet's teacher, --freeze's net
     student: object  # kd, fitnet: the student's index, else None
     optimizers: list  # one per net, None for a frozen net
-    regressor: object = None  # fitnet: the regressor of stage 1 …
-    # … and the optimizer of the student's up-half and the regressor
+    regressor: object = None  # fitnet: the regressor, and the optimizer of it and the student's up
     hint_optimizer: object = None
-    discriminator: object = None  # xml+gan: the discriminator …
-    disc_optimizer: object = None  # … and its optimizer
+    discriminator: object = None  # xml+gan: the discriminator and its optimizer
+    disc_optimizer: object = None
     own_bn: object = None  # OwnBatchNorm: each path's own BatchNorm statistics
     history: list = field(default_factory=list)
     best: dict = None
@@ -1572,8 +1462,7 @@ class Run:
 
     def learners(self):
         """The keys of the losses a step returns: the nets, then xml+gan's discriminator."""
-        return list(range(len(self.models))) + (['discriminator'] if self.discriminator is not None
-                                                else [])
+        return list(range(len(self.models))) + ['discriminator'] * (self.discriminator is not None)
 
     def checkpoint_optimizers(self):
         """Every optimizer in the checkpoint's order: nets (None where frozen), the discriminator's,
@@ -1595,29 +1484,26 @@ def start_processes(cfg):
             dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', rank)))
             torch.cuda.set_device(dev)
     if cfg.batch_size % world:
-        raise UsageError(f'--batch-size {cfg.batch_size} does not split evenly '
-                         f'over {world} processes')
+        raise UsageError(f'--batch-size {cfg.batch_size} does not split evenly over {world} '
+                         'processes')
     return dev, rank, world
 
 
 def prepare_out(out, force):
-    """Create the output directory, check it can be written, and with --force clear the run already
-    there."""
+    """Create --out, check it can be written, and with --force clear the run already there."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / '.write-test', 'w'):
-            pass
+        (out / '.write-test').touch()
         os.remove(out / '.write-test')
     except OSError as e:
-        raise UsageError(f'--out {out} cannot be written ({e.strerror}); '
-                         'choose another directory') from None
+        raise UsageError(f'--out {out} cannot be written ({e.strerror}); choose another') from None
     if force:
         for name in ('summary.json', 'last.pt', 'best.pt', 'metrics.jsonl'):
             (out / name).unlink(missing_ok=True)
 
 
 def set_up(cfg):
-    """A Run of `cfg` (made by parse_args: derived and checked) before its first epoch: processes,
+    """A Run of `cfg` (from parse_args: derived and checked) before its first epoch: processes,
     data, nets, optimizers."""
     dev, rank, world = start_processes(cfg)
     data = load_data(cfg.dataset, cfg.data_dir)
@@ -1638,11 +1524,10 @@ def set_up(cfg):
     if problem:
         raise problem
     fast = cfg.fast == 'on'
-    # the layout tensor cores read fastest, and on the CPU too (oneDNN): the xml step at width 16,
-    # batch 128, 2 cores, ran 1.25-1.5x faster than in the contiguous layout
+    # channels_last: the layout tensor cores read fastest, and oneDNN too (the xml step at width 16,
+    # batch 128 on 2 cores ran 1.25-1.5x faster than in the contiguous layout)
     fmt = torch.channels_last
-    # fixed shapes: let cuDNN time its kernels once and keep the fastest
-    torch.backends.cudnn.benchmark = fast
+    torch.backends.cudnn.benchmark = fast  # fixed shapes: cuDNN times its kernels once
     torch.manual_seed(cfg.seed)
     models = build_nets(cfg, data.num_classes)
     if cfg.sync_bn:  # batch statistics over the whole batch, not each rank's share
@@ -1657,13 +1542,11 @@ def set_up(cfg):
                          f'{first_line(e, 200)}') from None
     if cfg.sync_bn:
         stitches = nn.SyncBatchNorm.convert_sync_batchnorm(stitches)
-    K = len(models)
-    frozen, student = set(), None
+    K, frozen, student = len(models), set(), None
     if cfg.method in ('kd', 'fitnet'):  # the teacher: the larger net of the pair, loaded and frozen
         teacher = max(range(K), key=lambda i: num_params(models[i]))
-        student = 1 - teacher
+        student, frozen = 1 - teacher, {teacher}
         load_net(cfg.teacher, cfg.nets[teacher], models[teacher])
-        frozen = {teacher}
     for i, path in enumerate((cfg.init1, cfg.init2)):
         if path:
             load_net(path, cfg.nets[i], models[i], i)
@@ -1671,12 +1554,11 @@ def set_up(cfg):
         frozen.add(cfg.freeze - 1)
     for i in frozen:
         models[i].requires_grad_(False)
+    optimizers = [None if i in frozen else sgd([*models[i].parameters(), *(
+        p for s in stitches_into(stitches, i) for p in s.parameters())], cfg, fast)
+        for i in range(K)]
     run = Run(cfg, dev, rank, world, data, *channel_stats(data.train_x), models, parts, shapes,
-              stitches, frozen, student,
-              [None if i in frozen else sgd([*models[i].parameters(),
-                                             *(p for s in stitches_into(stitches, i)
-                                               for p in s.parameters())], cfg, fast)
-               for i in range(K)],
+              stitches, frozen, student, optimizers,
               best={'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0})
     run.own_bn = OwnBatchNorm(run.parts)  # from the shared statistics of the nets as loaded
     if cfg.method == 'xml+gan':
@@ -1691,8 +1573,7 @@ def set_up(cfg):
 
 
 def resume(run, gen):
-    """Continue from the checkpoint last.pt in --out, if there is one: weights, optimizers, random
-    states."""
+    """Continue from last.pt in --out, if there is one: weights, optimizers, random states."""
     out = Path(run.cfg.out)
     if not (out / 'last.pt').exists():
         if run.rank == 0:
@@ -1709,41 +1590,12 @@ def resume(run, gen):
             module.load_state_dict(ckpt[key])
     run.stitches.load_state_dict(ckpt.get('stitches', {}))  # (none before stitches existed)
     run.own_bn.load_state_dict(ckpt['own_bn'])
-    rng = ckpt['rng']['data']
-    gen.set_state(rng)
+    gen.set_state(ckpt['rng']['data'])
     torch.set_rng_state(ckpt['rng']['torch'])
     run.history, run.start, run.wall_before, run.best = (ckpt['history'], ckpt['epoch'],
                                                           ckpt['wall_s'], ckpt['best'])
     if run.rank == 0:
         print(f'resuming {out} after epoch {run.start}', file=sys.stderr)
-
-
-def make_step(run, hint, paths_rng):
-    """(the step of a stage, its optimizers): FitNet's hint stage, or the method's training
-    (fitnet's second stage is kd); a TrainStep, in a CudaGraphStep where that can be captured."""
-    cfg, fast = run.cfg, run.cfg.fast == 'on'
-    if hint:
-        student, teacher = run.student, 1 - run.student
-        optimizers = [run.hint_optimizer]
-        fn = functools.partial(hint_step, run.parts[student][0], run.parts[teacher][0],
-                               run.regressor, run.hint_optimizer, student=student)
-    else:
-        method = 'kd' if cfg.method == 'fitnet' else cfg.method
-        optimizers = [opt for opt in run.optimizers + [run.disc_optimizer] if opt is not None]
-        fn = functools.partial(train_step, run.parts, run.optimizers, method=method,
-                               update=cfg.update, paths_per_step=cfg.paths_per_step,
-                               rng=paths_rng, disc_optimizer=run.disc_optimizer,
-                               own_bn=run.own_bn, stitches=run.stitches,
-                               **loss_options(cfg, method, run.discriminator))
-    learners = [run.student] if hint else [k for k in run.learners() if k not in run.frozen]
-    step = TrainStep(fn, learners, run.mean, run.std, run.dev, bf16=fast, channels_last=True)
-    # sampled paths change from step to step, which one captured graph cannot; nor are the
-    # collectives of torchrun tested inside a capture
-    if fast and run.world == 1 and cfg.paths_per_step is None:
-        graph_lr(optimizers, run.dev)
-        step = CudaGraphStep(step, (cfg.batch_size // run.world, *run.data.train_x.shape[1:]),
-                             run.dev)
-    return step, optimizers
 
 
 def loss_options(cfg, method, discriminator=None):
@@ -1762,13 +1614,38 @@ def loss_options(cfg, method, discriminator=None):
     return kw
 
 
+def make_step(run, hint, paths_rng):
+    """(the step of a stage, its optimizers): FitNet's hint stage, or the method's training
+    (fitnet's second stage is kd); a TrainStep, in a CudaGraphStep where that can be captured."""
+    cfg, fast = run.cfg, run.cfg.fast == 'on'
+    if hint:
+        student, teacher = run.student, 1 - run.student
+        optimizers, learners = [run.hint_optimizer], [student]
+        fn = functools.partial(hint_step, run.parts[student][0], run.parts[teacher][0],
+                               run.regressor, run.hint_optimizer, student=student)
+    else:
+        method = 'kd' if cfg.method == 'fitnet' else cfg.method
+        optimizers = [opt for opt in run.optimizers + [run.disc_optimizer] if opt is not None]
+        learners = [k for k in run.learners() if k not in run.frozen]
+        fn = functools.partial(train_step, run.parts, run.optimizers, method=method,
+                               update=cfg.update, paths_per_step=cfg.paths_per_step,
+                               rng=paths_rng, disc_optimizer=run.disc_optimizer,
+                               own_bn=run.own_bn, stitches=run.stitches,
+                               **loss_options(cfg, method, run.discriminator))
+    step = TrainStep(fn, learners, run.mean, run.std, run.dev, bf16=fast, channels_last=True)
+    # sampled paths change from step to step, which one captured graph cannot; nor are torchrun's
+    # collectives tested inside a capture
+    if fast and run.world == 1 and cfg.paths_per_step is None:
+        graph_lr(optimizers, run.dev)
+        step = CudaGraphStep(step, (cfg.batch_size, *run.data.train_x.shape[1:]), run.dev)
+    return step, optimizers
+
+
 def train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen):
     """One pass over the training set in a fresh random order, the lr set per step (lr_at); returns
     each learner's mean loss (None for those that do not learn in this stage) and the last lr."""
     cfg, H = run.cfg, run.cfg.hint_epochs
-    hint = epoch < H
-    # each stage its own schedule
-    stage_epoch, stage_epochs = (epoch, H) if hint else (epoch - H, cfg.epochs)
+    stage_epoch, stage_epochs = (epoch, H) if epoch < H else (epoch - H, cfg.epochs)
     n_steps = len(train_x) // cfg.batch_size  # the last partial batch is dropped
     share, rank = cfg.batch_size // run.world, run.rank  # each rank's share of a batch
     train_batch.new_epoch()
@@ -1778,8 +1655,6 @@ def train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen):
     perm = torch.randperm(len(train_x), device=run.dev, generator=gen)
     lr = None
     for s in range(n_steps):
-        # per step: the warm-up raises the lr every step; a captured graph reads it from its device
-        # tensor
         lr_now = lr_at(stage_epoch * n_steps + s, n_steps, stage_epochs, cfg.lr, cfg.warmup_epochs)
         if lr_now != lr:
             lr = lr_now
@@ -1790,10 +1665,10 @@ def train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen):
         images = augment(train_x[idx], generator=gen, rotate=cfg.rotate)
         mine = slice(rank * share, (rank + 1) * share)
         train_batch(images[mine], train_y[idx[mine]])
-    keys = run.learners()
-    sums = torch.stack([train_batch.loss_sum.get(k, torch.zeros((), device=run.dev))
-                        for k in keys])
-    if run.world > 1:  # the mean over ranks; BatchNorm statistics too (each rank saw its own share)
+    keys, zero = run.learners(), torch.zeros((), dtype=torch.int64, device=run.dev)
+    sums = torch.stack([train_batch.loss_sum.get(k, zero.float()) for k in keys])
+    first_bad = torch.stack([train_batch.first_bad.get(k, zero) for k in keys])
+    if run.world > 1:  # means over ranks, BatchNorm statistics too; every rank sees a divergence
         dist.all_reduce(sums)
         sums /= run.world
         # a frozen net's statistics are the same on every rank: left exact, not re-averaged
@@ -1804,10 +1679,6 @@ def train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen):
                     if b.is_floating_point()] + run.own_bn.tensors(learning):
             dist.all_reduce(buf)
             buf /= run.world
-    first_bad = torch.stack([train_batch.first_bad.get(k, torch.zeros((), dtype=torch.int64,
-                                                               device=run.dev))
-                             for k in keys])
-    if run.world > 1:  # every rank must see a divergence, or the others would wait for it forever
         first_bad = torch.where(first_bad == 0, n_steps + 1, first_bad)
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
         first_bad = torch.where(first_bad == n_steps + 1, 0, first_bad)
@@ -1818,15 +1689,15 @@ def train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen):
                 else 'the discriminator')
         kept = (f'{cfg.out}/last.pt still holds epoch {epoch}' if epoch
                 else 'no checkpoint was written')
-        raise Diverged(f'the loss of {name} became NaN or infinite at epoch {epoch + 1}, '
-                       f'batch {at} of {n_steps}; {kept}; lower --lr or check the data')
+        raise Diverged(f'the loss of {name} became NaN or infinite at epoch {epoch + 1}, batch '
+                       f'{at} of {n_steps}; {kept}; lower --lr or check the data')
     return [v / n_steps if k in train_batch.loss_sum else None
             for k, v in zip(keys, sums.tolist())], lr
 
 
 def save_checkpoint(run, rec, gen, wall_s):
     """Record the epoch: best.pt when the mean top-1 of the learning nets is the best so far,
-    last.pt, and metrics.jsonl, each written atomically (rank 0 only)."""
+    last.pt, metrics.jsonl, each written atomically (rank 0 only)."""
     K, best = len(run.models), run.best
     for i in range(K):
         if rec['accuracy'][i] > best['accuracy'][i]:
@@ -1840,9 +1711,8 @@ def save_checkpoint(run, rec, gen, wall_s):
              'nets': [m.state_dict() for m in run.models],
              'optimizers': [opt.state_dict() if opt else None
                             for opt in run.checkpoint_optimizers()],
-             'regressor': run.regressor.state_dict() if run.regressor is not None else None,
-             'discriminator': (run.discriminator.state_dict() if run.discriminator is not None
-                               else None),
+             **{k: m.state_dict() if m is not None else None for k, m in
+                (('regressor', run.regressor), ('discriminator', run.discriminator))},
              'own_bn': run.own_bn.state_dict(), 'stitches': run.stitches.state_dict(),
              'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
              'history': run.history, 'best': best, 'wall_s': wall_s}
@@ -1855,10 +1725,9 @@ def save_checkpoint(run, rec, gen, wall_s):
 
 
 def train(cfg):
-    """Train the nets of `cfg` (made by parse_args: derived and checked) with its method,
-    evaluating after every epoch; writes metrics.jsonl, last.pt, best.pt and summary.json into
-    cfg.out and returns the summary. Under torchrun (several processes) every rank trains on its
-    share of each batch and rank 0 writes."""
+    """Train the nets of `cfg` (from parse_args) with its method, evaluating after every epoch;
+    writes metrics.jsonl, last.pt, best.pt and summary.json into cfg.out and returns the summary.
+    Under torchrun every rank trains on its share of each batch and rank 0 writes."""
     run = set_up(cfg)
     # data order and augmentation, the same on every rank
     gen = torch.Generator(run.dev).manual_seed(cfg.seed)
@@ -1873,11 +1742,10 @@ def train(cfg):
             hint = epoch < cfg.hint_epochs
             if hint not in steps:  # one step (one CUDA graph) per stage
                 steps[hint] = make_step(run, hint, paths_rng)
-            train_batch, optimizers = steps[hint]
             # the sampled paths of an epoch, also after a resume
             paths_rng.seed(cfg.seed * 1_000_003 + epoch)
             t0 = time.time()
-            losses, lr = train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen)
+            losses, lr = train_epoch(run, *steps[hint], epoch, train_x, train_y, gen)
             train_s = time.time() - t0
             rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr,
                    'loss': losses, **evaluate(run.parts, test_x, test_y, run.mean, run.std,
@@ -1900,22 +1768,15 @@ def train(cfg):
     return summarize(run, run.wall_before + time.time() - t_run)
 
 
-def best_of(history, key):
-    """{'best_accuracy', 'best_epoch'} of each net over the epochs of `history`, from each record's
-    block `key` (the first epoch of the best)."""
-    best = [max(history, key=lambda r: (r[key]['accuracy'][i], -r['epoch']))
-            for i in range(len(history[0]['accuracy']))]
-    return {'best_accuracy': [r[key]['accuracy'][i] for i, r in enumerate(best)],
-            'best_epoch': [r['epoch'] for r in best]}
-
-
 def summarize(run, wall_s):
-    """summary.json (rank 0 writes it): the settings, the last epoch's numbers, the best epochs,
-    each path's cost."""
+    """summary.json (rank 0 writes it): the settings, the last epoch's numbers, the best epochs (the
+    first of ties) with shared and own statistics, each path's cost (own statistics: what a path
+    shipped alone scores, tools/export_path.py)."""
     cfg, last, student = run.cfg, run.history[-1], run.student
-    # what a path shipped alone scores: with its own statistics (tools/export_path.py)
     costs = path_costs(run.parts, last['own_bn']['paths'], run.data.train_x.shape[1],
                        cfg.fast == 'on', run.stitches)
+    own_best = [max(run.history, key=lambda r: (r['own_bn']['accuracy'][i], -r['epoch']))
+                for i in range(len(run.models))]
     same = all(c == cfg.net_cuts[0] for c in cfg.net_cuts)
     summary = {'pair': ','.join(cfg.nets),
                'cut': ','.join(cfg.net_cuts[0] if same else [c[0] for c in cfg.net_cuts]),
@@ -1932,7 +1793,9 @@ def summarize(run, wall_s):
                'best_epoch': run.best['epoch'],
                'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
                'feature_distance': last['feature_distance'],
-               'own_bn': {**last['own_bn'], **best_of(run.history, 'own_bn')},
+               'own_bn': {**last['own_bn'], 'best_epoch': [r['epoch'] for r in own_best],
+                          'best_accuracy': [r['own_bn']['accuracy'][i]
+                                            for i, r in enumerate(own_best)]},
                'synthesis': last.get('synthesis'), 'path_costs': costs,
                'device': device_name(run.dev), 'torch': torch.__version__,
                'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_s,
@@ -1952,7 +1815,7 @@ class Parser(argparse.ArgumentParser):
 
 def make_parser():
     """The command line, one option per field of Config, in its groups. A default of None or False
-    is left to Config (argparse's formatter would print it as '(default: None)')."""
+    is left out of the help (argparse's formatter would print '(default: None)')."""
     p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {}
@@ -1961,13 +1824,12 @@ def make_parser():
             continue
         kw = {k: v for k, v in f.metadata.items() if k not in ('group', 'help')}
         group = groups.setdefault(f.metadata['group'], p.add_argument_group(f.metadata['group']))
-        default = argparse.SUPPRESS if f.default in (None, False) else f.default
         if f.type is bool:
             kw['action'] = 'store_true'
         elif 'type' not in kw and f.default is not None:
             kw['type'] = type(f.default)
-        group.add_argument('--' + f.name.replace('_', '-'), default=default, help=f.metadata['help'],
-                           **kw)
+        group.add_argument('--' + f.name.replace('_', '-'), help=f.metadata['help'], **kw,
+                           default=argparse.SUPPRESS if f.default in (None, False) else f.default)
     return p
 
 
@@ -1992,13 +1854,13 @@ def derive(cfg):
     net_cuts = ([cfg.cuts] * len(nets) if cfg.cuts else
                 [[c] for c in cut] if len(cut) == len(nets) else [cut] * len(nets))
     device = cfg.device or default_device()
-    fast = cfg.fast if cfg.fast != 'auto' else 'on' if device.startswith('cuda') else 'off'
-    processes = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
-                 else int(os.environ.get('WORLD_SIZE', 1)))
     name = (f'{"-".join(nets)}_{cfg.method}_{"-".join(dict.fromkeys(sum(net_cuts, [])))}'
             f'_seed{cfg.seed}')
     return replace(
-        cfg, nets=nets, net_cuts=net_cuts, device=device, fast=fast, processes=processes,
+        cfg, nets=nets, net_cuts=net_cuts, device=device,
+        fast=cfg.fast if cfg.fast != 'auto' else 'on' if device.startswith('cuda') else 'off',
+        processes=(dist.get_world_size() if dist.is_available() and dist.is_initialized()
+                   else int(os.environ.get('WORLD_SIZE', 1))),
         temperature=(cfg.temperature if cfg.temperature is not None
                      else 4.0 if cfg.method in ('kd', 'fitnet') else 1.0),
         hint_epochs=(cfg.hint_epochs if cfg.hint_epochs is not None
@@ -2039,50 +1901,42 @@ def check(cfg):
     if cfg.cut and cfg.cuts:
         raise UsageError('give --cut (one cut) or --cuts (several), not both')
     if cfg.cut and len(cfg.cut) not in (1, K):
-        raise UsageError(f'--cut takes one name for every net or one per net ({K}); '
-                         f'got {",".join(cfg.cut)}')
+        raise UsageError(f'--cut takes one name, or one per net ({K}); got {",".join(cfg.cut)}')
     if cfg.method in PAIR_ONLY and (K, P) != (2, 2):
-        raise UsageError(f'--method {cfg.method} is defined for a pair cut once, '
-                         f'not {K} nets in {P} parts')
+        raise UsageError(f'--method {cfg.method} is for a pair cut once, not {K} nets in {P} parts')
     if cfg.paths_per_step is not None:
         crossed = K ** P - K
         if cfg.method not in ('xml', 'xml+l2') or not 1 <= cfg.paths_per_step <= crossed:
-            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 (independent, '
-                             f'kd, fitnet and dml train only the pure paths, xml+disc and xml+gan '
-                             f'need all four) and must be 1 … {crossed}, the crossed paths of {K} '
-                             f'nets in {P} parts; got {cfg.paths_per_step}')
-    if cfg.freeze:
-        if cfg.method in ('kd', 'fitnet') or K != 2:
-            raise UsageError('--freeze is for a pair trained with a mutual method (kd and fitnet '
-                             'freeze the teacher themselves)')
-        if not getattr(cfg, f'init{cfg.freeze}'):
-            raise UsageError(f'--freeze {cfg.freeze} needs --init{cfg.freeze} PATH, '
-                             'the trained net to keep fixed')
+            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 and is 1 … '
+                             f'{crossed} (the crossed paths of {K} nets in {P} parts); got '
+                             f'{cfg.paths_per_step}')
+    if cfg.freeze and (cfg.method in ('kd', 'fitnet') or K != 2):
+        raise UsageError('--freeze is for a pair and a mutual method (kd and fitnet freeze the '
+                         'teacher themselves)')
+    if cfg.freeze and not getattr(cfg, f'init{cfg.freeze}'):
+        raise UsageError(f'--freeze {cfg.freeze} needs --init{cfg.freeze} PATH, the net to keep '
+                         'fixed')
     for i, path in enumerate((cfg.init1, cfg.init2)):
         if path and not Path(path).is_file():
-            raise UsageError(f'--init{i + 1} {path}: no such file; '
-                             'give a last.pt or best.pt of an earlier run')
-    for flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature'):
-        if not getattr(cfg, flag) > 0:
-            raise UsageError(f'--{flag.replace("_", "-")} must be positive, '
-                             f'got {getattr(cfg, flag)}')
-    for flag in ('momentum', 'weight_decay', 'l2_weight', 'adv_weight', 'rotate'):
-        if getattr(cfg, flag) < 0:
-            raise UsageError(f'--{flag.replace("_", "-")} must not be negative, '
+            raise UsageError(f'--init{i + 1} {path}: no such file; give a last.pt or best.pt')
+    for flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature', 'momentum', 'weight_decay',
+                 'l2_weight', 'adv_weight', 'rotate'):
+        positive = flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature')
+        if getattr(cfg, flag) <= 0 if positive else getattr(cfg, flag) < 0:
+            raise UsageError(f'--{flag.replace("_", "-")} must '
+                             f'{"be positive" if positive else "not be negative"}, '
                              f'got {getattr(cfg, flag)}')
     if (cfg.method == 'fitnet') != (cfg.hint_epochs > 0) or cfg.hint_epochs < 0:
         raise UsageError('--hint-epochs goes with --method fitnet and must be at least 1')
     longest = min(cfg.epochs, cfg.hint_epochs or cfg.epochs)  # each stage warms up on its own
     if not 0 <= cfg.warmup_epochs <= longest:
         raise UsageError(f'--warmup-epochs must be 0 … {longest} (at most --epochs'
-                         + (' and --hint-epochs' if cfg.hint_epochs else '')
+                         + ' and --hint-epochs' * bool(cfg.hint_epochs)
                          + f'), got {cfg.warmup_epochs}')
-    if cfg.method in ('kd', 'fitnet'):
-        if not cfg.teacher or not Path(cfg.teacher).is_file():
-            raise UsageError(f'--method {cfg.method} needs --teacher PATH, '
-                             f'a checkpoint of a trained teacher (got {cfg.teacher}); '
-                             f'train one first, e.g. --method independent')
-    elif cfg.teacher:
+    if cfg.method in ('kd', 'fitnet') and not (cfg.teacher and Path(cfg.teacher).is_file()):
+        raise UsageError(f'--method {cfg.method} needs --teacher PATH, a checkpoint of a trained '
+                         f'teacher (got {cfg.teacher}); train one first, e.g. --method independent')
+    if cfg.teacher and cfg.method not in ('kd', 'fitnet'):
         raise UsageError('--teacher goes with --method kd or fitnet')
     try:  # the nets on the CPU: cheap, and before anything is loaded or written
         parts = [split_parts(build(n, 10, cfg.width), c) for n, c in zip(cfg.nets, cfg.net_cuts)]
@@ -2094,19 +1948,19 @@ def check(cfg):
         raise UsageError(f'{",".join(cfg.nets)} on 32×32 images: {type(e).__name__}: '
                          f'{first_line(e)}') from None
     if stitched and (cfg.method in ('xml+l2', 'xml+gan') or cfg.freeze):
-        raise UsageError(f'{"--freeze" if cfg.freeze else "--method " + cfg.method} needs the nets\' '
-                         'features to have one shape at the cut, and here their channels differ; '
-                         'cut where they agree')
+        raise UsageError(f'{"--freeze" if cfg.freeze else "--method " + cfg.method} needs '
+                         'features of one shape at the cut, and here their channels differ; cut '
+                         'where they agree')
     if cfg.dataset == 'folder' and not Path(cfg.data_dir).is_dir():
         raise UsageError(f'--data-dir {cfg.data_dir} is not a directory; --dataset folder needs '
-                         f'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
+                         'DIR/train/<class>/<image> and DIR/test/<class>/<image>')
     check_device(cfg.device)
     if cfg.fast == 'on' and not cfg.device.startswith('cuda'):
-        raise UsageError('--fast on needs a CUDA device (CUDA graphs, bf16); '
-                         'use --fast off on the CPU')
+        raise UsageError('--fast on needs a CUDA device (CUDA graphs, bf16); use --fast off on '
+                         'the CPU')
     if cfg.sync_bn and (not cfg.device.startswith('cuda') or cfg.processes < 2):
-        raise UsageError('--sync-bn needs several GPU processes: '
-                         'launch with torchrun --nproc_per_node=N on GPUs')
+        raise UsageError('--sync-bn needs several GPU processes: launch with torchrun '
+                         '--nproc_per_node=N')
     check_out(cfg)
 
 
@@ -2125,8 +1979,7 @@ def check_device(name):
 
 def check_out(cfg):
     """--out must be writable; a finished run there is never overwritten without --force, an
-    unfinished one is continued only with --resume and the same settings, on the same kind of
-    device."""
+    unfinished one continued only with --resume, the same settings and the same kind of device."""
     out = Path(cfg.out)
     existing = next(p for p in [out, *out.parents] if p.exists())  # check now, write nothing yet
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -2138,31 +1991,27 @@ def check_out(cfg):
         raise UsageError(f'--out {out} holds a finished run: nothing to resume')
     if cfg.resume and (out / 'last.pt').exists():
         ckpt = load_checkpoint(out / 'last.pt')
-        saved = ckpt['config']
-        saved['net_cuts'] = net_cuts_of(saved)
+        saved = {**ckpt['config'], 'net_cuts': net_cuts_of(ckpt['config'])}
         if saved.get('schedule') != cfg.schedule or 'own_bn' not in ckpt:
             raise UsageError(f'--resume: {out}/last.pt was written by an older xml_ref.py (another '
                              'lr schedule, or no per-path BatchNorm statistics); finish it with '
                              'that version or start over with --force')
-        differ = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-        if differ:
-            k = differ[0]
-            raise UsageError(f'--resume: {out}/last.pt was written with {k}={saved.get(k)!r}, not '
-                             f'{getattr(cfg, k)!r}; resume with the same settings '
-                             'or use another --out')
-        was = torch.device(saved.get('device', 'cpu')).type
-        # the data order's random generator is the device's own
+        k = next((k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)), None)
+        if k:
+            raise UsageError(f'--resume: {out}/last.pt was written with {k}={saved.get(k)!r}, '
+                             f'not {getattr(cfg, k)!r}; resume with the same settings or use '
+                             'another --out')
+        was = torch.device(saved.get('device', 'cpu')).type  # the data order's generator is its own
         if was != torch.device(cfg.device).type:
-            raise UsageError(f'--resume: {out}/last.pt was written on {was}, '
-                             f'this run is on {cfg.device}; '
-                             f'resume it with --device {was} (or start over with --force)')
-    elif not cfg.force:
-        if (out / 'summary.json').exists():
-            raise UsageError(f'--out {out} already holds a finished run; '
-                             f'use --force to overwrite it or another --out')
-        if (out / 'last.pt').exists():
-            raise UsageError(f'--out {out} holds an unfinished run; '
-                             '--resume continues it, --force starts over')
+            raise UsageError(f'--resume: {out}/last.pt was written on {was}, this run is on '
+                             f'{cfg.device}; resume it with --device {was} (or start over with '
+                             '--force)')
+    elif not cfg.force and (out / 'summary.json').exists():
+        raise UsageError(f'--out {out} already holds a finished run; use --force to overwrite it '
+                         'or another --out')
+    elif not cfg.force and (out / 'last.pt').exists():
+        raise UsageError(f'--out {out} holds an unfinished run; --resume continues it, --force '
+                         'starts over')
 
 
 def main(argv=None):
@@ -2179,8 +2028,8 @@ def main(argv=None):
             print(json.dumps({**{k: summary[k] for k in ('method', 'pair', 'cut', 'accuracy',
                                                          'best_accuracy', 'cross', 'ensemble',
                                                          'feature_distance', 'wall_s')},
-                              'own_bn': {k: summary['own_bn'].get(k) for k in ('accuracy', 'cross',
-                                                                                'ensemble')}}))
+                              'own_bn': {k: summary['own_bn'].get(k)
+                                         for k in ('accuracy', 'cross', 'ensemble')}}))
         return 0
     except UsageError as e:
         print(f'xml_ref.py: error: {e}', file=sys.stderr)
