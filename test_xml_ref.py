@@ -1775,6 +1775,7 @@ BAD_INPUTS = [
     (['--epochs', '0'], '--epochs must be positive'),
     (['--batch-size', '-1'], '--batch-size must be positive'),
     (['--lr', '0'], '--lr must be positive'),
+    (['--lr', 'nan'], '--lr must be positive, got nan'),  # NaN fails every comparison
     (['--epochs', 'many'], 'invalid int'),
     (['--dataset', 'folder', '--data-dir', '/nonexistent/dir'], 'not a directory'),
     (['--method', 'kd'], 'needs --teacher'),
@@ -2435,7 +2436,7 @@ def test_pair_only_methods_and_paths_per_step_are_refused_outside_their_range(tm
         for r in (0, crossed + 1):
             code, cap = run_cli(['--nets', nets, '--cuts', cuts, '--paths-per-step', str(r), '--width', '4',
                                  '--out', str(tmp_path / 'x')], capsys)
-            one_line_error(code, cap, f'is 1 … {crossed}')
+            one_line_error(code, cap, f'must be 1 … {crossed}')
     assert not (tmp_path / 'x').exists()
 
 

@@ -39,7 +39,9 @@ from torch.utils.flop_counter import FlopCounterMode
 # The recipe (METHOD.md §4) is that of weiaicunzai/pytorch-cifar100, whose models the deck's
 # parameter counts match; Config holds its values, lr_at its schedule.
 MILESTONES, LR_DECAY, PAD = (0.3, 0.6, 0.8), 0.2, 4
-SCHEDULE = 'pytorch-cifar100'  # recorded in checkpoints; older runs (another lr schedule) have none
+# Recorded in checkpoints and summaries; runs without it dropped the lr one epoch after each
+# milestone.
+SCHEDULE = 'pytorch-cifar100'
 METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2', 'xml+disc', 'xml+gan')
 PAIR_ONLY = ('kd', 'fitnet', 'xml+disc', 'xml+gan')  # defined for two nets cut once
 UPDATES = ('simultaneous', 'sequential')
@@ -63,8 +65,8 @@ WHAT, HOW, RECIPE, DATA, OUT = ('what is trained', "the method's options",
 @dataclass
 class Config:
     """Every option of a run, declared once (make_parser builds the command line from the fields).
-    derive() fills in the values that depend on others, check() refuses bad ones and changes
-    nothing."""
+    A list option's string default is parsed like the command line. derive() fills in the values
+    that depend on others, check() refuses bad ones and changes nothing."""
     pair: list = option('res18,res34', 'net 1,net 2: res18, res34, mbv1, or tv:ARCH '
                         '(torchvision\'s model ARCH, untrained, e.g. tv:resnet18)', WHAT,
                         type=names)
@@ -179,8 +181,10 @@ def load_cifar(name, data_dir):
         raise UsageError(f'cannot load {name} from --data-dir {data_dir} ({type(e).__name__}: '
                          f'{e}); offline, put {archive} (or its extracted folder) into {data_dir}, '
                          'or use --dataset folder') from None
-    return Data(*(t for s in (train, test) for t in (torch.from_numpy(s.data), torch.tensor(
-        s.targets, dtype=torch.int64))), list(train.classes))
+    def as_tensors(s):
+        return torch.from_numpy(s.data), torch.tensor(s.targets, dtype=torch.int64)
+
+    return Data(*as_tensors(train), *as_tensors(test), list(train.classes))
 
 
 def load_folder(root):
@@ -197,7 +201,7 @@ def load_folder(root):
         try:
             sets[split] = torchvision.datasets.ImageFolder(str(root / split))
         except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
-            raise UsageError(f'{root / split}: {first_line(e)}') from None
+            raise UsageError(f'{root / split}: {e}') from None
     if sets['train'].classes != sets['test'].classes:
         only = sorted(set(sets['train'].classes) ^ set(sets['test'].classes))
         raise UsageError(f'{root}: train/ and test/ have different classes (in one only: '
@@ -441,7 +445,7 @@ def trace(model, cuts=()):
     or where the graph depends on self.training (functional dropout: fx would freeze the traced
     mode)."""
     graphs = []
-    with eval_mode([model]):  # (restores the modes)
+    with eval_mode([model]):  # which puts every module back in its mode afterwards
         try:
             for training in (True, False):
                 model.train(training)
@@ -506,7 +510,9 @@ def split_parts(model, cuts):
     len(cuts) + 1 parts, part_P(…part_1(x)) == model(x), sharing the model's modules. A model whose
     forward is nn.Sequential's, cut at its children, is sliced; any other is traced by torch.fx, so
     its forward may flatten or pool functionally and register children in any order. A ValueError
-    says why a cut cannot be made (see assign_parts)."""
+    says why a cut cannot be made: not a submodule, called twice, out of order, nothing after it, a
+    skip connection across it, its output changed in place after it, or a forward fx cannot
+    trace."""
     cuts, children, what = list(cuts), list(model._modules.items()), type(model).__name__
     names = [name for name, _ in children]
     if type(model).forward is nn.Sequential.forward and all(c in names[:-1] for c in cuts):
@@ -580,8 +586,9 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch
                     stitch21=None):
     """XML (METHOD.md §3), z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21} [CE(z_p, y) +
     KL(z_22‖z_p)], L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL at T times T², its
-    target detached; mean=True divides by the 3 paths. stitch12 (net 2's) carries up_1's feature
-    into down_2 where channels differ, stitch21 (net 1's) up_2's into down_1. Each half runs once
+    target detached; mean=True divides by the 3 paths. Where channels differ, stitch12 carries
+    up_1's feature into down_2 (it is net 2's: put it in net 2's optimizer) and stitch21 up_2's
+    into down_1 (net 1's). Each half runs once
     per distinct input, so its BatchNorm statistics update once per input."""
     def kl(target, z):  # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T))
         log_t = torch.log_softmax(target.detach() / T, dim=1)
@@ -614,8 +621,12 @@ def routed_backward(losses, optimizers):
 @torch.no_grad()
 def cross_accuracy(up1, down1, up2, down2, batches, stitch12=None, stitch21=None):
     """Top-1 (%) of the four paths over `batches` of (images, labels), in eval mode: acc[a][b] for
-    z_(a+1)(b+1). With the shared BatchNorm statistics, which mix both features a down-half sees in
-    training (METHOD.md §3; xml_ref.py's OwnBatchNorm keeps each path's own)."""
+    z_(a+1)(b+1). BatchNorm: down_b sees both features in training, so its running statistics mix
+    the two, and a path meets statistics of a feature it is not given (on CIFAR-10 this cost XML up
+    to 13 points). To score a path as it runs alone, keep a (mean, var) per source beside each
+    BatchNorm of down_b, update it in a forward pre-hook while down_b runs on that source
+    (F.batch_norm(input, mean, var, training=True, momentum=bn.momentum)) and swap it into
+    running_mean / running_var for that path: xml_ref.py's OwnBatchNorm."""
     ups, downs, stitches = (up1, up2), (down1, down2), {(0, 1): stitch12, (1, 0): stitch21}
     right, n = [[0, 0], [0, 0]], 0
     with eval_mode([up1, down1, up2, down2] + [s for s in stitches.values() if s is not None]):
@@ -716,7 +727,8 @@ def synthesis_loss(own, from_other, into_other):
 
 
 def discriminator_loss(d_on_1, d_on_2):
-    """The deck's Experience 2, for the discriminator D: BCE(D(up_1(x)), 1) + BCE(D(up_2(x)), 0)."""
+    """The deck's Experience 2, for the discriminator D: BCE(D(up_1(x)), 1) + BCE(D(up_2(x)), 0),
+    on features the caller detaches (D must not train the up-halves)."""
     bce = F.binary_cross_entropy_with_logits
     return bce(d_on_1, torch.ones_like(d_on_1)) + bce(d_on_2, torch.zeros_like(d_on_2))
 
@@ -853,7 +865,8 @@ class OwnBatchNorm:
                 bn.running_mean, bn.running_var = mean, var
 
     def fallback(self, path):
-        """True where some part of `path` has no own statistics (training never ran it there)."""
+        """True where some part of `path` has no own statistics (training never ran it there, or ran
+        it frozen, in eval mode)."""
         return any(not self.updated[path[:k]] for k in range(2, len(path) + 1))
 
     def tensors(self, learners):
@@ -980,8 +993,8 @@ def distributed():
 
 def step_optimizers(optimizers):
     """optimizer.step() for each; under torchrun each gradient first becomes its mean over the ranks
-    (as in DistributedDataParallel: the gradient of the mean loss over the whole batch), in one
-    all-reduce per optimizer."""
+    (as in DistributedDataParallel: the gradient of the mean loss over the whole batch, up to
+    BatchNorm normalising each share with its own statistics), in one all-reduce per optimizer."""
     for opt in optimizers:
         if distributed():
             grads = [p.grad for group in opt.param_groups for p in group['params']
@@ -999,9 +1012,10 @@ def train_step(parts, optimizers, x, labels, method, update='simultaneous', path
                **loss_kw):
     """One step of every net that learns (optimizers[i]; None for a frozen net; the stitches into
     net i in it) on `paths` (default: step_paths) with LOSSES[method](…, **loss_kw), and xml+gan's
-    discriminator with disc_optimizer. Returns {i: L_i}. simultaneous: one forward, each L_i routed
-    to net i; sequential (DML's Algorithm 1): net 1 stepped on L_1, the paths run again (BatchNorm
-    statistics not updated again), net 2 stepped on L_2, …. own_bn: an OwnBatchNorm to update."""
+    discriminator with disc_optimizer. Returns {i: L_i} (and 'discriminator'). simultaneous: one
+    forward, each L_i routed to net i; sequential (DML's Algorithm 1): net 1 stepped on L_1, the
+    paths run again (BatchNorm statistics not updated again), net 2 stepped on L_2, …. own_bn: an
+    OwnBatchNorm to update."""
     K, P = len(parts), len(parts[0])
     paths = paths or step_paths(method, K, P, paths_per_step, rng)
     track = own_bn.track if own_bn is not None else None
@@ -1080,9 +1094,9 @@ def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, class
     nets (mean softmax), and the feature distance, the mean of (f_i − f_j)² over the features of
     every two nets at every cut where they have one shape (None where none do); with the shared
     BatchNorm statistics, and with own_bn (OwnBatchNorm) once more under 'own_bn' with each path's
-    own, its 'fallback' listing the paths training never ran. fast: bf16 autocast. classes: the
-    class logits, where down-halves output more (xml+disc's synthesis score, whose accuracy at
-    telling the own up-half from the other is 'synthesis')."""
+    own, its 'fallback' listing the paths training never ran. fast: bf16 autocast (CUDA). classes:
+    the number of class logits, where down-halves output more (xml+disc's synthesis score, whose
+    accuracy at telling the own up-half from the other is 'synthesis')."""
     K, P = len(parts), len(parts[0])
     paths = all_paths(K, P)
     dev = next(parts[0][0].parameters()).device
@@ -1144,9 +1158,10 @@ def path_table(acc, K, P):
 class TrainStep:
     """A training step on a batch of augmented uint8 images: normalise, call fn(x, labels) →
     {learner: loss} (train_step or hint_step, bound by functools.partial), and sum each loss on the
-    device (loss_sum; first_bad: the first step whose loss was not finite), so nothing waits for the
-    host. On the GPU: channels_last (the layout convolutions read fastest; normalize() yields it for
-    free) and bf16 autocast (losses, BatchNorm statistics and weights stay fp32)."""
+    device (loss_sum; first_bad: the first step, 1-based, whose loss was not finite, 0: none), so
+    nothing waits for the host. On the GPU: channels_last (the layout convolutions read fastest;
+    normalize() yields it for free) and bf16 autocast (losses, BatchNorm statistics and weights stay
+    fp32)."""
 
     def __init__(self, fn, learners, mean, std, device, *, bf16=False, channels_last=False):
         self.fn, self.bf16 = fn, bf16
@@ -1154,7 +1169,7 @@ class TrainStep:
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
         self.loss_sum = {k: torch.zeros((), device=device) for k in learners}
         self.first_bad = {k: torch.zeros((), dtype=torch.int64, device=device) for k in learners}
-        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)  # (1-based; 0: none)
+        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)
 
     def __call__(self, images, labels):
         x = normalize(images, self.mean, self.std, self.memory_format)
@@ -1174,9 +1189,9 @@ class TrainStep:
 class CudaGraphStep:
     """Around a TrainStep: after `warmup` real steps the whole step (forwards, routed backwards,
     optimizers, BatchNorm updates) is captured once in a CUDA graph and replayed for every later
-    batch: one launch instead of thousands, which bounds these nets at batch 128. Needs the lr in a
-    device tensor (graph_lr), fused optimizers, the same kernels every step (no sampled paths) and
-    every batch of the shape given (the loop drops the last partial batch)."""
+    batch: one launch instead of thousands, whose cost is what bounds these nets at batch 128. Needs
+    the lr in a device tensor (graph_lr), fused optimizers, the same kernels every step (no sampled
+    paths) and every batch of the shape given (the loop drops the last partial batch)."""
 
     def __init__(self, step, batch_shape, device, warmup=3):
         self.step, self.warmup, self.captured, self.calls = step, warmup, None, 0
@@ -1452,8 +1467,8 @@ class Run:
     frozen: set  # nets that do not learn: kd's and fitnet's teacher, --freeze's net
     student: object  # kd, fitnet: the student's index, else None
     optimizers: list  # one per net, None for a frozen net
-    regressor: object = None  # fitnet: the regressor, and the optimizer of it and the student's up
-    hint_optimizer: object = None
+    regressor: object = None  # fitnet: the regressor of stage 1 …
+    hint_optimizer: object = None  # … and the optimizer of it and the student's up-half
     discriminator: object = None  # xml+gan: the discriminator and its optimizer
     disc_optimizer: object = None
     own_bn: object = None  # OwnBatchNorm: each path's own BatchNorm statistics
@@ -1639,7 +1654,8 @@ def make_step(run, hint, paths_rng):
     # collectives tested inside a capture
     if fast and run.world == 1 and cfg.paths_per_step is None:
         graph_lr(optimizers, run.dev)
-        step = CudaGraphStep(step, (cfg.batch_size, *run.data.train_x.shape[1:]), run.dev)
+        step = CudaGraphStep(step, (cfg.batch_size // run.world, *run.data.train_x.shape[1:]),
+                             run.dev)
     return step, optimizers
 
 
@@ -1670,7 +1686,9 @@ def train_epoch(run, train_batch, optimizers, epoch, train_x, train_y, gen):
     keys, zero = run.learners(), torch.zeros((), dtype=torch.int64, device=run.dev)
     sums = torch.stack([train_batch.loss_sum.get(k, zero.float()) for k in keys])
     first_bad = torch.stack([train_batch.first_bad.get(k, zero) for k in keys])
-    if run.world > 1:  # means over ranks, BatchNorm statistics too; every rank sees a divergence
+    # the means over ranks, BatchNorm statistics too; and every rank must see a divergence, or the
+    # others would wait for the diverged one forever
+    if run.world > 1:
         dist.all_reduce(sums)
         sums /= run.world
         # a frozen net's statistics are the same on every rank: left exact, not re-averaged
@@ -1779,6 +1797,8 @@ def summarize(run, wall_s):
                        cfg.fast == 'on', run.stitches)
     own_best = [max(run.history, key=lambda r: (r['own_bn']['accuracy'][i], -r['epoch']))
                 for i in range(len(run.models))]
+    own_best = {'best_accuracy': [r['own_bn']['accuracy'][i] for i, r in enumerate(own_best)],
+                'best_epoch': [r['epoch'] for r in own_best]}
     same = all(c == cfg.net_cuts[0] for c in cfg.net_cuts)
     summary = {'pair': ','.join(cfg.nets),
                'cut': ','.join(cfg.net_cuts[0] if same else [c[0] for c in cfg.net_cuts]),
@@ -1795,9 +1815,7 @@ def summarize(run, wall_s):
                'best_epoch': run.best['epoch'],
                'cross': last.get('cross'), 'paths': last['paths'], 'ensemble': last['ensemble'],
                'feature_distance': last['feature_distance'],
-               'own_bn': {**last['own_bn'], 'best_epoch': [r['epoch'] for r in own_best],
-                          'best_accuracy': [r['own_bn']['accuracy'][i]
-                                            for i, r in enumerate(own_best)]},
+               'own_bn': {**last['own_bn'], **own_best},
                'synthesis': last.get('synthesis'), 'path_costs': costs,
                'device': device_name(run.dev), 'torch': torch.__version__,
                'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_s,
@@ -1816,8 +1834,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def make_parser():
-    """The command line, one option per field of Config, in its groups. A default of None or False
-    is left out of the help (argparse's formatter would print '(default: None)')."""
+    """The command line, one option per field of Config, in its groups. An option whose default is
+    None or False is left out of the parsed values unless given (Config's default applies) and
+    shows no '(default: None)' in the help."""
     p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {}
@@ -1909,7 +1928,7 @@ def check(cfg):
     if cfg.paths_per_step is not None:
         crossed = K ** P - K
         if cfg.method not in ('xml', 'xml+l2') or not 1 <= cfg.paths_per_step <= crossed:
-            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 and is 1 … '
+            raise UsageError(f'--paths-per-step goes with --method xml or xml+l2 and must be 1 … '
                              f'{crossed} (the crossed paths of {K} nets in {P} parts); got '
                              f'{cfg.paths_per_step}')
     if cfg.freeze and (cfg.method in ('kd', 'fitnet') or K != 2):
@@ -1921,12 +1940,13 @@ def check(cfg):
     for i, path in enumerate((cfg.init1, cfg.init2)):
         if path and not Path(path).is_file():
             raise UsageError(f'--init{i + 1} {path}: no such file; give a last.pt or best.pt')
-    for flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature', 'momentum', 'weight_decay',
-                 'l2_weight', 'adv_weight', 'rotate'):
-        positive = flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature')
-        if getattr(cfg, flag) <= 0 if positive else getattr(cfg, flag) < 0:
-            raise UsageError(f'--{flag.replace("_", "-")} must '
-                             f'{"be positive" if positive else "not be negative"}, '
+    for flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature'):
+        if not getattr(cfg, flag) > 0:  # (NaN too)
+            raise UsageError(f'--{flag.replace("_", "-")} must be positive, '
+                             f'got {getattr(cfg, flag)}')
+    for flag in ('momentum', 'weight_decay', 'l2_weight', 'adv_weight', 'rotate'):
+        if getattr(cfg, flag) < 0:
+            raise UsageError(f'--{flag.replace("_", "-")} must not be negative, '
                              f'got {getattr(cfg, flag)}')
     if (cfg.method == 'fitnet') != (cfg.hint_epochs > 0) or cfg.hint_epochs < 0:
         raise UsageError('--hint-epochs goes with --method fitnet and must be at least 1')
