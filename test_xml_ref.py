@@ -1898,6 +1898,18 @@ def test_report_gives_the_paired_difference_of_each_seed_and_its_spread(tmp_path
     paired = json.loads((tmp_path / 'out' / 'results.json').read_text())['paired_differences'][0]['rows']
     assert len(paired) == 3 * 2 * 2 and paired[0]['seeds'] == [0, 1, 2]
 
+def test_report_writes_the_folders_of_this_machine_as_placeholders(tmp_path):
+    """--as FOLDER=NAME: no command, path or heading of the report names the folder, the deeper folder first."""
+    runs, data = tmp_path / 'runs', tmp_path / 'runs' / 'data'
+    fake_summary(runs, 'xml_s0', command=f'python xml_ref.py --data-dir {data} --out {runs}/xml_s0')
+    assert R.main([str(runs), '--out', str(tmp_path / 'out'), '--as', f'{runs}=RUNS_DIR',
+                   '--as', f'{data}=DATA_DIR']) == 0
+    for f in ('RESULTS.md', 'results.json'):
+        text = (tmp_path / 'out' / f).read_text()
+        assert str(tmp_path) not in text and '--data-dir DATA_DIR --out RUNS_DIR/xml_s0' in text
+    assert 'report.py RUNS_DIR`' in (tmp_path / 'out' / 'RESULTS.md').read_text()
+
+
 def test_the_decks_numbers_are_those_docs_method_states():
     """METHOD.md §4, top-1 % (net order as in the pair); cross[a][b] = up-half of net a+1 → down-half of net b+1."""
     deck = R.DECK

@@ -107,6 +107,7 @@ M = [  # (name, file, old, new, -k expression)
  ('Sequential subclass sliced', 'xml_ref.py', "    if type(model).forward is nn.Sequential.forward and", "    if isinstance(model, nn.Sequential) and", 'sliced_only'),
  ('a deeper road to the loss', 'xml_ref.py', "        terms = [dml_loss(z, pure[:i] + pure[i + 1:], labels, T)", "        terms = [(lambda *a: dml_loss(*a))(z, pure[:i] + pure[i + 1:], labels, T)", 'road_from_train'),
  ('NaN taken for a positive value', 'xml_ref.py', "        if not getattr(cfg, flag) > 0:  # (NaN too)", "        if getattr(cfg, flag) <= 0:", 'cli_bad_input'),
+ ('report: the shallow folder first', 'tools/report.py', "key=lambda item: -len(item[0])))", "key=lambda item: len(item[0])))", 'placeholders'),
 ]
 only = sys.argv[1:]
 results = []
