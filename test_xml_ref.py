@@ -1811,6 +1811,13 @@ def test_cli_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_help_shows_every_default_that_is_a_value():
+    """A default of 0 (--seed) is a value to show; only None and False (options that are off or derived) are not."""
+    help_text = ' '.join(X.make_parser().format_help().split())
+    assert 'augmentation (default: 0)' in help_text and '(default: None)' not in help_text
+    assert '(default: False)' not in help_text
+
+
 def test_cli_as_a_subprocess_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / 'xml_ref.py'), '--pair', 'res18,nope'], capture_output=True,
                        text=True, cwd=tmp_path)
@@ -1954,7 +1961,7 @@ def test_step_flops_match_a_hand_count():
     assert B.step_flops(parts, 'dml') == 3 * sum(fwd)
     up = [X.forward_flops(p[0], torch.zeros(1, 3, 32, 32))[0] for p in parts]
     assert B.step_flops(parts, 'xml') == 3 * (up[0] + up[1] + 2 * (fwd[0] - up[0]) + 2 * (fwd[1] - up[1]))
-    assert B.step_flops(parts, 'xml') / 1e9 == pytest.approx(15.8, rel=0.01)  # issue 3's figure
+    assert B.step_flops(parts, 'xml') / 1e9 == pytest.approx(15.8, rel=0.01)  # the figure of results/bench.md
 
 
 def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
@@ -2164,6 +2171,12 @@ def test_cli_discriminator_experiments_run(method, tmp_path, capsys):
     assert len(record['loss']) == (3 if method == 'xml+gan' else 2)
     assert (summary['synthesis'] is not None) == (method == 'xml+disc')
     assert len(summary['cross']) == 2 and all(0 <= a <= 100 for a in summary['accuracy'])
+    if method == 'xml+disc':  # README's "Output files" names every key a run writes, the rarer ones included
+        section = (HERE / 'README.md').read_text().split('## Output files')[1].split('\n## ')[0]
+        record = json.loads((tmp_path / 'r' / 'metrics.jsonl').read_text().splitlines()[-1])
+        keys = {*summary, *record, *record['own_bn'], *json.loads(cap.out.strip().splitlines()[-1])}
+        assert 'synthesis' in record and 'fallback' in record['own_bn']
+        assert sorted(k for k in keys if f'`{k}`' not in section) == []
 
 
 # ----------------------------------------------------------------------- reliability and scale
@@ -2337,6 +2350,15 @@ def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path, capsys):
         code, cap = run_cli(['--pair', 'res18,mbv1', '--method', 'dml', *TINY, '--init1', str(tmp_path / name),
                              '--out', str(tmp_path / 'init')], capsys)
         one_line_error(code, cap, str(tmp_path / name), 'xml_ref.py wrote')
+        done = tmp_path / f'done-{name}'  # with --force too, the run already there survives the refusal
+        done.mkdir()
+        kept = {f: f'{f} of a finished run' for f in ('summary.json', 'last.pt', 'best.pt', 'metrics.jsonl')}
+        for f, text in kept.items():
+            (done / f).write_text(text)
+        code, cap = run_cli(['--pair', 'res18,mbv1', '--method', 'dml', *TINY, '--init1', str(tmp_path / name),
+                             '--out', str(done), '--force'], capsys)
+        one_line_error(code, cap, str(tmp_path / name), 'xml_ref.py wrote')
+        assert {p.name: p.read_text() for p in done.iterdir()} == kept
         out = tmp_path / f'resume-{name}'
         out.mkdir()
         write(out / 'last.pt')

@@ -7,7 +7,8 @@ trains the crossed paths z_12 = down_2(up_1(x)) and z_21 = down_1(up_2(x)). docs
 the method (formulas, routing, BatchNorm, recipe, the deck's numbers); comments cite it as
 METHOD.md §n.
 The file reads top to bottom: config, data, models, the copyable block (splitter, XML for a pair),
-K nets × P parts and the baselines, evaluation, the fast path, cost, the training run, the CLI.
+the losses, K nets × P parts and every method, evaluation, the fast path, cost, the training run,
+the CLI.
 
     python xml_ref.py --pair res18,res34 --method xml        # CIFAR-100 with the standard recipe
     python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
@@ -623,7 +624,7 @@ def cross_accuracy(up1, down1, up2, down2, batches, stitch12=None, stitch21=None
     """Top-1 (%) of the four paths over `batches` of (images, labels), in eval mode: acc[a][b] for
     z_(a+1)(b+1). BatchNorm: down_b sees both features in training, so its running statistics mix
     the two, and a path meets statistics of a feature it is not given (on CIFAR-10 this cost XML up
-    to 13 points). To score a path as it runs alone, keep a (mean, var) per source beside each
+    to 28 points). To score a path as it runs alone, keep a (mean, var) per source beside each
     BatchNorm of down_b, update it in a forward pre-hook while down_b runs on that source
     (F.batch_norm(input, mean, var, training=True, momentum=bn.momentum)) and swap it into
     running_mean / running_var for that path: xml_ref.py's OwnBatchNorm."""
@@ -1159,9 +1160,9 @@ class TrainStep:
     """A training step on a batch of augmented uint8 images: normalise, call fn(x, labels) →
     {learner: loss} (train_step or hint_step, bound by functools.partial), and sum each loss on the
     device (loss_sum; first_bad: the first step, 1-based, whose loss was not finite, 0: none), so
-    nothing waits for the host. On the GPU: channels_last (the layout convolutions read fastest;
-    normalize() yields it for free) and bf16 autocast (losses, BatchNorm statistics and weights stay
-    fp32)."""
+    nothing waits for the host. channels_last (the layout convolutions read fastest, cuDNN's and
+    oneDNN's; normalize() yields it for free), and on the GPU bf16 autocast (losses, BatchNorm
+    statistics and weights stay fp32)."""
 
     def __init__(self, fn, learners, mean, std, device, *, bf16=False, channels_last=False):
         self.fn, self.bf16 = fn, bf16
@@ -1527,19 +1528,6 @@ def set_up(cfg):
     if cfg.batch_size > len(data.train_x):
         raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} '
                          'training images')
-    problem = None
-    if rank == 0:
-        try:
-            prepare_out(Path(cfg.out), cfg.force)
-        except UsageError as e:
-            problem = e
-    if world > 1:  # every rank stops on rank 0's problem, or the others would wait for it forever
-        failed = torch.tensor([problem is not None], device=dev)
-        dist.broadcast(failed, 0)
-        problem = problem or (UsageError(f'--out {cfg.out}: rank 0 could not prepare it')
-                              if failed.item() else None)
-    if problem:
-        raise problem
     fast = cfg.fast == 'on'
     # channels_last: the layout tensor cores read fastest, and oneDNN too (the xml step at width 16,
     # batch 128 on 2 cores ran 1.25-1.5x faster than in the contiguous layout)
@@ -1586,6 +1574,21 @@ def set_up(cfg):
             dev, memory_format=fmt)
         run.hint_optimizer = sgd(list(run.parts[student][0].parameters())
                                  + list(run.regressor.parameters()), cfg, fast)
+    # last, so that a problem above (a corrupt --teacher or --init, images the nets cannot take)
+    # leaves the run in --out alone, also with --force
+    problem = None
+    if rank == 0:
+        try:
+            prepare_out(Path(cfg.out), cfg.force)
+        except UsageError as e:
+            problem = e
+    if world > 1:  # every rank stops on rank 0's problem, or the others would wait for it forever
+        failed = torch.tensor([problem is not None], device=dev)
+        dist.broadcast(failed, 0)
+        problem = problem or (UsageError(f'--out {cfg.out}: rank 0 could not prepare it')
+                              if failed.item() else None)
+    if problem:
+        raise problem
     return run
 
 
@@ -1837,7 +1840,8 @@ def make_parser():
     """The command line, one option per field of Config, in its groups. An option whose default is
     None or False is left out of the parsed values unless given (Config's default applies) and
     shows no '(default: None)' in the help."""
-    p = Parser(prog='xml_ref.py', description='Xross Mutual Learning and its baselines on CIFAR.',
+    p = Parser(prog='xml_ref.py',
+               description='Xross Mutual Learning and its baselines on CIFAR or an image folder.',
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {}
     for f in fields(Config):
@@ -1850,7 +1854,8 @@ def make_parser():
         elif 'type' not in kw and f.default is not None:
             kw['type'] = type(f.default)
         group.add_argument('--' + f.name.replace('_', '-'), help=f.metadata['help'], **kw,
-                           default=argparse.SUPPRESS if f.default in (None, False) else f.default)
+                           default=argparse.SUPPRESS if f.default is None or f.default is False
+                           else f.default)
     return p
 
 

@@ -1,4 +1,4 @@
-"""torch.compile trial of the XML training step (issue 12): what compiling the step costs, what it
+"""torch.compile trial of the XML training step: what compiling the step costs, what it
 buys, and whether the compiled step computes what the eager step computes.
 
     python tools/compile_trial.py [--out DIR] [--mode default] [--precision bf16] [--tiny]

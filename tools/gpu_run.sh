@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 22's GPU work as one prepared script: two device commands of at most 10 minutes each.
+# The prepared GPU work as one script: two device commands of at most 10 minutes each.
 #
 #   bash tools/gpu_run.sh 1      phase 1: (a) the CUDA-only tests, (b) 6 runs on CIFAR-10 JPEGs
 #   bash tools/gpu_run.sh 2      phase 2: (c) the benchmark's missing rows, (d) torch.compile trial
@@ -12,7 +12,7 @@
 # recipe (xml_ref.py's defaults: 1 warm-up epoch, lr × 0.2 at 30/60/80 % of the epochs, crop, flip
 # and rotation by up to ±15°, --rotate's default), EPOCHS epochs each (tools/gpu_runs.py). Every
 # path is reported with the shared BatchNorm statistics and with its own kept during training
-# (own_bn). Only xml_ref.py's own nets: torchvision nets ('tv:') are not yet available.
+# (own_bn). Only xml_ref.py's own nets (the deck's), not torchvision's ('tv:').
 #
 # Each result is written under $OUT as soon as it exists, in at most 8 files per command and no
 # subfolders (the device tool returns at most 8 files), so a command cut off by its time limit

@@ -1,4 +1,4 @@
-"""Issue 22's training runs (phase 1 of tools/gpu_run.sh): both pairs (res18,res34 and res18,mbv1)
+"""The GPU evidence runs (phase 1 of tools/gpu_run.sh): both pairs (res18,res34 and res18,mbv1)
 × xml, independent and dml, seed 0, on CIFAR-10 JPEGs with the deck's full recipe (xml_ref.py's
 defaults: SGD 0.1, 1 warm-up epoch, lr × 0.2 at 30/60/80 % of the epochs, crop, flip and rotation
 by up to ±15°, --rotate's default), all in ONE Python process. Six runs in all.
@@ -22,8 +22,8 @@ layout tools/report.py reads), OUT/runs.json and OUT/runs.md (a status line per 
 so a command cut off by its time limit still brings back every run that ended before.
 Exit status: 0 if every run is finished, 1 otherwise.
 
-Only the three nets xml_ref.py builds itself are used: torchvision nets ('tv:') are not yet
-available (no general splitter)."""
+Only the three nets xml_ref.py builds itself are used (the deck's); torchvision nets ('tv:') work
+with xml_ref.py but are not part of this evidence."""
 import argparse
 import gc
 import io
@@ -212,7 +212,7 @@ def table(records, args, started):
     extra = ' '.join(args.extra) or 'none'
     epochs = f'{args.epochs} epoch' + 's' * (args.epochs != 1)
     rotations = ', '.join(sorted({f'±{r["rotate"]:g}°' for r in records if 'rotate' in r}))
-    lines = [f'# Issue 22 training runs ({time.strftime("%Y-%m-%d %H:%M")}, '
+    lines = [f'# GPU evidence runs ({time.strftime("%Y-%m-%d %H:%M")}, '
              f'{time.time() - started:.0f} s into this command)', '',
              f'{epochs}, width {args.width}, seed 0, the full recipe (xml_ref.py\'s defaults: '
              f'warm-up 1 epoch, crop, flip, rotation {rotations or "?"}), --dataset '

@@ -107,6 +107,9 @@ M = [  # (name, file, old, new, -k expression)
  ('Sequential subclass sliced', 'xml_ref.py', "    if type(model).forward is nn.Sequential.forward and", "    if isinstance(model, nn.Sequential) and", 'sliced_only'),
  ('a deeper road to the loss', 'xml_ref.py', "        terms = [dml_loss(z, pure[:i] + pure[i + 1:], labels, T)", "        terms = [(lambda *a: dml_loss(*a))(z, pure[:i] + pure[i + 1:], labels, T)", 'road_from_train'),
  ('NaN taken for a positive value', 'xml_ref.py', "        if not getattr(cfg, flag) > 0:  # (NaN too)", "        if getattr(cfg, flag) <= 0:", 'cli_bad_input'),
+ ('--seed default hidden in --help', 'xml_ref.py', "if f.default is None or f.default is False", "if f.default in (None, False)", 'help_shows'),
+ ('--force clears the run before the loads', 'xml_ref.py', "    data = load_data(cfg.dataset, cfg.data_dir)\n", "    prepare_out(Path(cfg.out), cfg.force)\n    data = load_data(cfg.dataset, cfg.data_dir)\n", 'no_checkpoint_is_refused'),
+ ('README leaves out a summary key', 'README.md', "`teacher` and `student` (kd, fitnet)", "`teacher` and student (kd, fitnet)", 'discriminator_experiments_run'),
  ('report: the shallow folder first', 'tools/report.py', "key=lambda item: -len(item[0])))", "key=lambda item: len(item[0])))", 'placeholders'),
 ]
 only = sys.argv[1:]
