@@ -237,6 +237,42 @@ def test_split_refuses_skip_connections_untraceable_nets_and_unknown_cuts():
         X.split(Dropping(), 'a')
 
 
+class WritesIntoTheCut(torch.nn.Module):
+    """Conv, then one of the ways a forward writes into its output in place, then another conv."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.a, self.b = how, torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == 'relu_':
+            h = torch.relu_(h)
+        elif self.how == 'through a view':
+            h = F.relu(h.flatten(1), inplace=True).view(h.shape)
+        else:
+            h = h.clamp_(min=0)
+        return self.b(h)
+
+
+@pytest.mark.parametrize('how', ['relu_', 'through a view', 'clamp_'])
+def test_split_refuses_a_cut_whose_output_the_next_op_changes_in_place(how):
+    """One down-half would change the feature the other reads: a wrong crossed path, not an error, if accepted.
+    In an nn.Sequential (sliced, not traced) as well as in a forward fx traces."""
+    with pytest.raises(ValueError, match='changes its output in place'):
+        X.split(WritesIntoTheCut(how), 'a')
+    sequential = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+                                     torch.nn.Conv2d(4, 2, 1))
+    with pytest.raises(ValueError, match="at '1': the next operation changes its output in place"):
+        X.split(sequential, '1')
+    up, down = X.split(sequential, '2')  # after the in-place ReLU: a clean cut
+    x = torch.randn(2, 3, 8, 8)
+    f = up(x)
+    kept = f.clone()
+    down(f)
+    assert torch.equal(f, kept)
+
+
 def test_a_sequential_is_sliced_only_where_its_forward_is_sequentials():
     from collections import OrderedDict
 
@@ -265,7 +301,11 @@ def test_cut_names_lists_exactly_the_cuts_split_accepts_with_their_shapes():
         def forward(self, x):
             return self.fc(self.act(self.conv2(self.act(self.conv1(x)))).mean((2, 3)))
 
-    for model in (tv('resnet18'), foreign().CifarStyle(), foreign().Residual(), tiny('mbv1').float(), Twice()):
+    in_place = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+                                   torch.nn.Conv2d(4, 4, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(4, 2))
+    for model in (tv('resnet18'), foreign().CifarStyle(), foreign().Residual(), tiny('mbv1').float(), Twice(),
+                  in_place):
         model.eval()
         cuts = X.cut_names(model, 16)
         x = torch.randn(2, 3, 16, 16)
@@ -983,6 +1023,32 @@ def test_three_nets_three_parts_keep_one_set_per_prefix_and_sampled_paths_update
     for q, s in own.sets.items():
         same = all(torch.equal(t, u) for t, u in zip((t for pair in s for t in pair), start[q]))
         assert same == (q not in drawn), q
+
+
+def test_a_stitch_fed_by_several_prefixes_keeps_one_set_per_prefix():
+    """Two res18 of widths 4 and 8 in three parts: the stitch from net 1's second feature into net 2 reads out[(0, 0)]
+    and out[(1, 0)]; its BatchNorm's own sets for the prefixes (0, 0, 1) and (1, 0, 1) are each that BatchNorm's
+    update on its one source alone (a copy run on that feature from the same start), not the mix."""
+    models = [tiny('res18', width=w, seed=w) for w in (4, 8)]
+    parts = [X.split_parts(m, ['layer1', 'layer2']) for m in models]
+    stitches = X.make_stitches(X.feature_shapes(parts, 16), ['res18', 'res18']).double()
+    bn = stitches[X.stitch_key(0, 1, 2)][1]
+    start = copy.deepcopy(stitches[X.stitch_key(0, 1, 2)])
+    own = X.OwnBatchNorm(parts, stitches)
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        out = X.run_paths(parts, x, X.all_paths(2, 3), own.track, stitches=stitches)
+    for source in ((0, 0), (1, 0)):
+        alone = copy.deepcopy(start).train()
+        with torch.no_grad():
+            alone(out[source])
+        q = source + (1,)
+        assert own.bns[q][0] is bn and own.updated[q]
+        torch.testing.assert_close(own.sets[q][0], (alone[1].running_mean, alone[1].running_var), rtol=1e-12,
+                                   atol=1e-12)
+    assert not torch.allclose(own.sets[(0, 0, 1)][0][0], own.sets[(1, 0, 1)][0][0], rtol=1e-3, atol=1e-3)
+    with own.apply((1, 0, 1)):
+        assert torch.equal(bn.running_mean, own.sets[(1, 0, 1)][0][0])
 
 
 def test_own_statistics_agree_with_re_estimation_on_the_same_features_within_their_sampling_noise():
@@ -1745,11 +1811,13 @@ def test_the_default_temperature_is_4_for_kd_and_fitnet_else_1(method, T, tmp_pa
     (lambda ckpt: ckpt['config'].update(device='cuda'), ('written on cuda', '--device cuda')),  # as if on a GPU
     (lambda ckpt: ckpt['config'].pop('schedule'), ('older xml_ref.py', '--force')),  # before the milestone fix
     (lambda ckpt: ckpt.pop('own_bn'), ('older xml_ref.py', '--force')),  # before the per-path statistics
-], ids=['another_kind_of_device', 'older_schedule', 'no_own_statistics'])
+    (lambda ckpt: ckpt['own_bn']['1-2'].update(stats=[]), ('does not fit this run', 'ValueError', '--force')),
+], ids=['another_kind_of_device', 'older_schedule', 'no_own_statistics', 'own_statistics_that_do_not_fit'])
 def test_resuming_a_checkpoint_that_would_change_the_run_is_refused(edit, words, tmp_path, capsys, monkeypatch):
     """A last.pt written on another kind of device (its data order comes from that device's generator) or before
     the lr milestones moved one epoch earlier (no 'schedule' in its config; the schedule would switch in mid-run)
-    or before each path kept its own BatchNorm statistics (no 'own_bn'): refused in one line, the file untouched."""
+    or before each path kept its own BatchNorm statistics (no 'own_bn'), or whose state does not load into the
+    run's (a traceback, were it not caught): refused in one line, the file untouched."""
     args = ['--pair', 'res18,mbv1', '--method', 'xml', *TINY[:-4], '--batch-size', '64', '--epochs', '2',
             '--out', str(tmp_path / 'r')]
     with monkeypatch.context() as m:
@@ -1776,6 +1844,9 @@ BAD_INPUTS = [
     (['--batch-size', '-1'], '--batch-size must be positive'),
     (['--lr', '0'], '--lr must be positive'),
     (['--lr', 'nan'], '--lr must be positive, got nan'),  # NaN fails every comparison
+    (['--rotate', 'nan'], '--rotate must not be negative, got nan'),
+    (['--momentum', 'nan'], '--momentum must not be negative, got nan'),
+    (['--device', 'mps'], 'runs on cuda, cuda:N or cpu'),
     (['--epochs', 'many'], 'invalid int'),
     (['--dataset', 'folder', '--data-dir', '/nonexistent/dir'], 'not a directory'),
     (['--method', 'kd'], 'needs --teacher'),
@@ -2338,6 +2409,24 @@ def test_resume_refuses_a_checkpoint_of_another_pair_cut_or_method(tmp_path, cap
         code, cap = run_cli([*RUN[2:], '--epochs', '2', '--out', str(out), '--resume'], capsys)
         one_line_error(code, cap, 'processes=1', '--resume')
     assert (out / 'last.pt').read_bytes() == before
+
+
+def test_resume_refuses_other_images_in_one_line(tmp_path, capsys, monkeypatch):
+    """--data-dir is not a setting --resume compares (the same images may move), but the images are: a folder of
+    other classes or counts is refused before anything is loaded into the nets, last.pt untouched."""
+    args = ['--pair', 'res18,mbv1', '--method', 'xml', '--dataset', 'folder', '--width', '4', '--epochs', '2',
+            '--batch-size', '4', '--device', 'cpu', '--out', str(tmp_path / 'r')]
+    with monkeypatch.context() as m:
+        m.setattr(X, 'progress_line', lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            X.main([*args, '--data-dir', str(make_folder(tmp_path / 'a'))])
+    before = (tmp_path / 'r' / 'last.pt').read_bytes()
+    other = make_folder(tmp_path / 'b', classes=('ant', 'bee', 'cow'))
+    one_line_error(*run_cli([*args, '--data-dir', str(other), '--resume'], capsys), 'other data', '2 classes',
+                   'here 3')
+    assert (tmp_path / 'r' / 'last.pt').read_bytes() == before
+    moved = make_folder(tmp_path / 'moved')  # the same images elsewhere: resumed
+    assert run_cli([*args, '--data-dir', str(moved), '--resume'], capsys)[0] == 0
 
 
 def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path, capsys):

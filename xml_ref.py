@@ -153,6 +153,10 @@ class Data:
     def num_classes(self):
         return len(self.classes)
 
+    def signature(self):
+        """What a checkpoint records of the data, so that a resumed run can tell it is the same."""
+        return {'classes': list(self.classes), 'train': len(self.train_x), 'test': len(self.test_x)}
+
 
 def synthetic_data(n_train=512, n_test=256, num_classes=10, size=32, seed=0):
     """A small, learnable stand-in for CIFAR: each class a smooth random colour pattern, each image
@@ -461,14 +465,46 @@ def trace(model, cuts=()):
     return graphs[0]
 
 
+def op_name(node):
+    """The name of the method or function a traced node calls ('relu_', 'flatten', 'iadd', …)."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, '__name__', '')
+
+
 def changes_input(node, root):
-    """True where the traced node writes into its input (ReLU(inplace=True), x.add_(y), x += y)."""
+    """True where the traced node writes into its input (ReLU(inplace=True), x.add_(y),
+    torch.relu_(x), x += y)."""
     if node.op == 'call_module':
         return getattr(root.get_submodule(node.target), 'inplace', False) is True
-    if node.op == 'call_method':
-        return node.target.endswith('_') and not node.target.endswith('__')
-    return node.kwargs.get('inplace') is True or node.target in (
-        operator.iadd, operator.isub, operator.imul, operator.itruediv)
+    name = op_name(node)
+    return (name.endswith('_') and not name.endswith('__') or node.kwargs.get('inplace') is True
+            or node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv))
+
+
+# ops whose output may share memory with their input: writing into it writes into the input
+VIEWS = {'view', 'view_as', 'reshape', 'flatten', 'unflatten', 'permute', 'transpose', 't',
+         'squeeze', 'unsqueeze', 'expand', 'expand_as', 'contiguous', 'detach', 'narrow', 'select',
+         'chunk', 'split', 'unbind', 'movedim', 'getitem'}
+
+
+def readers(node):
+    """The traced nodes that use node's output, directly or through a view (x.flatten(1), …)."""
+    found, todo = [], list(node.users)
+    while todo:
+        found.append(todo.pop())
+        if found[-1].op in ('call_method', 'call_function') and op_name(found[-1]) in VIEWS:
+            todo += found[-1].users
+    return found
+
+
+def writes_input(module):
+    """True where module's forward changes its input in place, directly or through a view; False
+    where torch.fx cannot trace it (then there is nothing to check)."""
+    try:
+        graph = CutTracer(()).trace(module)
+    except Exception:
+        return False
+    x = next(n for n in graph.nodes if n.op == 'placeholder')
+    return any(changes_input(u, module) for u in readers(x))
 
 
 def assign_parts(nodes, at, cuts, root):
@@ -499,7 +535,7 @@ def assign_parts(nodes, at, cuts, root):
                              f'it, is used after it by {late[0].name} (a skip connection across '
                              'the cut?); cut where nothing but the cut\'s own output crosses')
     for c, cut_node in zip(cuts, at):
-        if any(changes_input(u, root) for u in cut_node.users):
+        if any(changes_input(u, root) for u in readers(cut_node)):
             raise ValueError(f'cannot cut {what} at {c!r}: the next operation changes its output '
                              'in place, so one down-half would change what the other reads; cut '
                              'after it')
@@ -509,7 +545,8 @@ def assign_parts(nodes, at, cuts, root):
 def split_parts(model, cuts):
     """The model cut at the outputs of the submodules named in `cuts` (in forward's order): P =
     len(cuts) + 1 parts, part_P(…part_1(x)) == model(x), sharing the model's modules. A model whose
-    forward is nn.Sequential's, cut at its children, is sliced; any other is traced by torch.fx, so
+    forward is nn.Sequential's, cut at its children, is sliced (traced to say why where a slice
+    changes its input in place); any other is traced by torch.fx, so
     its forward may flatten or pool functionally and register children in any order. A ValueError
     says why a cut cannot be made: not a submodule, called twice, out of order, nothing after it, a
     skip connection across it, its output changed in place after it, or a forward fx cannot
@@ -520,7 +557,9 @@ def split_parts(model, cuts):
         ends = [names.index(c) + 1 for c in cuts]
         if ends == sorted(set(ends)):
             bounds = [0] + ends + [len(names)]
-            return [nn.Sequential(OrderedDict(children[a:b])) for a, b in zip(bounds, bounds[1:])]
+            parts = [nn.Sequential(OrderedDict(children[a:b])) for a, b in zip(bounds, bounds[1:])]
+            if not any(writes_input(part) for part in parts[1:]):  # else the trace below says why
+                return parts
     traced = torch.fx.GraphModule(model, trace(model, cuts))
     nodes, at = list(traced.graph.nodes), []
     for c in cuts:
@@ -807,18 +846,19 @@ def batchnorms(module):
 
 class OwnBatchNorm:
     """Each path's own BatchNorm running statistics beside the shared ones (METHOD.md §3): sets[q],
-    for a prefix q of at least two nets, holds (mean, var) of every BatchNorm of part len(q) − 1 of
-    net q[−1] fed by prefix q[:−1]. Inside track(q) a training forward also updates sets[q] (the
+    for a prefix q of at least two nets, holds (mean, var) of every BatchNorm of the modules that
+    compute out[q] from out[q[:−1]] (prefix_modules: part len(q) − 1 of net q[−1], after the stitch
+    from net q[−2] if there is one). Inside track(q) a training forward also updates sets[q] (the
     layer's own F.batch_norm call in a forward pre-hook, same batch and momentum; gradients and
     shared statistics untouched); inside apply(q) the part normalises with sets[q] if training
     updated it. The first part has one source, the images: its shared statistics are its own."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, stitches=None):
         K, P = len(parts), len(parts[0])
         self.active = {}  # BatchNorm → (mean, var) being updated
         self.sets, self.updated, self.bns = {}, {}, {}  # bns[q]: the layers sets[q] belongs to
         for q in (q for k in range(2, P + 1) for q in itertools.product(range(K), repeat=k)):
-            bns = batchnorms(parts[q[-1]][len(q) - 1])
+            bns = [bn for m in prefix_modules(parts, q, stitches) for bn in batchnorms(m)]
             if any(bn.momentum is None for bn in bns):
                 raise ValueError('OwnBatchNorm needs BatchNorm layers with a momentum (not None)')
             self.sets[q] = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
@@ -829,7 +869,7 @@ class OwnBatchNorm:
             if bn in active and bn.training and bn.track_running_stats:
                 with torch.no_grad():
                     F.batch_norm(args[0], *active[bn], None, None, True, bn.momentum, bn.eps)
-        for bn in (bn for net in parts for part in net[1:] for bn in batchnorms(part)):
+        for bn in dict.fromkeys(bn for bns in self.bns.values() for bn in bns):
             bn.register_forward_pre_hook(update)
 
     @contextlib.contextmanager
@@ -840,7 +880,7 @@ class OwnBatchNorm:
             yield
             return
         bns = self.bns[q]
-        if not bns or (bns[0].training and bns[0].track_running_stats):
+        if all(bn.training and bn.track_running_stats for bn in bns):
             self.updated[q] = True  # (a part without BatchNorm keeps nothing: its own is shared)
         self.active.update(zip(bns, self.sets[q]))
         try:
@@ -883,6 +923,9 @@ class OwnBatchNorm:
     def load_state_dict(self, state):
         """Copied into the existing tensors (a captured CUDA graph and the hooks read them)."""
         for q, stats in self.sets.items():
+            if len(state[path_name(q)]['stats']) != 2 * len(stats):
+                raise ValueError(f'path {path_name(q)} has {len(stats)} BatchNorm layers, the '
+                                 'saved statistics another number (other nets, or older code)')
             self.updated[q] = state[path_name(q)]['updated']
             for t, s in zip((t for pair in stats for t in pair), state[path_name(q)]['stats']):
                 t.copy_(s)
@@ -1565,7 +1608,8 @@ def set_up(cfg):
     run = Run(cfg, dev, rank, world, data, *channel_stats(data.train_x), models, parts, shapes,
               stitches, frozen, student, optimizers,
               best={'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0})
-    run.own_bn = OwnBatchNorm(run.parts)  # from the shared statistics of the nets as loaded
+    # from the shared statistics of the nets as loaded
+    run.own_bn = OwnBatchNorm(run.parts, run.stitches)
     if cfg.method == 'xml+gan':
         run.discriminator = discriminator(shapes[0][0][0]).to(dev, memory_format=fmt)
         run.disc_optimizer = sgd(run.discriminator.parameters(), cfg, fast)
@@ -1600,16 +1644,26 @@ def resume(run, gen):
             print(f'{out}: no checkpoint yet, starting from the beginning', file=sys.stderr)
         return
     ckpt = load_checkpoint(out / 'last.pt')
-    for m, state in zip(run.models, ckpt['nets']):
-        m.load_state_dict(state)
-    for opt, state in zip(run.checkpoint_optimizers(), ckpt['optimizers']):
-        if opt is not None:
-            opt.load_state_dict(state)
-    for module, key in ((run.regressor, 'regressor'), (run.discriminator, 'discriminator')):
-        if module is not None:
-            module.load_state_dict(ckpt[key])
-    run.stitches.load_state_dict(ckpt.get('stitches', {}))  # (none before stitches existed)
-    run.own_bn.load_state_dict(ckpt['own_bn'])
+    was, now = ckpt.get('data', run.data.signature()), run.data.signature()  # (none before it)
+    if was != now:
+        raise UsageError(f'--resume: {out}/last.pt was trained on other data '
+                         f'({len(was["classes"])} classes, {was["train"]} training images; here '
+                         f'{len(now["classes"])}, {now["train"]}); resume with the same --dataset '
+                         'and --data-dir')
+    try:
+        for m, state in zip(run.models, ckpt['nets']):
+            m.load_state_dict(state)
+        for opt, state in zip(run.checkpoint_optimizers(), ckpt['optimizers']):
+            if opt is not None:
+                opt.load_state_dict(state)
+        for module, key in ((run.regressor, 'regressor'), (run.discriminator, 'discriminator')):
+            if module is not None:
+                module.load_state_dict(ckpt[key])
+        run.stitches.load_state_dict(ckpt.get('stitches', {}))  # (none before stitches existed)
+        run.own_bn.load_state_dict(ckpt['own_bn'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f'--resume: {out}/last.pt does not fit this run ({type(e).__name__}: '
+                         f'{first_line(e)}); use the code that wrote it, or --force') from None
     gen.set_state(ckpt['rng']['data'])
     torch.set_rng_state(ckpt['rng']['torch'])
     run.history, run.start, run.wall_before, run.best = (ckpt['history'], ckpt['epoch'],
@@ -1738,6 +1792,7 @@ def save_checkpoint(run, rec, gen, wall_s):
                 (('regressor', run.regressor), ('discriminator', run.discriminator))},
              'own_bn': run.own_bn.state_dict(), 'stitches': run.stitches.state_dict(),
              'rng': {'data': gen.get_state(), 'torch': torch.get_rng_state()},
+             'data': run.data.signature(),
              'history': run.history, 'best': best, 'wall_s': wall_s}
     out = Path(run.cfg.out)
     if is_best:
@@ -1950,7 +2005,7 @@ def check(cfg):
             raise UsageError(f'--{flag.replace("_", "-")} must be positive, '
                              f'got {getattr(cfg, flag)}')
     for flag in ('momentum', 'weight_decay', 'l2_weight', 'adv_weight', 'rotate'):
-        if getattr(cfg, flag) < 0:
+        if not getattr(cfg, flag) >= 0:  # (NaN too)
             raise UsageError(f'--{flag.replace("_", "-")} must not be negative, '
                              f'got {getattr(cfg, flag)}')
     if (cfg.method == 'fitnet') != (cfg.hint_epochs > 0) or cfg.hint_epochs < 0:
@@ -1997,6 +2052,8 @@ def check_device(name):
         dev = torch.device(name)
     except RuntimeError:
         raise UsageError(f'--device {name!r} is not a device; use cuda, cuda:N or cpu') from None
+    if dev.type not in ('cuda', 'cpu'):
+        raise UsageError(f'--device {name}: xml_ref.py runs on cuda, cuda:N or cpu')
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f'--device {name}: no CUDA GPU is visible; use --device cpu')
     if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():

@@ -80,7 +80,7 @@ def study(run_dir, n_batches=20, device=None):
     """{'trained': each path's top-1 with shared statistics, 'own': with its own statistics kept in
     training, 'recalibrated': with statistics re-estimated on its own features, …}."""
     cfg, ckpt, data, mean, std, parts, stitches, dev, fast = load_run(run_dir, device)
-    own_bn = X.OwnBatchNorm(parts)
+    own_bn = X.OwnBatchNorm(parts, stitches)
     own_bn.load_state_dict(ckpt['own_bn'])
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
     result = X.evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes,

@@ -57,7 +57,7 @@ def path_model(run_dir, path_text):
     the data set; whether the path fell back to the shared statistics)."""
     cfg, ckpt, data, mean, std, parts, stitches, _, _ = load_run(run_dir, 'cpu')
     path = parse_path(path_text, len(parts), len(parts[0]))
-    own_bn = X.OwnBatchNorm(parts)
+    own_bn = X.OwnBatchNorm(parts, stitches)
     own_bn.load_state_dict(ckpt['own_bn'])
     copies = []
     for k in range(1, len(path) + 1):
