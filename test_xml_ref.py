@@ -1986,6 +1986,33 @@ def test_report_writes_the_folders_of_this_machine_as_placeholders(tmp_path):
         text = (tmp_path / 'out' / f).read_text()
         assert str(tmp_path) not in text and '--data-dir DATA_DIR --out RUNS_DIR/xml_s0' in text
     assert 'report.py RUNS_DIR`' in (tmp_path / 'out' / 'RESULTS.md').read_text()
+    fake_summary(runs, 'xml_s1', seed=1, command=f'python xml_ref.py --out {runs}2/xml_s1')  # another folder
+    assert R.main([str(runs), '--out', str(tmp_path / 'out'), '--as', f'{runs}=RUNS_DIR']) == 0
+    assert f'--out {runs}2/xml_s1' in (tmp_path / 'out' / 'RESULTS.md').read_text()
+
+
+def test_report_refuses_a_seed_twice_lists_unfinished_runs_and_counts_what_it_averages(tmp_path, capsys):
+    """A second run of the same settings and seed would count as another seed in the table and replace the first in
+    the paired differences: refused, naming both. A started run without summary.json is named, not silently left out;
+    a row mixing runs with and without own statistics says how many the own cells average."""
+    runs = tmp_path / 'runs'
+    fake_summary(runs, 'xml_s0', seed=0, own=((70.0, 0.0), (0.0, 60.0)))
+    fake_summary(runs, 'xml_s1', seed=1)  # from before the own statistics
+    fake_summary(runs, 'dml_s0', method='dml', seed=0, cross=((66.0, 6.0), (7.0, 55.0)))
+    (runs / 'dml_s1').mkdir()
+    (runs / 'dml_s1' / 'last.pt').write_bytes(b'a checkpoint')
+    assert R.main([str(runs), '--out', str(tmp_path / 'out')]) == 0
+    md = (tmp_path / 'out' / 'RESULTS.md').read_text()
+    assert 'Not finished, so not in the tables: dml_s1.' in md
+    assert '| xml | 60.00 ± 0.00 / 61.00 ± 0.00 | 70.00 / 72.00 |' in md
+    assert md.count('| 2 (1 with own statistics) |') == 1
+    rows = json.loads((tmp_path / 'out' / 'results.json').read_text())['rows']
+    row = next(r for r in rows if r['label'] == 'dml')
+    assert row['cross'] == [[[66.0, None], [6.0, None]], [[7.0, None], [55.0, None]]] and row['ensemble'] == [55.0, None]
+    fake_summary(runs, 'xml_s0_again', seed=0)
+    assert R.main([str(runs), '--out', str(tmp_path / 'out2')]) == 2
+    assert 'xml_s0, xml_s0_again: the same settings and seed more than once' in capsys.readouterr().err
+    assert not (tmp_path / 'out2').exists()
 
 
 def test_the_decks_numbers_are_those_docs_method_states():

@@ -118,6 +118,8 @@ M = [  # (name, file, old, new, -k expression)
  ('resume on other images', 'xml_ref.py', "    if was != now:", "    if False:", 'other_images'),
  ('own statistics of another length loaded', 'xml_ref.py', "            if len(state[path_name(q)]['stats']) != 2 * len(stats):", "            if False:", 'would_change_the_run'),
  ('--device mps accepted', 'xml_ref.py', "    if dev.type not in ('cuda', 'cpu'):", "    if False:", 'cli_bad_input'),
+ ('report: a seed averaged twice', 'tools/report.py', "        if twice:  # averaged", "        if False:  # averaged", 'refuses_a_seed_twice'),
+ ('report: a folder replaced inside a longer name', 'tools/report.py', "            obj = re.sub(re.escape(folder) + r'(?![^/\\s\\'\"`|,;)\\]])', name, obj)", "            obj = obj.replace(folder, name)", 'placeholders'),
  ('report: the shallow folder first', 'tools/report.py', "key=lambda item: -len(item[0])))", "key=lambda item: len(item[0])))", 'placeholders'),
 ]
 only = sys.argv[1:]

@@ -5,11 +5,13 @@
 Runs are grouped by pair, data set, schedule (epochs) and width. Within a group one row per setting: runs that
 differ only in their seed are one row, mean ± sample std over the n seeds; runs that differ in anything else
 (method, path weights, update order, warm-up, rotation, T, λ, …) are separate rows, labelled by
-what differs. The settings every run of a group shares are stated above its table (the open choices are named
+what differs; two runs of one row with the same seed are refused (which one counts?), and runs started but not
+finished are named above the tables. The settings every run of a group shares are stated above its table (the open choices are named
 in every result). Every number is given twice: with the shared BatchNorm statistics (the deck's plain
 BatchNorm) and with each path's own statistics (README, "BatchNorm"); '–' where a run predates the latter."""
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -95,6 +97,12 @@ def cell(stats, digits=2):
     return f'{mean:.{digits}f}' + ('' if std is None else f' ± {std:.{digits}f}')
 
 
+def unfinished(runs_dir):
+    """The run folders under runs_dir that a run has started (a checkpoint or metrics) but not finished."""
+    return sorted(p.name for p in Path(runs_dir).glob('*') if p.is_dir() and not (p / 'summary.json').exists()
+                  and ((p / 'last.pt').exists() or (p / 'metrics.jsonl').exists()))
+
+
 def load_runs(runs_dir):
     """{run directory name: its summary.json (with its interpolation.csv, where there is one)}."""
     runs = {}
@@ -120,6 +128,11 @@ def rows_of(group):
         rows.setdefault(key, []).append(name)
     table = []
     for key in rows:
+        seeds = [group[r]['seed'] for r in rows[key]]
+        twice = sorted(r for r in rows[key] if seeds.count(group[r]['seed']) > 1)
+        if twice:  # averaged as two seeds, or one dropped from the paired differences: neither is right
+            raise X.UsageError(f'{", ".join(twice)}: the same settings and seed more than once; keep one of '
+                               'them under the runs folder')
         first = group[rows[key][0]]
         extras = [SETTINGS[k][2](setting(first, k)) for k in varying
                   if k != 'path_weights' and applies(first, k)
@@ -175,8 +188,8 @@ def placeholders(obj, names):
     """obj (text, or lists and dicts of it) with each folder in names (folder → placeholder) written as its
     placeholder: committed results name no machine's folders."""
     if isinstance(obj, str):
-        for folder, name in names.items():
-            obj = obj.replace(folder, name)
+        for folder, name in names.items():  # whole folders only: /my/runs is not a part of /my/runs2
+            obj = re.sub(re.escape(folder) + r'(?![^/\s\'"`|,;)\]])', name, obj)
         return obj
     if isinstance(obj, (list, dict)):
         items = [placeholders(v, names) for v in (obj.values() if isinstance(obj, dict) else obj)]
@@ -193,6 +206,9 @@ def report(runs_dir, out_dir, name='RESULTS', names=None):
              'the runs below. Top-1 (%) on the test set: last epoch / best epoch (mean ± sample std over the seeds '
              'where a row has several); for CIFAR-100 runs the deck\'s number (best model) in brackets where it '
              'reports one.', '']
+    started = unfinished(runs_dir)
+    if started:
+        lines += [f'Not finished, so not in the tables: {", ".join(started)}.', '']
     groups = {}
     for run, s in runs.items():
         groups.setdefault((s['pair'], s['cut'], s['dataset'], s['epochs'], s['width']), {})[run] = s
@@ -221,11 +237,19 @@ def report(runs_dir, out_dir, name='RESULTS', names=None):
             if row['label'] in deck['feature_distance']:
                 dist += f' [{deck["feature_distance"][row["label"]]}]'
             ens = [cell(mean_std([block(s)['ensemble'] for s in ss])) for block in (lambda s: s, own)]
-            lines.append(f'| {row["label"]} | ' + ' | '.join(cells) + f' | {" | ".join(ens)} | {dist} | {len(ss)} |')
+            with_own = sum(s.get('own_bn') is not None for s in ss)  # the own cells average these only
+            n = f'{len(ss)}' + (f' ({with_own} with own statistics)' if 0 < with_own < len(ss) else '')
+            lines.append(f'| {row["label"]} | ' + ' | '.join(cells) + f' | {" | ".join(ens)} | {dist} | {n} |')
             row.update(pair=pair, dataset=dataset, epochs=epochs, width=width,
                        **{f'{prefix}{key}': [mean_std([block(s)[key][i] for s in ss]) for i in range(len(nets))]
                           for prefix, block in (('', lambda s: s), ('own_bn_', own))
-                          for key in ('accuracy', 'best_accuracy')})
+                          for key in ('accuracy', 'best_accuracy')},
+                       **{f'{prefix}ensemble': mean_std([block(s)['ensemble'] for s in ss])
+                          for prefix, block in (('', lambda s: s), ('own_bn_', own))},
+                       **{f'{prefix}cross': [[mean_std([block(s)['cross'][a][b] for s in ss if block(s).get('cross')])
+                                              for b in range(len(nets))] for a in range(len(nets))]
+                          for prefix, block in (('', lambda s: s), ('own_bn_', own))},
+                       feature_distance=mean_std([s['feature_distance'] for s in ss]))
             json_rows.append(row)
         for title, block in (('shared BatchNorm statistics (the deck\'s)', lambda s: s),
                              ('each path\'s own BatchNorm statistics', own)):
@@ -278,7 +302,8 @@ def report(runs_dir, out_dir, name='RESULTS', names=None):
     X.write_atomic(out_dir / f'{name}.md',
                    lambda f: f.write((placeholders('\n'.join(lines), names) + '\n').encode()))
     X.write_json(out_dir / f'{"results" if name == "RESULTS" else name}.json', placeholders(
-        {'deck': DECK, 'rows': json_rows, 'paired_differences': json_paired, 'runs': runs}, names))
+        {'deck': DECK, 'rows': json_rows, 'paired_differences': json_paired, 'runs': runs, 'unfinished': started},
+        names))
     return runs
 
 
