@@ -2368,6 +2368,15 @@ def make_folder(root, classes=('ant', 'bee'), n=3, size=8, mode='RGB'):
     return root
 
 
+def test_cpu_layout_study_times_both_layouts_and_names_its_command(tmp_path):
+    from tools import cpu_layout
+    out = tmp_path / 'layout.md'
+    assert cpu_layout.main(['--width', '4', '--batch-size', '8', '--steps', '1', '--repeats', '1', '--out', str(out)]) == 0
+    text = out.read_text()
+    assert '`python tools/cpu_layout.py --width 4 --batch-size 8 --steps 1 --repeats 1 --out ' in text
+    assert '| contiguous (NCHW) |' in text and '| channels_last |' in text and '× as fast as NCHW.' in text
+
+
 def test_grad_norms_study_runs_on_an_image_folder(tmp_path):
     root = make_folder(tmp_path / 'data', n=2)
     GN.main([str(root), '--width', '4', '--batches', '1', '--seeds', '0', '--out', str(tmp_path / 'g.md')])
