@@ -14,7 +14,8 @@
 # study of every xml run. Every run reports every path twice: with the shared BatchNorm statistics (the
 # deck's plain BatchNorm) and with each path's own statistics, kept apart during training (README,
 # "BatchNorm": why XML needs both).
-# Resumable: a finished run (its summary.json exists) is skipped, an interrupted one resumes from last.pt.
+# Resumable: a finished run (its summary.json exists) is skipped if the same command made it (else the
+# script stops: another --runs DIR for other settings), an interrupted one resumes from last.pt.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -32,14 +33,26 @@ while [ $# -gt 0 ]; do
   esac
 done
 runs=${runs:-runs/reproduce-$dataset}
-common=(--dataset "$dataset" --data-dir "$data_dir" --epochs "$epochs" "${extra[@]}")
+# ${a[@]+"${a[@]}"}: an empty array under set -u, also in bash before 4.4 (macOS's 3.2)
+common=(--dataset "$dataset" --data-dir "$data_dir" --epochs "$epochs" ${extra[@]+"${extra[@]}"})
 
 train() {  # train NAME ARGS...: one run in $runs/NAME, skipped when finished, resumed when interrupted
   local dir=$runs/$1; shift
-  if [ -f "$dir/summary.json" ]; then echo "== $dir: finished, skipped"; return; fi
+  if [ -f "$dir/summary.json" ]; then  # skipped only if this very command made it
+    "$PY" - "$dir/summary.json" "$@" "${common[@]}" <<'EOF' || exit 2
+import json, shlex, sys
+def settings(args):  # the command's arguments without its --out and --resume
+    return [a for k, a in enumerate(args) if a != '--resume' and '--out' not in args[max(k - 1, 0):k + 1]]
+was = settings(shlex.split(json.load(open(sys.argv[1]))['command'])[2:])
+if was != settings(sys.argv[2:]):
+    sys.exit(f'reproduce.sh: {sys.argv[1]} is of another command ({shlex.join(was)}); give another '
+             '--runs DIR, or remove that run')
+EOF
+    echo "== $dir: finished, skipped"; return
+  fi
   local resume=(); [ -f "$dir/last.pt" ] && resume=(--resume)
   echo "== $dir"
-  "$PY" xml_ref.py "$@" "${common[@]}" --out "$dir" "${resume[@]}"
+  "$PY" xml_ref.py "$@" "${common[@]}" --out "$dir" ${resume[@]+"${resume[@]}"}
 }
 
 for pair in res18,mbv1 res18,res34; do

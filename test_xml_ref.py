@@ -1680,6 +1680,9 @@ def test_an_exported_path_runs_without_xml_ref_carries_its_own_statistics_and_sc
         assert all(torch.equal(state[k], t) for k, t in zip(down, own[path]['stats']))
     assert EP.main([str(out), '--path', '1-3', '--out', str(tmp_path / 'x.pt2')]) == 2
     assert 'give 2 net numbers from 1 to 2' in capsys.readouterr().err and not (tmp_path / 'x.pt2').exists()
+    (tmp_path / 'folder').mkdir()
+    assert EP.main([str(out), '--path', '1-2', '--out', str(tmp_path / 'folder')]) == 2
+    assert 'is a directory' in capsys.readouterr().err and not list(tmp_path.glob('folder*.tmp'))
 
 def test_cli_kd_and_fitnet_learn_from_a_teacher_checkpoint(tmp_path, capsys):
     teacher = tmp_path / 'teacher'
@@ -2087,6 +2090,12 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
     r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs'),
                         '--results', str(tmp_path / 'results')], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.count('finished, skipped') == 14
+    # other settings into the same runs folder: stopped before anything runs, not a report of the old runs
+    r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs'),
+                        '--results', str(tmp_path / 'other'), '--', '--seed', '1'], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 2 and 'res18-mbv1_independent/summary.json is of another command' in r.stderr
+    assert 'finished, skipped' not in r.stdout and not (tmp_path / 'other').exists()
 
 
 # ----------------------------------------------------------------- K nets × P parts, beyond the deck

@@ -106,6 +106,8 @@ def main(argv=None):
     try:
         if not Path(args.out).resolve().parent.is_dir():
             raise X.UsageError(f'--out {args.out}: {Path(args.out).parent} is not a directory')
+        if Path(args.out).is_dir():
+            raise X.UsageError(f'--out {args.out} is a directory; give a file name, e.g. {args.out}/path.pt2')
         r = export(args.run_dir, args.path, args.out)
     except X.UsageError as e:
         print(f'export_path.py: error: {e}', file=sys.stderr)

@@ -120,6 +120,8 @@ M = [  # (name, file, old, new, -k expression)
  ('--device mps accepted', 'xml_ref.py', "    if dev.type not in ('cuda', 'cpu'):", "    if False:", 'cli_bad_input'),
  ('report: a seed averaged twice', 'tools/report.py', "        if twice:  # averaged", "        if False:  # averaged", 'refuses_a_seed_twice'),
  ('report: a folder replaced inside a longer name', 'tools/report.py', "            obj = re.sub(re.escape(folder) + r'(?![^/\\s\\'\"`|,;)\\]])', name, obj)", "            obj = obj.replace(folder, name)", 'placeholders'),
+ ('reproduce: a finished run of another command skipped', 'reproduce.sh', "if was != settings(sys.argv[2:]):", "if False:", 'reproduce_sh'),
+ ('export_path: a directory as --out', 'tools/export_path.py', "        if Path(args.out).is_dir():", "        if False:", 'exported_path'),
  ('report: the shallow folder first', 'tools/report.py', "key=lambda item: -len(item[0])))", "key=lambda item: len(item[0])))", 'placeholders'),
 ]
 only = sys.argv[1:]
