@@ -1658,7 +1658,7 @@ def test_an_exported_path_runs_without_xml_ref_carries_its_own_statistics_and_sc
     own = torch.load(out / 'last.pt', weights_only=True)['own_bn']
     data = X.synthetic_data()
     torch.save({'x': data.test_x, 'y': data.test_y}, tmp_path / 'test.pt')
-    for path in ('1-2', '2-1'):
+    for path in (['2-1'] if cut else ['1-2']):  # one crossed path per cut (export is slow), both directions in all
         assert EP.main([str(out), '--path', path, '--out', str(tmp_path / f'{path}.pt2')]) == 0
         assert f'test top-1 {summary["own_bn"]["paths"][path]:.2f} (the run: ' in capsys.readouterr().out
         # a fresh interpreter with torch alone
@@ -2305,12 +2305,12 @@ def finished_state(out):
 
 def test_killed_at_any_moment_then_resumed_ends_as_an_uninterrupted_run(tmp_path):
     import time
-    args = [*RUN, '--epochs', '4']
+    args = [*RUN, '--epochs', '3']
     t = time.time()
     subprocess.run([*args, '--out', str(tmp_path / 'ref')], check=True, capture_output=True)
     wall = time.time() - t
     ref = finished_state(tmp_path / 'ref')
-    for k, moments in enumerate([(0.1,), (0.35,), (0.6, 0.3), (0.85,)]):  # fractions of the run's wall time
+    for k, moments in enumerate([(0.15,), (0.6, 0.3), (0.85,)]):  # fractions of the run's wall time
         out = tmp_path / f'killed{k}'
         for m in moments:  # kill (SIGKILL), then resume; some runs twice
             p = subprocess.Popen([*args, '--out', str(out), '--resume'], stdout=subprocess.DEVNULL,
