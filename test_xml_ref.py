@@ -243,6 +243,7 @@ class WritesIntoTheCut(torch.nn.Module):
     def __init__(self, how):
         super().__init__()
         self.how, self.a, self.b = how, torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 1)
+        self.same = torch.nn.Identity()
 
     def forward(self, x):
         h = self.a(x)
@@ -250,12 +251,19 @@ class WritesIntoTheCut(torch.nn.Module):
             h = torch.relu_(h)
         elif self.how == 'through a view':
             h = F.relu(h.flatten(1), inplace=True).view(h.shape)
-        else:
+        elif self.how == 'through nn.Identity':
+            h = self.same(h).add_(1)
+        elif self.how == 'through .to':
+            h = h.to(torch.float32).mul_(2)
+        elif self.how == 'clamp_':
             h = h.clamp_(min=0)
+        else:  # only reads the cut's output: out.add_(h) writes into out
+            out = self.b(h)
+            h = out.add_(h)
         return self.b(h)
 
 
-@pytest.mark.parametrize('how', ['relu_', 'through a view', 'clamp_'])
+@pytest.mark.parametrize('how', ['relu_', 'through a view', 'through nn.Identity', 'through .to', 'clamp_'])
 def test_split_refuses_a_cut_whose_output_the_next_op_changes_in_place(how):
     """One down-half would change the feature the other reads: a wrong crossed path, not an error, if accepted.
     In an nn.Sequential (sliced, not traced) as well as in a forward fx traces."""
@@ -265,12 +273,44 @@ def test_split_refuses_a_cut_whose_output_the_next_op_changes_in_place(how):
                                      torch.nn.Conv2d(4, 2, 1))
     with pytest.raises(ValueError, match="at '1': the next operation changes its output in place"):
         X.split(sequential, '1')
+    dropping = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Dropout(0.5, inplace=True),
+                                   torch.nn.Linear(144, 2))  # writes through the flattened view, in training
+    with pytest.raises(ValueError, match="at '0': the next operation changes its output in place"):
+        X.split(dropping, '0')
     up, down = X.split(sequential, '2')  # after the in-place ReLU: a clean cut
     x = torch.randn(2, 3, 8, 8)
     f = up(x)
     kept = f.clone()
     down(f)
     assert torch.equal(f, kept)
+
+
+def test_a_net_that_only_reads_the_cut_output_in_an_in_place_op_is_split():
+    model = WritesIntoTheCut('reads only').eval()
+    up, down = X.split(model, 'a')
+    x = torch.randn(2, 3, 8, 8)
+    f = up(x)
+    kept = f.clone()
+    torch.testing.assert_close(down(f), model(x), rtol=0, atol=0)
+    assert torch.equal(f, kept)
+
+
+def test_run_paths_refuses_a_part_that_changes_its_input_where_split_cannot_see_it():
+    class Doubles(torch.nn.Module):  # data-dependent control flow: fx cannot trace it, so split cannot look inside
+        def forward(self, h):
+            return h.mul_(2) if h.sum() > -1e9 else h
+
+    nets = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), Doubles(), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+            for _ in range(2)]
+    parts = [X.split(net, '0') for net in nets]
+    x = torch.randn(2, 3, 1, 1)
+    with torch.no_grad(), pytest.raises(ValueError, match=r'a part changed its input \(the output of path 1\) in'):
+        X.run_paths(parts, x, X.all_paths(2, 2))
+    clean = [X.split(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                         torch.nn.Linear(4, 2)), '0') for _ in range(2)]
+    with torch.no_grad():
+        out = X.run_paths(clean, x, X.all_paths(2, 2))
+    torch.testing.assert_close(out[(0, 1)], clean[1][1](clean[0][0](x)), rtol=0, atol=0)
 
 
 def test_a_sequential_is_sliced_only_where_its_forward_is_sequentials():
@@ -1628,6 +1668,13 @@ def test_bn_recalib_tool_reproduces_the_runs_shared_and_own_numbers_and_re_estim
         (tmp_path / 'study.md').read_text()
     assert BN.main([str(tmp_path / 'nothing'), '--device', 'cpu']) == 2
     assert 'no last.pt' in capsys.readouterr().err
+    ckpt = torch.load(out / 'last.pt', weights_only=True)  # statistics of another layout (older code): one line
+    ckpt['own_bn']['1-2']['stats'] = ckpt['own_bn']['1-2']['stats'][:-2]
+    torch.save(ckpt, out / 'last.pt')
+    for tool, extra in ((BN, ['--device', 'cpu']), (EP, ['--path', '1-2', '--out', str(tmp_path / 'p.pt2')])):
+        assert tool.main([str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and 'path 1-2 has' in err[0] and 'use the xml_ref.py that wrote it' in err[0], err
 
 
 def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
@@ -1992,6 +2039,12 @@ def test_report_writes_the_folders_of_this_machine_as_placeholders(tmp_path):
     fake_summary(runs, 'xml_s1', seed=1, command=f'python xml_ref.py --out {runs}2/xml_s1')  # another folder
     assert R.main([str(runs), '--out', str(tmp_path / 'out'), '--as', f'{runs}=RUNS_DIR']) == 0
     assert f'--out {runs}2/xml_s1' in (tmp_path / 'out' / 'RESULTS.md').read_text()
+    # a folder inside a longer one, a trailing slash, a backslash in NAME, a relative folder that is also a word
+    fake_summary(runs, 'xml_s2', seed=2, command=f'python xml_ref.py --data-dir /home{data} --out {runs}/xml_s2')
+    assert R.main([str(runs), '--out', str(tmp_path / 'out'), '--as', f'{runs}/=R\\D', '--as', f'{data}=DATA_DIR',
+                   '--as', 'runs=RUNS_DIR']) == 0
+    md = (tmp_path / 'out' / 'RESULTS.md').read_text()
+    assert f'--data-dir /home{data} --out R\\D/xml_s2`' in md and 'from the runs below' in md
 
 
 def test_report_refuses_a_seed_twice_lists_unfinished_runs_and_counts_what_it_averages(tmp_path, capsys):
@@ -2467,8 +2520,11 @@ def test_resume_refuses_other_images_in_one_line(tmp_path, capsys, monkeypatch):
             X.main([*args, '--data-dir', str(make_folder(tmp_path / 'a'))])
     before = (tmp_path / 'r' / 'last.pt').read_bytes()
     other = make_folder(tmp_path / 'b', classes=('ant', 'bee', 'cow'))
-    one_line_error(*run_cli([*args, '--data-dir', str(other), '--resume'], capsys), 'other data', '2 classes',
-                   'here 3')
+    one_line_error(*run_cli([*args, '--data-dir', str(other), '--resume'], capsys), 'other data',
+                   'classes 2 there, 3 here;')
+    renamed = make_folder(tmp_path / 'c', classes=('ant', 'cow'))  # what differs is named, not numbers that agree
+    one_line_error(*run_cli([*args, '--data-dir', str(renamed), '--resume'], capsys),
+                   '(classes 2 there, 2 here (other names)); resume')
     assert (tmp_path / 'r' / 'last.pt').read_bytes() == before
     moved = make_folder(tmp_path / 'moved')  # the same images elsewhere: resumed
     assert run_cli([*args, '--data-dir', str(moved), '--resume'], capsys)[0] == 0

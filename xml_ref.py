@@ -470,41 +470,47 @@ def op_name(node):
     return node.target if isinstance(node.target, str) else getattr(node.target, '__name__', '')
 
 
-def changes_input(node, root):
-    """True where the traced node writes into its input (ReLU(inplace=True), x.add_(y),
-    torch.relu_(x), x += y)."""
+def written(node, root):
+    """The traced node whose output `node` writes into in place (ReLU(inplace=True), x.add_(y),
+    torch.relu_(x), x += y: their first argument), else None."""
     if node.op == 'call_module':
-        return getattr(root.get_submodule(node.target), 'inplace', False) is True
-    name = op_name(node)
-    return (name.endswith('_') and not name.endswith('__') or node.kwargs.get('inplace') is True
-            or node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv))
+        in_place = getattr(root.get_submodule(node.target), 'inplace', False) is True
+    else:
+        name = op_name(node)
+        in_place = (name.endswith('_') and not name.endswith('__')
+                    or node.kwargs.get('inplace') is True
+                    or node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv))
+    return node.args[0] if in_place and node.args else None
 
 
-# ops whose output may share memory with their input: writing into it writes into the input
+# what may return its input or share its memory: writing into the result writes into the input
 VIEWS = {'view', 'view_as', 'reshape', 'flatten', 'unflatten', 'permute', 'transpose', 't',
          'squeeze', 'unsqueeze', 'expand', 'expand_as', 'contiguous', 'detach', 'narrow', 'select',
-         'chunk', 'split', 'unbind', 'movedim', 'getitem'}
+         'chunk', 'split', 'unbind', 'movedim', 'getitem', 'getattr', 'to', 'type', 'type_as',
+         'float', 'unfold', 'diagonal', 'as_strided', 'swapaxes', 'swapdims'}
+ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
 
-def readers(node):
-    """The traced nodes that use node's output, directly or through a view (x.flatten(1), …)."""
-    found, todo = [], list(node.users)
+def changed_in_place(node, root):
+    """True where a traced node writes into node's output in place, directly or through a view or a
+    module that may return its input (nn.Identity, nn.Flatten, dropout in eval mode)."""
+    same, todo = [], [node]
     while todo:
-        found.append(todo.pop())
-        if found[-1].op in ('call_method', 'call_function') and op_name(found[-1]) in VIEWS:
-            todo += found[-1].users
-    return found
+        same.append(todo.pop())
+        todo += [u for u in same[-1].users
+                 if u.op in ('call_method', 'call_function') and op_name(u) in VIEWS
+                 or u.op == 'call_module' and isinstance(root.get_submodule(u.target), ALIAS_MODULES)]
+    return any(written(u, root) in same for n in same for u in n.users)
 
 
 def writes_input(module):
-    """True where module's forward changes its input in place, directly or through a view; False
-    where torch.fx cannot trace it (then there is nothing to check)."""
+    """True where module's forward changes its input in place (changed_in_place); False where
+    torch.fx cannot trace it (run_paths still notices when it runs)."""
     try:
         graph = CutTracer(()).trace(module)
     except Exception:
         return False
-    x = next(n for n in graph.nodes if n.op == 'placeholder')
-    return any(changes_input(u, module) for u in readers(x))
+    return changed_in_place(next(n for n in graph.nodes if n.op == 'placeholder'), module)
 
 
 def assign_parts(nodes, at, cuts, root):
@@ -535,7 +541,7 @@ def assign_parts(nodes, at, cuts, root):
                              f'it, is used after it by {late[0].name} (a skip connection across '
                              'the cut?); cut where nothing but the cut\'s own output crosses')
     for c, cut_node in zip(cuts, at):
-        if any(changes_input(u, root) for u in readers(cut_node)):
+        if changed_in_place(cut_node, root):
             raise ValueError(f'cannot cut {what} at {c!r}: the next operation changes its output '
                              'in place, so one down-half would change what the other reads; cut '
                              'after it')
@@ -549,8 +555,8 @@ def split_parts(model, cuts):
     changes its input in place); any other is traced by torch.fx, so
     its forward may flatten or pool functionally and register children in any order. A ValueError
     says why a cut cannot be made: not a submodule, called twice, out of order, nothing after it, a
-    skip connection across it, its output changed in place after it, or a forward fx cannot
-    trace."""
+    skip connection across it, its output changed in place after it (changed_in_place), or a
+    forward fx cannot trace."""
     cuts, children, what = list(cuts), list(model._modules.items()), type(model).__name__
     names = [name for name, _ in children]
     if type(model).forward is nn.Sequential.forward and all(c in names[:-1] for c in cuts):
@@ -824,8 +830,10 @@ def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
     """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
     prefix runs once, so each part's BatchNorm statistics update once per distinct input (METHOD.md
     §3). bn_source(q), if given, is entered around computing out[q] (OwnBatchNorm's track or apply);
-    `out` may hold prefixes already computed."""
+    `out` may hold prefixes already computed. A ValueError where a part changed its input in place
+    (a write split cannot see: an untraced forward): the paths read after it got a changed feature."""
     out = {**(out or {}), (): x}
+    version = {q: h._version for q, h in out.items()}  # bumped by every in-place write, views too
     for path in paths:
         for k in range(1, len(path) + 1):
             q = path[:k]
@@ -834,7 +842,12 @@ def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
                 with bn_source(q) if bn_source else contextlib.nullcontext():
                     for module in prefix_modules(parts, q, stitches):
                         h = module(h)
-                out[q] = h
+                out[q], version[q] = h, h._version
+    changed = [q for q in version if out[q]._version != version[q]]
+    if changed:
+        what = f'the output of path {path_name(changed[0])}' if changed[0] else 'the images'
+        raise ValueError(f'a part changed its input ({what}) in place, so other paths read a changed '
+                         'feature; make that operation out of place or cut after it')
     return out
 
 
@@ -1646,10 +1659,12 @@ def resume(run, gen):
     ckpt = load_checkpoint(out / 'last.pt')
     was, now = ckpt.get('data', run.data.signature()), run.data.signature()  # (none before it)
     if was != now:
-        raise UsageError(f'--resume: {out}/last.pt was trained on other data '
-                         f'({len(was["classes"])} classes, {was["train"]} training images; here '
-                         f'{len(now["classes"])}, {now["train"]}); resume with the same --dataset '
-                         'and --data-dir')
+        differ = '; '.join(f'{k} {was[k] if k != "classes" else len(was[k])} there, '
+                           f'{now[k] if k != "classes" else len(now[k])} here' + (
+                               ' (other names)' if k == 'classes' and len(was[k]) == len(now[k]) else '')
+                           for k in now if was.get(k) != now[k])
+        raise UsageError(f'--resume: {out}/last.pt was trained on other data ({differ}); resume '
+                         'with the same --dataset and --data-dir')
     try:
         for m, state in zip(run.models, ckpt['nets']):
             m.load_state_dict(state)

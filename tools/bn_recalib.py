@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
-from tools.interpolate import load_run  # noqa: E402
+from tools.interpolate import load_run, own_statistics  # noqa: E402
 
 
 @torch.no_grad()
@@ -80,8 +80,7 @@ def study(run_dir, n_batches=20, device=None):
     """{'trained': each path's top-1 with shared statistics, 'own': with its own statistics kept in
     training, 'recalibrated': with statistics re-estimated on its own features, …}."""
     cfg, ckpt, data, mean, std, parts, stitches, dev, fast = load_run(run_dir, device)
-    own_bn = X.OwnBatchNorm(parts, stitches)
-    own_bn.load_state_dict(ckpt['own_bn'])
+    own_bn = own_statistics(run_dir, ckpt, parts, stitches)
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
     result = X.evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes,
                         own_bn=own_bn, stitches=stitches)

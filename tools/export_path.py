@@ -23,7 +23,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
-from tools.interpolate import load_run  # noqa: E402
+from tools.interpolate import load_run, own_statistics  # noqa: E402
 
 
 class PathModel(nn.Module):
@@ -57,8 +57,7 @@ def path_model(run_dir, path_text):
     the data set; whether the path fell back to the shared statistics)."""
     cfg, ckpt, data, mean, std, parts, stitches, _, _ = load_run(run_dir, 'cpu')
     path = parse_path(path_text, len(parts), len(parts[0]))
-    own_bn = X.OwnBatchNorm(parts, stitches)
-    own_bn.load_state_dict(ckpt['own_bn'])
+    own_bn = own_statistics(run_dir, ckpt, parts, stitches)
     copies = []
     for k in range(1, len(path) + 1):
         with own_bn.apply(path[:k]):  # the path's own statistics in the running buffers …

@@ -40,6 +40,17 @@ def interpolation(parts, images, labels, mean, std, alphas, batch_size=500, fast
             for a, c in zip(alphas, correct.tolist())]
 
 
+def own_statistics(run_dir, ckpt, parts, stitches):
+    """The run's per-path BatchNorm statistics (X.OwnBatchNorm) loaded into these parts; a UsageError
+    where their layout is another (a checkpoint of older code)."""
+    own_bn = X.OwnBatchNorm(parts, stitches)
+    try:
+        own_bn.load_state_dict(ckpt['own_bn'])
+    except (KeyError, ValueError) as e:
+        raise X.UsageError(f'{run_dir}/last.pt: {X.first_line(e, 200)}; use the xml_ref.py that wrote it') from None
+    return own_bn
+
+
 def load_run(run_dir, device=None, pair_only=False):
     """A run's last.pt ready to evaluate as the run did (channels_last; bf16 where it trained with
     --fast on and `device` is a GPU): (config, checkpoint, data, mean, std, parts, stitches, device,
