@@ -7,19 +7,20 @@
 #   bash reproduce.sh --quick                  # pipeline check: synthetic data, 1 epoch, width 8 (minutes, CPU)
 #
 # Options: --dataset cifar100|cifar10|synthetic|folder DIR, --epochs N, --quick, --runs DIR (the run
-# directories, default runs/reproduce-<dataset>), --results DIR (default results), and anything after
+# directories, default runs/reproduce-<dataset>), --results DIR (default results; for synthetic data, as with
+# --quick, the runs folder, so that a pipeline check never writes into results/), and anything after
 # `--` is passed to every training run (e.g. -- --batch-size 256 --device cuda:1).
 # Runs: both pairs (res18,mbv1 and res18,res34) × independent, dml, xml, xml+l2, xml with --path-weights
 # mean, then kd and fitnet with the pair's independently trained larger net as teacher; the interpolation
-# study of every xml run. Every run reports every path twice: with the shared BatchNorm statistics (the
-# deck's plain BatchNorm) and with each path's own statistics, kept apart during training (README,
-# "BatchNorm": why XML needs both).
+# study of the xml, xml (mean) and xml+l2 runs. Every run reports every path twice: with the shared
+# BatchNorm statistics (the deck's plain BatchNorm) and with each path's own statistics, kept apart
+# during training (README, "BatchNorm": why XML needs both).
 # Resumable: a finished run (its summary.json exists) is skipped if the same command made it (else the
 # script stops: another --runs DIR for other settings), an interrupted one resumes from last.pt.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-dataset=cifar100 data_dir=data epochs=200 runs='' results=results extra=()
+dataset=cifar100 data_dir=data epochs=200 runs='' results='' extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) dataset=$2; shift 2
@@ -33,6 +34,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 runs=${runs:-runs/reproduce-$dataset}
+if [ -z "$results" ]; then results=results; [ "$dataset" = synthetic ] && results=$runs; fi
 # ${a[@]+"${a[@]}"}: an empty array under set -u, also in bash before 4.4 (macOS's 3.2)
 common=(--dataset "$dataset" --data-dir "$data_dir" --epochs "$epochs" ${extra[@]+"${extra[@]}"})
 

@@ -19,6 +19,7 @@ from torch.distributions import Categorical, kl_divergence
 
 import xml_ref as X
 from tools import bench as B, bn_recalib as BN, export_path as EP, grad_norms as GN, interpolate as I, report as R
+from tools import plant_bugs as PB
 
 HERE = Path(__file__).resolve().parent
 FAST = settings(max_examples=25, deadline=None)
@@ -2139,10 +2140,11 @@ def test_reproduce_sh_runs_end_to_end_and_writes_the_table(tmp_path):
         by_alpha = {row['alpha']: row for row in run['interpolation']}
         assert [by_alpha[1.0]['down1'], by_alpha[1.0]['down2']] == pytest.approx(run['cross'][0], abs=0.006)
         assert [by_alpha[0.0]['down1'], by_alpha[0.0]['down2']] == pytest.approx(run['cross'][1], abs=0.006)
-    # a second call finds every run finished and only rewrites the table
-    r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs'),
-                        '--results', str(tmp_path / 'results')], capture_output=True, text=True, env=env)
+    # a second call finds every run finished and only rewrites the table: synthetic, so beside the runs, not results/
+    r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs')],
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.count('finished, skipped') == 14
+    assert f'wrote {tmp_path / "runs"}/RESULTS.md' in r.stdout and (tmp_path / 'runs' / 'results.json').exists()
     # other settings into the same runs folder: stopped before anything runs, not a report of the old runs
     r = subprocess.run(['bash', str(HERE / 'reproduce.sh'), '--quick', '--runs', str(tmp_path / 'runs'),
                         '--results', str(tmp_path / 'other'), '--', '--seed', '1'], capture_output=True, text=True,
@@ -2897,3 +2899,16 @@ def test_the_road_from_train_to_kl_div_is_at_most_six_calls(tmp_path, monkeypatc
     monkeypatch.setattr(X, 'kl_div', kl_div)
     X.train(X.parse_args(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(tmp_path / 'x')]))
     assert depths and max(depths) <= 6, depths
+
+
+def test_every_planted_bug_finds_its_one_line_and_names_tests_that_exist(capsys):
+    """tools/plant_bugs.py's patterns follow the code: each occurs once where it is planted (else the bug is not
+    planted at all) and each -k expression selects tests of this file."""
+    assert len({m[0] for m in PB.M}) == len(PB.M)
+    names = [n for n in globals() if n.startswith('test_')]
+    source = Path(__file__).read_text()  # test ids (parametrize's ids=) are in it too
+    for name, f, old, new, k in PB.M:
+        assert (HERE / f).read_text().count(old) == 1 and old != new, name
+        words = [w for w in k.replace('(', ' ').replace(')', ' ').split() if w not in ('or', 'and', 'not')]
+        assert all(any(w in n for n in names) or f"'{w}'" in source for w in words), (name, k)
+    assert PB.main(['--list', 'reversed KL']) == 0 and 'reversed KL' in capsys.readouterr().out

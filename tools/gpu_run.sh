@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU work as one script: two device commands of at most 10 minutes each.
+# The prepared GPU work as one script: two commands of at most 10 minutes each on a GPU machine.
 #
 #   bash tools/gpu_run.sh 1      phase 1: (a) the CUDA-only tests, (b) 6 runs on CIFAR-10 JPEGs
 #   bash tools/gpu_run.sh 2      phase 2: (c) the benchmark's missing rows, (d) torch.compile trial
@@ -15,30 +15,30 @@
 # (own_bn). Only xml_ref.py's own nets (the deck's), not torchvision's ('tv:').
 #
 # Each result is written under $OUT as soon as it exists, in at most 8 files per command and no
-# subfolders (the device tool returns at most 8 files), so a command cut off by its time limit
+# subfolders (for a remote runner that copies back only a few plain files; ours took 8), so a command cut off by its time limit
 # still returns what it finished. A failing item does not stop the phase: each runs under
 # `timeout` and its exit status goes to $OUT/gpu_run.log; the script exits 1 if any item failed or
 # was skipped, 3 if torch sees no GPU (outside TINY mode).
 #
 # ---- The data ----------------------------------------------------------------------------------
-# Handed in as the environment variable ARCHIVE: the path of the cifar10-jpeg.tar.gz archive you
-# were given (train/<class>/*.jpg, test/<class>/*.jpg), below called DATA_ARCHIVE. The script
+# Handed in as the environment variable ARCHIVE: the path of a .tar.gz of CIFAR-10 as JPEGs in
+# ImageFolder layout (train/<class>/*.jpg, test/<class>/*.jpg), below called DATA_ARCHIVE. The script
 # names no data folder of its own. It is needed whenever DATA_DIR does not yet hold train/ and
 # test/ (phase 1, or train on a fresh machine); phase 2 needs no data. TINY mode: with ARCHIVE,
 # 10 training and 5 test JPEGs per class are taken from it; with none, synthetic data.
 #
-# ---- Preparing the device session (here, once) -------------------------------------------------
-# The device gets the repository alone, so the archive travels in an ignored folder inside it:
+# ---- On a remote GPU machine that receives a copy of the repository alone ------------------------
+# Prepare once, on your machine: the archive travels in an ignored folder inside the repository:
 #   mkdir -p .data && cp DATA_ARCHIVE .data/cifar10-jpeg.tar.gz && echo /.data/ >> .git/info/exclude
-# Command 1 (the tool's run: timeout_s 600, carry [".data"]):
+# Command 1 (a 600 s limit; copy .data along):
 #   ARCHIVE=.data/cifar10-jpeg.tar.gz bash tools/gpu_run.sh 1
-# Command 2 (the tool's run: timeout_s 450):  bash tools/gpu_run.sh 2
-# pytest and hypothesis are in the device image (its package list of 2026-11-17): no wheels needed.
-# Should an image lack them, here: echo /.whl/ >> .git/info/exclude; python3 -m pip download
+# Command 2 (a 450 s limit):  bash tools/gpu_run.sh 2
+# pytest and hypothesis were installed on the H200 machine used (2026-11-17): no wheels needed.
+# Should a machine lack them and reach no package index, here: echo /.whl/ >> .git/info/exclude; python3 -m pip download
 #   --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 #   --platform manylinux2014_x86_64 -d .whl pytest iniconfig pluggy packaging hypothesis attrs
-#   sortedcontainers   (pure-Python wheels, about 2 MB), and add ".whl" to carry: this script
-#   installs whatever .whl/ holds (the device README's install line).
+#   sortedcontainers   (pure-Python wheels, about 2 MB), and copy .whl along: this script
+#   installs whatever .whl/ holds.
 #
 # ---- Time (estimated from results/bench.md's H200 rates; 49,920 training images an epoch) -------
 # The benchmark's rates predate two things every run now does. The rotation: a few more kernels a
@@ -57,8 +57,8 @@
 # capture, the final latency table). No per-run BatchNorm re-estimation any more: the runs report
 # their own statistics themselves. EPOCHS defaults to 8: 6 × 6 + 8 × 38 = 340 s of training,
 # plus the tests (~45 s), unpacking (~3 s), decoding the JPEGs (~12 s, once) and start-up (~5 s):
-# phase 1 ≈ 6.8 min (405 s), so that both phases (≈ 11-12.5 min) fit one session's 15 minutes of
-# device time with the machine's start. EPOCHS=10: ≈ 8 min (481 s; epochs up to ~13 % slower than
+# phase 1 ≈ 6.8 min (405 s), so that both phases (≈ 11-12.5 min) fit 15 minutes of GPU time,
+# the machine's start included. EPOCHS=10: ≈ 8 min (481 s; epochs up to ~13 % slower than
 # guessed still fit its 570 s budget, beyond that the last run stops after an epoch, resumable
 # with train); EPOCHS=12: ≈ 9.3 min, the last run likely cut off. Phase 2: the 11 missing benchmark rows ≈ 1.5-2 min
 # (4 'usual' rows at ~7 s, 5 'ours' and 2 'ours-eager' at ~5 s, start-up ~15 s; the benchmark
@@ -210,7 +210,7 @@ prepare_data() {
     fi
     if [ -z "$ARCHIVE" ] || [ ! -f "$ARCHIVE" ]; then
         log "ERROR: ${ARCHIVE:-no ARCHIVE given}${ARCHIVE:+: no such file}: set ARCHIVE to the" \
-            "cifar10-jpeg.tar.gz archive (inside the repository on the device: carry it; header)"
+            "cifar10-jpeg.tar.gz archive (inside the repository on the GPU machine: copy it along; header)"
         STATUS+=("data: ${ARCHIVE:-no ARCHIVE given}${ARCHIVE:+ missing}")
         FAILED=$((FAILED + 1))
         return 1

@@ -1,10 +1,12 @@
 """Plant one bug at a time into a copy of the checkout and check that the tests named with it fail.
 
     python tools/plant_bugs.py [PART_OF_A_NAME ...]     # all bugs, or those whose names contain a part
+    python tools/plant_bugs.py --list [PART_OF_A_NAME ...]  # their names, files and tests; nothing planted
 
 Each bug is a one-line change of the kind docs/METHOD.md forbids (a reversed or undetached KL, one backward for both nets,
 a transposed cross matrix, …); the checkout is copied to a temporary folder for each, the change made there,
 and the tests its -k expression selects must fail. Prints one line per bug: caught or NOT CAUGHT."""
+import argparse
 import shutil
 import subprocess
 import sys
@@ -129,30 +131,44 @@ M = [  # (name, file, old, new, -k expression)
  ('tools: older statistics as a traceback', 'tools/interpolate.py', "    except (KeyError, ValueError) as e:", "    except KeyError as e:", 'bn_recalib_tool'),
  ('report: NAME read as a regex template', 'tools/report.py', "                         lambda _: name, obj)", "                         name, obj)", 'placeholders'),
  ('resume: renamed classes reported as equal counts', 'xml_ref.py', "' (other names)' if k == 'classes' and len(was[k]) == len(now[k]) else ''", "''", 'other_images'),
+ ('reproduce: --quick writes into results/', 'reproduce.sh', '[ "$dataset" = synthetic ] && results=$runs', ':', 'reproduce_sh'),
  ('reproduce: a finished run of another command skipped', 'reproduce.sh', "if was != settings(sys.argv[2:]):", "if False:", 'reproduce_sh'),
  ('export_path: a directory as --out', 'tools/export_path.py', "        if Path(args.out).is_dir():", "        if False:", 'exported_path'),
  ('report: the shallow folder first', 'tools/report.py', "key=lambda item: -len(item[0].rstrip('/'))", "key=lambda item: len(item[0].rstrip('/'))", 'placeholders'),
 ]
-only = sys.argv[1:]
-results = []
-for name, f, old, new, k in M:
-    if only and not any(o in name for o in only):
-        continue
-    work = Path(tempfile.mkdtemp()) / 'checkout'
-    shutil.copytree(SRC, work, ignore=shutil.ignore_patterns('.venv', '.git', '.ci', '__pycache__', 'results'))
-    text = (work / f).read_text()
-    n = text.count(old)
-    if n != 1:
-        results.append((name, f'PATTERN FOUND {n}x'))
-        print(name, 'PATTERN', n, flush=True)
-        continue
-    (work / f).write_text(text.replace(old, new))
-    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', 'test_xml_ref.py', '-k', k],
-                       cwd=work, capture_output=True, text=True, timeout=1200)
-    verdict = 'caught' if r.returncode == 1 else f'NOT CAUGHT (rc {r.returncode})'
-    results.append((name, verdict))
-    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''
-    print(f'{verdict:12} {name}  [{last}]', flush=True)
-    shutil.rmtree(work.parent)
-print('\n'.join(f'{v}: {n}' for n, v in results))
-sys.exit(any(not v.startswith('caught') for _, v in results))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('parts', nargs='*', metavar='PART_OF_A_NAME', help='plant only the bugs whose names contain one')
+    p.add_argument('--list', action='store_true', help='list the bugs and plant none')
+    args = p.parse_args(argv)
+    chosen = [m for m in M if not args.parts or any(o in m[0] for o in args.parts)]
+    if args.list or not chosen:
+        print('\n'.join(f'{m[0]}  ({m[1]}; tests: -k {m[4]!r})' for m in chosen) or 'no bug matches', flush=True)
+        return 0 if chosen else 2
+    results = []
+    for name, f, old, new, k in chosen:
+        work = Path(tempfile.mkdtemp()) / 'checkout'
+        shutil.copytree(SRC, work, ignore=shutil.ignore_patterns('.venv', '.git', '.ci', '__pycache__', 'results'))
+        text = (work / f).read_text()
+        n = text.count(old)
+        if n != 1:
+            results.append((name, f'PATTERN FOUND {n}x'))
+            print(name, 'PATTERN', n, flush=True)
+            shutil.rmtree(work.parent)
+            continue
+        (work / f).write_text(text.replace(old, new))
+        r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', 'test_xml_ref.py',
+                            '-k', k], cwd=work, capture_output=True, text=True, timeout=1200)
+        verdict = 'caught' if r.returncode == 1 else f'NOT CAUGHT (rc {r.returncode})'
+        results.append((name, verdict))
+        last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''
+        print(f'{verdict:12} {name}  [{last}]', flush=True)
+        shutil.rmtree(work.parent)
+    print('\n'.join(f'{v}: {n}' for n, v in results))
+    return int(any(not v.startswith('caught') for _, v in results))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
