@@ -8,7 +8,7 @@
 #
 # Options: --dataset cifar100|cifar10|synthetic|folder DIR, --epochs N, --quick, --runs DIR (the run
 # directories, default runs/reproduce-<dataset>), --results DIR (default results; for synthetic data, as with
-# --quick, the runs folder, so that a pipeline check never writes into results/), and anything after
+# --quick, the runs folder, so that a pipeline check does not write into results/), and anything after
 # `--` is passed to every training run (e.g. -- --batch-size 256 --device cuda:1).
 # Runs: both pairs (res18,mbv1 and res18,res34) × independent, dml, xml, xml+l2, xml with --path-weights
 # mean, then kd and fitnet with the pair's independently trained larger net as teacher; the interpolation

@@ -256,6 +256,11 @@ class WritesIntoTheCut(torch.nn.Module):
             h = self.same(h).add_(1)
         elif self.how == 'through .to':
             h = h.to(torch.float32).mul_(2)
+        elif self.how == 'through .cpu':
+            h = h.cpu().relu_()
+        elif self.how == 'shaped by it':  # out is shaped like h, not h: out.add_(h) writes into out
+            out = self.b(h).view_as(h).reshape(h.shape).to(h)
+            h = out.add_(h)
         elif self.how == 'clamp_':
             h = h.clamp_(min=0)
         else:  # only reads the cut's output: out.add_(h) writes into out
@@ -264,7 +269,8 @@ class WritesIntoTheCut(torch.nn.Module):
         return self.b(h)
 
 
-@pytest.mark.parametrize('how', ['relu_', 'through a view', 'through nn.Identity', 'through .to', 'clamp_'])
+@pytest.mark.parametrize('how', ['relu_', 'through a view', 'through nn.Identity', 'through .to', 'through .cpu',
+                                 'clamp_'])
 def test_split_refuses_a_cut_whose_output_the_next_op_changes_in_place(how):
     """One down-half would change the feature the other reads: a wrong crossed path, not an error, if accepted.
     In an nn.Sequential (sliced, not traced) as well as in a forward fx traces."""
@@ -286,8 +292,9 @@ def test_split_refuses_a_cut_whose_output_the_next_op_changes_in_place(how):
     assert torch.equal(f, kept)
 
 
-def test_a_net_that_only_reads_the_cut_output_in_an_in_place_op_is_split():
-    model = WritesIntoTheCut('reads only').eval()
+@pytest.mark.parametrize('how', ['reads only', 'shaped by it'])
+def test_a_net_that_only_reads_the_cut_output_in_an_in_place_op_is_split(how):
+    model = WritesIntoTheCut(how).eval()
     up, down = X.split(model, 'a')
     x = torch.randn(2, 3, 8, 8)
     f = up(x)
@@ -307,11 +314,28 @@ def test_run_paths_refuses_a_part_that_changes_its_input_where_split_cannot_see_
     x = torch.randn(2, 3, 1, 1)
     with torch.no_grad(), pytest.raises(ValueError, match=r'a part changed its input \(the output of path 1\) in'):
         X.run_paths(parts, x, X.all_paths(2, 2))
+    with torch.inference_mode():  # inference tensors keep no version counter: nothing to compare, no error
+        X.run_paths(parts, x, X.all_paths(2, 2))
     clean = [X.split(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Flatten(),
                                          torch.nn.Linear(4, 2)), '0') for _ in range(2)]
     with torch.no_grad():
         out = X.run_paths(clean, x, X.all_paths(2, 2))
     torch.testing.assert_close(out[(0, 1)], clean[1][1](clean[0][0](x)), rtol=0, atol=0)
+
+
+def test_a_cut_right_after_another_is_looked_into():
+    class Two(torch.nn.Module):  # a traced forward cut at a and at b: b, kept whole, starts with an in-place ReLU
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 4, 1)
+            self.b = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Conv2d(4, 4, 1))
+            self.c = torch.nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x))).mean((2, 3))
+
+    with pytest.raises(ValueError, match="at 'a': the next operation changes its output in place"):
+        X.split_parts(Two(), ['a', 'b'])
 
 
 def test_a_sequential_is_sliced_only_where_its_forward_is_sequentials():
@@ -2041,11 +2065,13 @@ def test_report_writes_the_folders_of_this_machine_as_placeholders(tmp_path):
     assert R.main([str(runs), '--out', str(tmp_path / 'out'), '--as', f'{runs}=RUNS_DIR']) == 0
     assert f'--out {runs}2/xml_s1' in (tmp_path / 'out' / 'RESULTS.md').read_text()
     # a folder inside a longer one, a trailing slash, a backslash in NAME, a relative folder that is also a word
-    fake_summary(runs, 'xml_s2', seed=2, command=f'python xml_ref.py --data-dir /home{data} --out {runs}/xml_s2')
+    fake_summary(runs, 'xml_s2', seed=2,
+                 command=f'PYTHONPATH={runs}:/x python xml_ref.py --data-dir /home{data} --out {runs}/xml_s2')
     assert R.main([str(runs), '--out', str(tmp_path / 'out'), '--as', f'{runs}/=R\\D', '--as', f'{data}=DATA_DIR',
-                   '--as', 'runs=RUNS_DIR']) == 0
+                   '--as', 'runs=RUNS_DIR', '--as', 'folder=F']) == 0
     md = (tmp_path / 'out' / 'RESULTS.md').read_text()
-    assert f'--data-dir /home{data} --out R\\D/xml_s2`' in md and 'from the runs below' in md
+    assert f'PYTHONPATH=R\\D:/x python xml_ref.py --data-dir /home{data} --out R\\D/xml_s2`' in md
+    assert 'from the runs below' in md and ', cut layer3, folder, 8 epochs' in md  # words and values stay
 
 
 def test_report_refuses_a_seed_twice_lists_unfinished_runs_and_counts_what_it_averages(tmp_path, capsys):

@@ -473,8 +473,9 @@ def op_name(node):
 def written(node, root):
     """The traced node whose output `node` writes into in place (ReLU(inplace=True), x.add_(y),
     torch.relu_(x), x += y: their first argument), else None."""
-    if node.op == 'call_module':
-        in_place = getattr(root.get_submodule(node.target), 'inplace', False) is True
+    if node.op == 'call_module':  # one with children is a cut kept whole: look inside
+        module = root.get_submodule(node.target)
+        in_place = getattr(module, 'inplace', False) is True or bool(module._modules) and writes_input(module)
     else:
         name = op_name(node)
         in_place = (name.endswith('_') and not name.endswith('__')
@@ -484,10 +485,11 @@ def written(node, root):
 
 
 # what may return its input or share its memory: writing into the result writes into the input
-VIEWS = {'view', 'view_as', 'reshape', 'flatten', 'unflatten', 'permute', 'transpose', 't',
-         'squeeze', 'unsqueeze', 'expand', 'expand_as', 'contiguous', 'detach', 'narrow', 'select',
-         'chunk', 'split', 'unbind', 'movedim', 'getitem', 'getattr', 'to', 'type', 'type_as',
-         'float', 'unfold', 'diagonal', 'as_strided', 'swapaxes', 'swapdims'}
+VIEWS = {'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'permute', 'transpose',
+         't', 'squeeze', 'unsqueeze', 'expand', 'expand_as', 'contiguous', 'detach', 'narrow',
+         'select', 'chunk', 'split', 'unbind', 'movedim', 'getitem', 'to', 'type', 'type_as', 'float',
+         'half', 'double', 'bfloat16', 'cpu', 'cuda', 'unfold', 'diagonal', 'as_strided', 'swapaxes',
+         'swapdims', 'dropout'}
 ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
 
@@ -497,9 +499,9 @@ def changed_in_place(node, root):
     same, todo = [], [node]
     while todo:
         same.append(todo.pop())
-        todo += [u for u in same[-1].users
-                 if u.op in ('call_method', 'call_function') and op_name(u) in VIEWS
-                 or u.op == 'call_module' and isinstance(root.get_submodule(u.target), ALIAS_MODULES)]
+        todo += [u for u in same[-1].users if u.args and u.args[0] is same[-1] and (  # not h.shape
+                 u.op in ('call_method', 'call_function') and op_name(u) in VIEWS
+                 or u.op == 'call_module' and isinstance(root.get_submodule(u.target), ALIAS_MODULES))]
     return any(written(u, root) in same for n in same for u in n.users)
 
 
@@ -832,8 +834,11 @@ def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
     §3). bn_source(q), if given, is entered around computing out[q] (OwnBatchNorm's track or apply);
     `out` may hold prefixes already computed. A ValueError where a part changed its input in place
     (a write split cannot see: an untraced forward): the paths read after it got a changed feature."""
+    def version(h):  # bumped by every in-place write, through views too (inference tensors keep none)
+        return None if h.is_inference() else h._version
+
     out = {**(out or {}), (): x}
-    version = {q: h._version for q, h in out.items()}  # bumped by every in-place write, views too
+    made = {q: version(h) for q, h in out.items()}
     for path in paths:
         for k in range(1, len(path) + 1):
             q = path[:k]
@@ -842,8 +847,8 @@ def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
                 with bn_source(q) if bn_source else contextlib.nullcontext():
                     for module in prefix_modules(parts, q, stitches):
                         h = module(h)
-                out[q], version[q] = h, h._version
-    changed = [q for q in version if out[q]._version != version[q]]
+                out[q], made[q] = h, version(h)
+    changed = [q for q in made if version(out[q]) != made[q]]
     if changed:
         what = f'the output of path {path_name(changed[0])}' if changed[0] else 'the images'
         raise ValueError(f'a part changed its input ({what}) in place, so other paths read a changed '

@@ -188,10 +188,12 @@ def placeholders(obj, names):
     """obj (text, or lists and dicts of it) with each folder in names (folder → placeholder) written as its
     placeholder, the deepest folder first: committed results name no machine's folders."""
     if isinstance(obj, str):
-        for folder, name in sorted(names.items(), key=lambda item: -len(item[0].rstrip('/'))):
+        if not re.search(r'[\s/\\]', obj):  # a value such as 'folder', not a path or a command
+            return obj
+        for folder, name in sorted(names.items(), key=lambda item: -len(item[0].rstrip('/\\'))):
             # whole folders only: /my/runs is not a part of /my/runs2 nor of /home/my/runs
-            obj = re.sub(r'(?<![^\s\'"`(=\[:,])' + re.escape(folder.rstrip('/') or '/') + r'(?![^/\s\'"`|,;)\]])',
-                         lambda _: name, obj)
+            obj = re.sub(r'(?<![^\s\'"`(=\[:,])' + re.escape(folder.rstrip('/\\') or folder) +
+                         r'(?![^/\\\s\'"`|,;:)\]}])', lambda _: name, obj)
         return obj
     if isinstance(obj, (list, dict)):
         items = [placeholders(v, names) for v in (obj.values() if isinstance(obj, dict) else obj)]
