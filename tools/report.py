@@ -191,7 +191,7 @@ def placeholders(obj, names):
         if not re.search(r'[\s/\\]', obj):  # a value such as 'folder', not a path or a command
             return obj
         for folder, name in sorted(names.items(), key=lambda item: -len(item[0].rstrip('/\\'))):
-            # whole folders only: /my/runs is not a part of /my/runs2 nor of /home/my/runs
+            # whole folders only: /my/runs is not a part of /my/runs2 nor of /other/my/runs
             obj = re.sub(r'(?<![^\s\'"`(=\[:,])' + re.escape(folder.rstrip('/\\') or folder) +
                          r'(?![^/\\\s\'"`|,;:)\]}])', lambda _: name, obj)
         return obj
