@@ -2627,6 +2627,7 @@ def _diverging_rank_worker(rank, world, port, out, status_file):
     import os
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: two ranks of 2 threads each on 2 cores crawl
     real, calls = X.xml_losses, {'n': 0}
 
     def poisoned(*args, **kw):
