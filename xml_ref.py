@@ -1134,9 +1134,21 @@ def path_name(path):
     return '-'.join(str(i + 1) for i in path)
 
 
+def conv_layout(models, device):
+    """The memory format to train `models` in: channels_last, the layout cuDNN and oneDNN read fastest
+    (the xml step at width 16, batch 128 on 2 cores ran 1.31x as fast as in NCHW: tools/cpu_layout.py),
+    except on the CPU for nets with a strided 1x1 convolution of fewer than 8 input channels a group:
+    oneDNN's AVX2 kernel for its weight gradient in channels_last writes past its buffer and hangs,
+    crashes or returns wrong numbers (github.com/uxlfoundation/oneDNN/issues/6035, open in torch 2.14;
+    res18 at width 4 has one)."""
+    hit = any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+              and m.in_channels // m.groups < 8 for model in models for m in model.modules())
+    return torch.contiguous_format if hit and device.type == 'cpu' else torch.channels_last
+
+
 def layout(module):
-    """The memory format of `module`'s first convolution weight (set_up puts our nets in
-    channels_last): inputs in that layout cost the convolutions no conversion."""
+    """The memory format of `module`'s first convolution weight (set_up puts the nets in
+    conv_layout's): inputs in that layout cost the convolutions no conversion."""
     w = next((p for p in module.parameters() if p.dim() == 4), None)
     return (torch.channels_last if w is not None and not w.is_contiguous()
             and w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
@@ -1590,12 +1602,10 @@ def set_up(cfg):
         raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} '
                          'training images')
     fast = cfg.fast == 'on'
-    # channels_last: the layout tensor cores read fastest, and oneDNN too (the xml step at width 16,
-    # batch 128 on 2 cores ran 1.31x as fast as in the contiguous layout: tools/cpu_layout.py)
-    fmt = torch.channels_last
     torch.backends.cudnn.benchmark = fast  # fixed shapes: cuDNN times its kernels once
     torch.manual_seed(cfg.seed)
     models = build_nets(cfg, data.num_classes)
+    fmt = conv_layout(models, dev)
     if cfg.sync_bn:  # batch statistics over the whole batch, not each rank's share
         models = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in models]
     models = [m.to(dev, memory_format=fmt) for m in models]
@@ -1726,7 +1736,8 @@ def make_step(run, hint, paths_rng):
                                rng=paths_rng, disc_optimizer=run.disc_optimizer,
                                own_bn=run.own_bn, stitches=run.stitches,
                                **loss_options(cfg, method, run.discriminator))
-    step = TrainStep(fn, learners, run.mean, run.std, run.dev, bf16=fast, channels_last=True)
+    step = TrainStep(fn, learners, run.mean, run.std, run.dev, bf16=fast,
+                     channels_last=conv_layout(run.models, run.dev) == torch.channels_last)
     # sampled paths change from step to step, which one captured graph cannot; nor are torchrun's
     # collectives tested inside a capture
     if fast and run.world == 1 and cfg.paths_per_step is None:

@@ -8,7 +8,7 @@ agree closely; the shared ones describe the mixture of every up-half feeding a d
     python tools/bn_recalib.py RUN_DIR [RUN_DIR ...] [--batches N] [--device cpu] [--out NAME]
 
 The batches are recalibration_batches with the run's seed + 1, batch size and augmentation (rotation
-included); N defaults to 20. The run is evaluated as it was (channels_last; bf16 where it trained with
+included); N defaults to 20. The run is evaluated as it was (its layout; bf16 where it trained with
 --fast on and a GPU is used here too). Prints a table per run; --out NAME also writes NAME.json and
 NAME.md."""
 import argparse
@@ -47,14 +47,14 @@ def recalibrate_bn(modules, batches):
         mod.eval()
 
 
-def recalibration_batches(train_x, n, batch_size, seed, mean, std, rotate=0):
+def recalibration_batches(train_x, n, batch_size, seed, mean, std, rotate=0, fmt=torch.channels_last):
     """n augmented (rotate: as augment), normalised training batches drawn with a generator of
     train_x's device seeded with `seed`: the same batches every call, on the same kind of device."""
     dev = train_x.device
     g = torch.Generator(dev).manual_seed(seed)
     return [X.normalize(X.augment(train_x[torch.randint(len(train_x), (batch_size,), device=dev,
                                                         generator=g)], generator=g, rotate=rotate),
-                        mean, std, torch.channels_last)  # the nets' layout (load_run)
+                        mean, std, fmt)  # fmt: the nets' layout (load_run)
             for _ in range(n)]
 
 
@@ -92,7 +92,7 @@ def study(run_dir, n_batches=20, device=None):
               f'{reported["paths"]}, own {reported["own_bn"]["paths"]} (another device or '
               'precision?)', file=sys.stderr)
     batches = recalibration_batches(data.train_x.to(dev), n_batches, cfg.batch_size, cfg.seed + 1,
-                                    mean, std, cfg.rotate)
+                                    mean, std, cfg.rotate, X.layout(parts[0][0]))
     recalibrated = evaluate_recalibrated(parts, test_x, test_y, mean, std, batches, fast=fast,
                                          classes=data.num_classes, stitches=stitches)['paths']
     return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.net_cuts,

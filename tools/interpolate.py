@@ -52,7 +52,7 @@ def own_statistics(run_dir, ckpt, parts, stitches):
 
 
 def load_run(run_dir, device=None, pair_only=False):
-    """A run's last.pt ready to evaluate as the run did (channels_last; bf16 where it trained with
+    """A run's last.pt ready to evaluate as the run did (its layout, X.conv_layout; bf16 where it trained with
     --fast on and `device` is a GPU): (config, checkpoint, data, mean, std, parts, stitches, device,
     fast)."""
     run_dir = Path(run_dir)
@@ -71,13 +71,14 @@ def load_run(run_dir, device=None, pair_only=False):
     data = X.load_data(cfg.dataset, cfg.data_dir)
     mean, std = X.channel_stats(data.train_x)
     models = X.build_nets(cfg, data.num_classes)
+    fmt = X.conv_layout(models, dev)  # as set_up trains them
     for m, state in zip(models, ckpt['nets']):
         m.load_state_dict(state)
-        m.to(dev, memory_format=torch.channels_last)  # as set_up trains them
+        m.to(dev, memory_format=fmt)
     parts = [X.split_parts(m, cuts) for m, cuts in zip(models, cfg.net_cuts)]
     stitches = X.make_stitches(X.feature_shapes(parts, data.train_x.shape[1]), cfg.nets)
     stitches.load_state_dict(ckpt.get('stitches', {}))
-    stitches.to(dev, memory_format=torch.channels_last)
+    stitches.to(dev, memory_format=fmt)
     torch.backends.cudnn.benchmark = fast
     return cfg, ckpt, data, mean, std, parts, stitches, dev, fast
 

@@ -140,6 +140,8 @@ M = [  # (name, file, old, new, -k expression)
  ('reproduce: a finished run of another command skipped', 'reproduce.sh', "if was != settings(sys.argv[2:]):", "if False:", 'reproduce_sh'),
  ('export_path: a directory as --out', 'tools/export_path.py', "        if Path(args.out).is_dir():", "        if False:", 'exported_path'),
  ('report: the shallow folder first', 'tools/report.py', "key=lambda item: -len(item[0].rstrip('/\\\\'))", "key=lambda item: len(item[0].rstrip('/\\\\'))", 'placeholders'),
+ ('channels_last despite the oneDNN bug', 'xml_ref.py', "    return torch.contiguous_format if hit and device.type == 'cpu' else torch.channels_last", "    return torch.channels_last", 'onednn_strided'),
+ ('the bug guard counts all channels of a grouped conv', 'xml_ref.py', "and m.in_channels // m.groups < 8 for model", "and m.in_channels < 8 for model", 'onednn_strided'),
 ]
 
 
