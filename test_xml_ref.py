@@ -2614,6 +2614,7 @@ def test_a_gpu_index_beyond_the_visible_gpus_is_refused(tmp_path, capsys, monkey
 def _data_parallel_worker(rank, world, init_file, out_file):
     import torch.distributed as dist
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: two ranks of 2 threads each on 2 cores crawl
     models, x, y = pair_setup(seed=11)
     for m in models:
         m.eval()  # BatchNorm on running statistics: one sample's loss does not depend on the others'
@@ -2887,6 +2888,7 @@ def _two_rank_worker(rank, world, port, out, record):
     import os
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: two ranks of 2 threads each on 2 cores crawl
     seen, stats, real_set_up, real_reduce, real_augment = [], {}, X.set_up, X.dist.all_reduce, X.augment
 
     def set_up(cfg):
