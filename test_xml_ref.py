@@ -2049,7 +2049,23 @@ def test_report_gives_the_paired_difference_of_each_seed_and_its_spread(tmp_path
     assert '| xml − dml | own | 2: mbv1 | s0: +3.00, s1: +2.00, s2: +4.00 | 3.00 ± 1.00 |' in md
     assert '| dml − independent | own | 1: res18 | s0: +1.00, s1: -1.00, s2: +2.00 | 0.67 ± 1.53 |' in md
     paired = json.loads((tmp_path / 'out' / 'results.json').read_text())['paired_differences'][0]['rows']
-    assert len(paired) == 3 * 2 * 2 and paired[0]['seeds'] == [0, 1, 2]
+    assert len(paired) == 3 * 2 * 2 + 2 * 2 and paired[0]['seeds'] == [0, 1, 2]
+
+
+def test_report_compares_each_crossed_path_with_the_pure_path_of_its_down_half(tmp_path):
+    """Within each xml seed: up2→down1 − up1→down1 (net 1's down-half) and up1→down2 − up2→down2 (net 2's), from the
+    cross matrix cross[a][b] = up a → down b, shared and own statistics; a run without own statistics gives '–'."""
+    runs = tmp_path / 'runs'
+    fake_summary(runs, 'xml_s0', seed=0, cross=((70.0, 61.0), (66.0, 60.0)), own=((72.0, 65.0), (71.0, 64.0)))
+    fake_summary(runs, 'xml_s1', seed=1, cross=((68.0, 63.0), (67.0, 58.0)), own=None)
+    fake_summary(runs, 'dml_s0', method='dml', seed=0, cross=((69.0, 9.0), (8.0, 59.0)))
+    R.report(runs, tmp_path / 'out')
+    md = (tmp_path / 'out' / 'RESULTS.md').read_text()
+    assert '| xml: up2→down1 − up1→down1 | shared | 1: res18 | s0: -4.00, s1: -1.00 | -2.50 ± 2.12 |' in md
+    assert '| xml: up1→down2 − up2→down2 | shared | 2: mbv1 | s0: +1.00, s1: +5.00 | 3.00 ± 2.83 |' in md
+    assert '| xml: up2→down1 − up1→down1 | own | 1: res18 | s0: -1.00, s1: – | -1.00 |' in md
+    assert '| xml: up1→down2 − up2→down2 | own | 2: mbv1 | s0: +1.00, s1: – | 1.00 |' in md
+    assert 'dml: up' not in md  # only xml trains its crossed paths
 
 def test_report_writes_the_folders_of_this_machine_as_placeholders(tmp_path):
     """--as FOLDER=NAME: no command, path or heading of the report names the folder, the deeper folder first."""

@@ -165,7 +165,8 @@ def paired_differences(table, group, nets):
     """Per comparison (xml − independent, dml − independent, xml − dml; the rows of the recipe's own settings), per
     net and per BatchNorm statistics (shared, own): the last epoch's top-1 difference at each seed both rows ran, and
     their mean ± sample std. Seeds fix the initialisation and the data order of both runs alike, so the paired
-    difference is the sharp test of a method's effect."""
+    difference is the sharp test of a method's effect. Then, within each xml run, each net's down-half fed the other
+    net's up-half against its own pure path (the deck's claim that crossed paths work about as well as pure ones)."""
     by_label = {row['label']: row for row in table}
     out = []
     for a, b in PAIRS:
@@ -181,6 +182,16 @@ def paired_differences(table, group, nets):
                 diffs = [None if None in ab else ab[0] - ab[1] for ab in both]
                 out.append({'comparison': f'{a} − {b}', 'statistics': kind, 'net': f'{i + 1}: {net}',
                             'seeds': seeds, 'differences': diffs, 'mean_std': mean_std(diffs)})
+    if 'xml' in by_label and len(nets) == 2:  # crossed ≈ pure: each down-half fed the other up-half, against its own
+        runs = {group[r]['seed']: group[r] for r in by_label['xml']['runs']}
+        for kind, block in (('shared', lambda s: s), ('own', own)):
+            for i, net in enumerate(nets):  # cross[a][b]: up a → down b
+                j = 1 - i
+                diffs = [block(runs[k])['cross'][j][i] - block(runs[k])['cross'][i][i]
+                         if block(runs[k]).get('cross') else None for k in sorted(runs)]
+                out.append({'comparison': f'xml: up{j + 1}→down{i + 1} − up{i + 1}→down{i + 1}', 'statistics': kind,
+                            'net': f'{i + 1}: {net}', 'seeds': sorted(runs), 'differences': diffs,
+                            'mean_std': mean_std(diffs)})
     return out
 
 
@@ -275,7 +286,8 @@ def report(runs_dir, out_dir, name='RESULTS', names=None):
         paired = paired_differences(table, group, nets)
         if paired:
             lines += ['', 'Paired differences of the last epoch\'s top-1 (percentage points; the same seed: the same '
-                      'initialisation and data order), each seed, then mean ± sample std:', '',
+                      'initialisation and data order; the last rows: within each xml run, a crossed path against the pure '
+                      'path of the same down-half), each seed, then mean ± sample std:', '',
                       '| comparison | BatchNorm statistics | net | per seed | mean ± std |', '|---|---|---|---|---|']
             for d in paired:
                 per_seed = ', '.join(f's{k}: {"–" if v is None else f"{v:+.2f}"}' for k, v in zip(d['seeds'], d['differences']))
