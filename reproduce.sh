@@ -5,12 +5,14 @@
 #   bash reproduce.sh --dataset cifar10 --epochs 30
 #   bash reproduce.sh --dataset folder DIR     # any ImageFolder data set (DIR/train, DIR/test)
 #   bash reproduce.sh --quick                  # pipeline check: synthetic data, 1 epoch, width 8 (minutes, CPU)
+#   bash reproduce.sh --pair res18,mbv1        # one pair's runs only
 #
-# Options: --dataset cifar100|cifar10|synthetic|folder DIR, --epochs N, --quick, --runs DIR (the run
-# directories, default runs/reproduce-<dataset>), --results DIR (default results; for synthetic data, as with
-# --quick, the runs folder, so that a pipeline check does not write into results/), and anything after
-# `--` is passed to every training run (e.g. -- --batch-size 256 --device cuda:1).
-# Runs: both pairs (res18,mbv1 and res18,res34) × independent, dml, xml, xml+l2, xml with --path-weights
+# Options: --dataset cifar100|cifar10|synthetic|folder DIR, --epochs N, --quick, --pair NET1,NET2
+# (repeatable; default both of the deck's pairs), --runs DIR (the run directories, default
+# runs/reproduce-<dataset>), --results DIR (default results; for synthetic data, as with --quick, the runs
+# folder, so that a pipeline check does not write into results/), and anything after `--` is passed to
+# every training run (e.g. -- --batch-size 256 --device cuda:1).
+# Runs: both pairs (res18,mbv1 and res18,res34, or the --pair ones) × independent, dml, xml, xml+l2, xml with --path-weights
 # mean, then kd and fitnet with the pair's independently trained larger net as teacher; the interpolation
 # study of the xml, xml (mean) and xml+l2 runs. Every run reports every path twice: with the shared
 # BatchNorm statistics (the deck's plain BatchNorm) and with each path's own statistics, kept apart
@@ -20,12 +22,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-dataset=cifar100 data_dir=data epochs=200 runs='' results='' extra=()
+dataset=cifar100 data_dir=data epochs=200 runs='' results='' pairs='' extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) dataset=$2; shift 2
                if [ "$dataset" = folder ]; then data_dir=${1:?--dataset folder needs a directory}; shift; fi ;;
     --epochs) epochs=$2; shift 2 ;;
+    --pair) pairs="$pairs $2"; shift 2 ;;
     --quick) dataset=synthetic epochs=1 extra+=(--width 8); shift ;;
     --runs) runs=$2; shift 2 ;;
     --results) results=$2; shift 2 ;;
@@ -57,7 +60,7 @@ EOF
   "$PY" xml_ref.py "$@" "${common[@]}" --out "$dir" ${resume[@]+"${resume[@]}"}
 }
 
-for pair in res18,mbv1 res18,res34; do
+for pair in ${pairs:-res18,mbv1 res18,res34}; do
   name=${pair/,/-}
   for method in independent dml xml xml+l2; do
     train "${name}_$method" --pair "$pair" --method "$method"
