@@ -2067,6 +2067,7 @@ def test_report_compares_each_crossed_path_with_the_pure_path_of_its_down_half(t
     assert '| xml: up1→down2 − up2→down2 | own | 2: mbv1 | s0: +1.00, s1: – | 1.00 |' in md
     assert 'dml: up' not in md  # only xml trains its crossed paths
 
+
 def test_report_writes_the_folders_of_this_machine_as_placeholders(tmp_path):
     """--as FOLDER=NAME: no command, path or heading of the report names the folder, the deeper folder first."""
     runs, data = tmp_path / 'runs', tmp_path / 'runs' / 'data'
