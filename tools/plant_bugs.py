@@ -142,7 +142,7 @@ M = [  # (name, file, old, new, -k expression)
  ('report: the shallow folder first', 'tools/report.py', "key=lambda item: -len(item[0].rstrip('/\\\\'))", "key=lambda item: len(item[0].rstrip('/\\\\'))", 'placeholders'),
  ('channels_last despite the oneDNN bug', 'xml_ref.py', "    return torch.contiguous_format if hit and device.type == 'cpu' else torch.channels_last", "    return torch.channels_last", 'onednn_strided'),
  ('the bug guard counts all channels of a grouped conv', 'xml_ref.py', "and m.in_channels // m.groups < 8 for model", "and m.in_channels < 8 for model", 'onednn_strided'),
- ('report: crossed path read transposed', 'tools/report.py', "diffs = [block(runs[k])['cross'][j][i] - block(runs[k])['cross'][i][i]", "diffs = [block(runs[k])['cross'][i][j] - block(runs[k])['cross'][i][i]", 'crossed_path_with'),
+ ('report: crossed path read transposed', 'tools/report.py', "diffs = [block(s)['cross'][j][i] - block(s)['cross'][i][i]", "diffs = [block(s)['cross'][i][j] - block(s)['cross'][i][i]", 'crossed_path_with'),
  ('reproduce: --pair ignored', 'reproduce.sh', 'for pair in ${pairs:-res18,mbv1 res18,res34}; do', 'for pair in res18,mbv1 res18,res34; do', 'reproduce_sh'),
 ]
 

@@ -183,14 +183,14 @@ def paired_differences(table, group, nets):
                 out.append({'comparison': f'{a} − {b}', 'statistics': kind, 'net': f'{i + 1}: {net}',
                             'seeds': seeds, 'differences': diffs, 'mean_std': mean_std(diffs)})
     if 'xml' in by_label and len(nets) == 2:  # crossed ≈ pure: each down-half fed the other up-half, against its own
-        runs = {group[r]['seed']: group[r] for r in by_label['xml']['runs']}
+        xml_runs = [group[r] for r in sorted(by_label['xml']['runs'], key=lambda r: group[r]['seed'])]
         for kind, block in (('shared', lambda s: s), ('own', own)):
             for i, net in enumerate(nets):  # cross[a][b]: up a → down b
                 j = 1 - i
-                diffs = [block(runs[k])['cross'][j][i] - block(runs[k])['cross'][i][i]
-                         if block(runs[k]).get('cross') else None for k in sorted(runs)]
+                diffs = [block(s)['cross'][j][i] - block(s)['cross'][i][i] if block(s).get('cross') else None
+                         for s in xml_runs]
                 out.append({'comparison': f'xml: up{j + 1}→down{i + 1} − up{i + 1}→down{i + 1}', 'statistics': kind,
-                            'net': f'{i + 1}: {net}', 'seeds': sorted(runs), 'differences': diffs,
+                            'net': f'{i + 1}: {net}', 'seeds': [s['seed'] for s in xml_runs], 'differences': diffs,
                             'mean_std': mean_std(diffs)})
     return out
 
