@@ -2045,9 +2045,9 @@ def test_report_gives_the_paired_difference_of_each_seed_and_its_spread(tmp_path
     R.report(runs, tmp_path / 'out')
     md = (tmp_path / 'out' / 'RESULTS.md').read_text()
     assert '| xml − independent | shared | 1: res18 | s0: -1.00, s1: +1.00, s2: -2.00 | -0.67 ± 1.53 |' in md
-    assert '| xml − independent | shared | 2: mbv1 | s0: +5.00, s1: +5.00, s2: +5.00 | 5.00 ± 0.00 |' in md
-    assert '| xml − dml | own | 2: mbv1 | s0: +3.00, s1: +2.00, s2: +4.00 | 3.00 ± 1.00 |' in md
-    assert '| dml − independent | own | 1: res18 | s0: +1.00, s1: -1.00, s2: +2.00 | 0.67 ± 1.53 |' in md
+    assert '| xml − independent | shared | 2: mbv1 | s0: +5.00, s1: +5.00, s2: +5.00 | +5.00 ± 0.00 |' in md
+    assert '| xml − dml | own | 2: mbv1 | s0: +3.00, s1: +2.00, s2: +4.00 | +3.00 ± 1.00 |' in md
+    assert '| dml − independent | own | 1: res18 | s0: +1.00, s1: -1.00, s2: +2.00 | +0.67 ± 1.53 |' in md
     paired = json.loads((tmp_path / 'out' / 'results.json').read_text())['paired_differences'][0]['rows']
     assert len(paired) == 3 * 2 * 2 + 2 * 2 and paired[0]['seeds'] == [0, 1, 2]
 
@@ -2062,9 +2062,9 @@ def test_report_compares_each_crossed_path_with_the_pure_path_of_its_down_half(t
     R.report(runs, tmp_path / 'out')
     md = (tmp_path / 'out' / 'RESULTS.md').read_text()
     assert '| xml: up2→down1 − up1→down1 | shared | 1: res18 | s0: -4.00, s1: -1.00 | -2.50 ± 2.12 |' in md
-    assert '| xml: up1→down2 − up2→down2 | shared | 2: mbv1 | s0: +1.00, s1: +5.00 | 3.00 ± 2.83 |' in md
+    assert '| xml: up1→down2 − up2→down2 | shared | 2: mbv1 | s0: +1.00, s1: +5.00 | +3.00 ± 2.83 |' in md
     assert '| xml: up2→down1 − up1→down1 | own | 1: res18 | s0: -1.00, s1: – | -1.00 |' in md
-    assert '| xml: up1→down2 − up2→down2 | own | 2: mbv1 | s0: +1.00, s1: – | 1.00 |' in md
+    assert '| xml: up1→down2 − up2→down2 | own | 2: mbv1 | s0: +1.00, s1: – | +1.00 |' in md
     assert 'dml: up' not in md  # only xml trains its crossed paths
 
 

@@ -90,11 +90,12 @@ def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def cell(stats, digits=2):
+def cell(stats, digits=2, sign=''):
+    """'mean ± std' of mean_std's pair; sign='+' writes the mean with its sign (for differences)."""
     if stats is None:
         return '–'
     mean, std = stats
-    return f'{mean:.{digits}f}' + ('' if std is None else f' ± {std:.{digits}f}')
+    return f'{mean:{sign}.{digits}f}' + ('' if std is None else f' ± {std:.{digits}f}')
 
 
 def unfinished(runs_dir):
@@ -292,7 +293,7 @@ def report(runs_dir, out_dir, name='RESULTS', names=None):
             for d in paired:
                 per_seed = ', '.join(f's{k}: {"–" if v is None else f"{v:+.2f}"}' for k, v in zip(d['seeds'], d['differences']))
                 lines.append(f'| {d["comparison"]} | {d["statistics"]} | {d["net"]} | {per_seed} | '
-                             f'{cell(d["mean_std"])} |')
+                             f'{cell(d["mean_std"], sign="+")} |')
             json_paired.append({'pair': pair, 'dataset': dataset, 'epochs': epochs, 'width': width, 'rows': paired})
         for row in table:
             interp = [group[n]['interpolation'] for n in row['runs'] if 'interpolation' in group[n]]
