@@ -115,6 +115,9 @@ class Config:
     rotate: float = option(15.0, 'rotate each training image by an angle uniform in [-DEG, DEG], '
                            'after the crop and the flip (0: no rotation)', RECIPE, metavar='DEG')
     dataset: str = option('cifar100', 'synthetic: a tiny stand-in', DATA, choices=DATASETS)
+    train_per_class: int = option(None, 'train on the first N training images of each class, in '
+                                  'the data set\'s order (the test set stays whole)', DATA,
+                                  type=int, metavar='N')
     data_dir: str = option('data', 'cifar*: where it is or is downloaded to; folder: the root '
                            'holding train/<class>/ and test/<class>/', DATA)
     device: str = option(None, 'cuda, cuda:N or cpu (default: cuda if present)', DATA)
@@ -123,6 +126,8 @@ class Config:
                        choices=('auto', 'on', 'off'))
     sync_bn: bool = option(False, 'torchrun on GPUs: BatchNorm statistics over the whole batch '
                            '(SyncBatchNorm), not each process\'s share', DATA)
+    eval_every: int = option(1, 'evaluate every path on the test set after every N-th epoch '
+                             'and the last (best_epoch: the best of those)', OUT, metavar='N')
     out: str = option(None, 'output directory (default: runs/<nets>_<method>_<cuts>_seed<seed>)',
                       OUT)
     resume: bool = option(False, 'continue the run in --out from its last.pt (or start it if it '
@@ -231,6 +236,22 @@ def load_folder(root):
         out += [torch.from_numpy(np.stack(images)),
                 torch.tensor(sets[split].targets, dtype=torch.int64)]
     return Data(*out, list(sets['train'].classes))
+
+
+def first_per_class(data, n):
+    """`data` with the first n training images of each class, in the data set's order; a
+    UsageError naming a class with fewer."""
+    counts = torch.bincount(data.train_y, minlength=data.num_classes)
+    if counts.min() < n:
+        c = int(counts.argmin())
+        raise UsageError(f'--train-per-class {n}: class {data.classes[c]!r} has only '
+                         f'{int(counts[c])} training images; give at most {int(counts.min())}')
+    # rank of each image within its class: how many of its class come before it
+    order = torch.argsort(data.train_y, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - (counts.cumsum(0) - counts)[data.train_y[order]]
+    keep = rank < n
+    return replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
 
 
 @functools.lru_cache(maxsize=1)  # several runs in one process (reproduce drivers) decode once
@@ -1477,20 +1498,21 @@ def progress_line(rec, total_epochs, seconds_left):
     def accs(xs):
         return ' '.join(f'{a:.2f}' for a in xs)
 
-    dist = rec['feature_distance']  # None where the features differ in channels
+    dist = rec.get('feature_distance')  # None where the features differ in channels
     cross = f'  cross {both("cross", lambda m: " | ".join(map(accs, m)))}' if 'cross' in rec else ''
+    tested = (f'  top1 {both("accuracy", accs)}{cross}  ens {rec["ensemble"]:.2f}  '
+              f'dist {"-" if dist is None else f"{dist:.4f}"}' if 'accuracy' in rec else '')
     return (f'epoch {rec["epoch"]:>{len(str(total_epochs))}}/{total_epochs} {rec["stage"]:<5} loss '
-            + ' '.join('-' if x is None else f'{x:.3f}' for x in rec['loss'])
-            + f'  top1 {both("accuracy", accs)}{cross}  ens {rec["ensemble"]:.2f}  '
-            f'dist {"-" if dist is None else f"{dist:.4f}"}  lr {rec["lr"]:.4g}  '
-            f'{rec["img_per_s"]:,.0f} img/s  left {format_duration(seconds_left)}')
+            + ' '.join('-' if x is None else f'{x:.3f}' for x in rec['loss']) + tested
+            + f'  lr {rec["lr"]:.4g}  {rec["img_per_s"]:,.0f} img/s  '
+            f'left {format_duration(seconds_left)}')
 
 
 # What a resumed run must share with the checkpoint it resumes.
 RESUME_KEYS = ('nets', 'net_cuts', 'method', 'update', 'path_weights', 'paths_per_step',
                'temperature', 'l2_weight', 'adv_weight', 'freeze', 'hint_epochs', 'epochs',
                'warmup_epochs', 'batch_size', 'lr', 'momentum', 'weight_decay', 'seed', 'dataset',
-               'width', 'rotate', 'fast', 'sync_bn', 'processes', 'schedule')
+               'width', 'rotate', 'train_per_class', 'fast', 'sync_bn', 'processes', 'schedule')
 
 
 class Stopped(Exception):
@@ -1598,6 +1620,8 @@ def set_up(cfg):
     data, nets, optimizers."""
     dev, rank, world = start_processes(cfg)
     data = load_data(cfg.dataset, cfg.data_dir)
+    if cfg.train_per_class:
+        data = first_per_class(data, cfg.train_per_class)
     if cfg.batch_size > len(data.train_x):
         raise UsageError(f'--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} '
                          'training images')
@@ -1807,11 +1831,12 @@ def save_checkpoint(run, rec, gen, wall_s):
     """Record the epoch: best.pt when the mean top-1 of the learning nets is the best so far,
     last.pt, metrics.jsonl, each written atomically (rank 0 only)."""
     K, best = len(run.models), run.best
-    for i in range(K):
+    for i in range(K * ('accuracy' in rec)):  # (an epoch that --eval-every skips has none)
         if rec['accuracy'][i] > best['accuracy'][i]:
             best['accuracy'][i], best['epoch'][i] = rec['accuracy'][i], rec['epoch']
     trained = [i for i in range(K) if i not in run.frozen]
-    mean_acc = sum(rec['accuracy'][i] for i in trained) / len(trained)
+    mean_acc = (sum(rec['accuracy'][i] for i in trained) / len(trained) if 'accuracy' in rec
+                else -1.0)
     is_best, best['mean'] = mean_acc > best['mean'], max(best['mean'], mean_acc)
     if run.rank:
         return
@@ -1857,9 +1882,11 @@ def train(cfg):
             losses, lr = train_epoch(run, *steps[hint], epoch, train_x, train_y, gen)
             train_s = time.time() - t0
             rec = {'epoch': epoch + 1, 'stage': 'hint' if hint else 'train', 'lr': lr,
-                   'loss': losses, **evaluate(run.parts, test_x, test_y, run.mean, run.std,
-                                              fast=cfg.fast == 'on', classes=run.data.num_classes,
-                                              own_bn=run.own_bn, stitches=run.stitches)}
+                   'loss': losses}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == total:  # evaluation changes no
+                rec.update(evaluate(run.parts, test_x, test_y, run.mean, run.std,  # weight
+                                    fast=cfg.fast == 'on', classes=run.data.num_classes,
+                                    own_bn=run.own_bn, stitches=run.stitches))
             rec.update(img_per_s=len(train_x) // cfg.batch_size * cfg.batch_size / train_s,
                        epoch_s=time.time() - t0)
             run.history.append(rec)
@@ -1884,10 +1911,15 @@ def summarize(run, wall_s):
     cfg, last, student = run.cfg, run.history[-1], run.student
     costs = path_costs(run.parts, last['own_bn']['paths'], run.data.train_x.shape[1],
                        cfg.fast == 'on', run.stitches)
-    own_best = [max(run.history, key=lambda r: (r['own_bn']['accuracy'][i], -r['epoch']))
+    evaluated = [r for r in run.history if 'accuracy' in r]
+    own_best = [max(evaluated, key=lambda r: (r['own_bn']['accuracy'][i], -r['epoch']))
                 for i in range(len(run.models))]
     own_best = {'best_accuracy': [r['own_bn']['accuracy'][i] for i, r in enumerate(own_best)],
                 'best_epoch': [r['epoch'] for r in own_best]}
+    # the regime the run ended in: how far each net fits its training images (no augmentation)
+    fit = evaluate(run.parts, run.data.train_x.to(run.dev), run.data.train_y.to(run.dev), run.mean,
+                   run.std, fast=cfg.fast == 'on', classes=run.data.num_classes,
+                   own_bn=run.own_bn, stitches=run.stitches)
     same = all(c == cfg.net_cuts[0] for c in cfg.net_cuts)
     summary = {'pair': ','.join(cfg.nets),
                'cut': ','.join(cfg.net_cuts[0] if same else [c[0] for c in cfg.net_cuts]),
@@ -1906,6 +1938,9 @@ def summarize(run, wall_s):
                'feature_distance': last['feature_distance'],
                'own_bn': {**last['own_bn'], **own_best},
                'synthesis': last.get('synthesis'), 'path_costs': costs,
+               'eval_every': cfg.eval_every,
+               'train': {'loss': last['loss'], 'accuracy': fit['accuracy'],
+                         'own_bn_accuracy': fit['own_bn']['accuracy']},
                'device': device_name(run.dev), 'torch': torch.__version__,
                'date': time.strftime('%Y-%m-%d'), 'wall_s': wall_s,
                'command': ('torchrun ' if run.world > 1 else 'python ') + 'xml_ref.py '
@@ -2031,8 +2066,9 @@ def check(cfg):
     for i, path in enumerate((cfg.init1, cfg.init2)):
         if path and not Path(path).is_file():
             raise UsageError(f'--init{i + 1} {path}: no such file; give a last.pt or best.pt')
-    for flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature'):
-        if not getattr(cfg, flag) > 0:  # (NaN too)
+    for flag in ('epochs', 'batch_size', 'lr', 'width', 'temperature', 'train_per_class',
+                 'eval_every'):
+        if getattr(cfg, flag) is not None and not getattr(cfg, flag) > 0:  # (NaN too)
             raise UsageError(f'--{flag.replace("_", "-")} must be positive, '
                              f'got {getattr(cfg, flag)}')
     for flag in ('momentum', 'weight_decay', 'l2_weight', 'adv_weight', 'rotate'):
