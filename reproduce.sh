@@ -16,7 +16,7 @@
 # mean, then kd and fitnet with the pair's independently trained larger net as teacher; the interpolation
 # study of the xml, xml (mean) and xml+l2 runs. Every run reports every path twice: with the shared
 # BatchNorm statistics (the deck's plain BatchNorm) and with each path's own statistics, kept apart
-# during training (README, "BatchNorm": why XML needs both).
+# during training (docs/USAGE.md, "BatchNorm": why XML needs both).
 # Resumable: a finished run (its summary.json exists) is skipped if the same command made it (else the
 # script stops: another --runs DIR for other settings), an interrupted one resumes from last.pt.
 set -euo pipefail

@@ -18,7 +18,8 @@ from hypothesis import given, settings, strategies as st
 from torch.distributions import Categorical, kl_divergence
 
 import xml_ref as X
-from tools import bench as B, bn_recalib as BN, export_path as EP, grad_norms as GN, interpolate as I, report as R
+from tools import bench as B, bn_recalib as BN, export_path as EP, flatness as FL, grad_norms as GN, interpolate as I
+from tools import report as R
 from tools import plant_bugs as PB
 
 HERE = Path(__file__).resolve().parent
@@ -156,6 +157,37 @@ class Residual(nn.Module):  # functional pooling and flatten in forward
     def forward(self, x):
         x = self.block(self.stem(x))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class BuiltInForward(nn.Module):  # pytorch-cifar100's BasicBlock: a new ReLU module at every call
+    def __init__(self, c_in, c, stride=1):
+        super().__init__()
+        self.residual_function = nn.Sequential(
+            nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return nn.ReLU(inplace=True)(self.residual_function(x) + self.shortcut(x))
+
+
+class StagedResNet(nn.Module):  # pytorch-cifar100's ResNet: stages conv2_x …, fc registered before the pool
+    def __init__(self, c=4, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                   nn.ReLU(inplace=True))
+        self.conv2_x = nn.Sequential(BuiltInForward(c, c), BuiltInForward(c, c))
+        self.conv3_x = nn.Sequential(BuiltInForward(c, 2 * c, 2), BuiltInForward(2 * c, 2 * c))
+        self.conv4_x = nn.Sequential(BuiltInForward(2 * c, 4 * c, 2))
+        self.fc = nn.Linear(4 * c, num_classes)
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+
+    def forward(self, x):
+        output = self.conv4_x(self.conv3_x(self.conv2_x(self.conv1(x))))
+        output = self.avg_pool(output)
+        return self.fc(output.view(output.size(0), -1))
 '''
 
 
@@ -386,12 +418,70 @@ def test_cut_names_lists_exactly_the_cuts_split_accepts_with_their_shapes():
             if name in cuts:
                 assert tuple(up(x).shape[1:]) == cuts[name]
                 torch.testing.assert_close(down(up(x)), model(x), rtol=1e-5, atol=1e-6)
-            else:  # split accepts it, but it is no feature map, or nothing with parameters follows it
-                assert up(x).dim() != 4 or not any(True for _ in down.parameters()), name
+            else:  # split accepts it, but it is no feature map, nothing with parameters follows it, or it is the
+                # same point as a listed cut of an outer module (layer1.1 ends where layer1 ends)
+                same = [c for c in cuts if name.startswith(c + '.') and torch.equal(X.split(model, c)[0](x), up(x))]
+                assert up(x).dim() != 4 or not any(True for _ in down.parameters()) or same, name
     r18 = X.cut_names(tv('resnet18'))
     assert r18['layer2'] == (128, 4, 4) and r18['maxpool'] == (64, 8, 8)
     assert 'layer2.0.conv1' not in r18 and 'fc' not in r18 and 'bn1' not in r18  # skip, output, in-place ReLU
     assert list(r18)[:4] == ['conv1', 'relu', 'maxpool', 'layer1.0']  # in the order forward computes them
+
+
+def test_split_enters_only_the_cuts_ancestors_so_a_block_fx_cannot_trace_stays_whole():
+    """pytorch-cifar100's ResNet (a ReLU module built in each block's forward, which fx cannot trace): every stage
+    splits exactly, cut_names lists each point once, a cut inside a block is refused naming the block, and the
+    in-place and skip-connection refusals still see through the modules kept whole."""
+    model = foreign().StagedResNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    cuts = X.cut_names(model, 16)
+    assert list(cuts) == ['conv1.0', 'conv1', 'conv2_x.0', 'conv2_x', 'conv3_x.0', 'conv3_x', 'conv4_x', 'avg_pool']
+    assert cuts['conv3_x'] == (8, 8, 8)
+    for stage in ('conv1', 'conv2_x', 'conv3_x', 'conv4_x'):
+        up, down = X.split(model, stage)
+        assert torch.equal(down(up(x)), model(x)), stage
+    assert X.split(model, 'conv2_x.1')[0](x).shape == (2, 4, 16, 16)  # the same point as conv2_x: not listed again
+    with pytest.raises(ValueError, match=r'^torch.fx cannot trace conv3_x.0 \(BuiltInForward\) of StagedResNet '
+                                         r'\(NameError: .*\); cut outside it'):
+        X.split(model, 'conv3_x.0.residual_function.0')
+
+    class Writes(torch.nn.Module):  # after the cut, a module kept whole that writes its input in place
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 4, 3)
+            self.post = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Conv2d(4, 4, 1))
+            self.skip = torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return (self.skip(self.post(h)) + h).mean((1, 2, 3))
+    with pytest.raises(ValueError, match='changes its output in place'):
+        X.split(Writes(), 'stem')
+    with pytest.raises(ValueError, match='skip connection'):
+        X.split(Writes(), 'post')
+
+
+def test_pair_stitches_reads_the_channels_changes_no_statistic_and_mismatches_are_refused_in_one_line():
+    f = foreign()
+    torch.manual_seed(0)
+    a, b = f.StagedResNet(c=4), f.StagedResNet(c=6)
+    (up1, down1), (up2, down2) = X.split(a, 'conv3_x'), X.split(b, 'conv3_x')
+    before = copy.deepcopy(a.state_dict())
+    stitch12, stitch21 = X.pair_stitches(up1, up2, 16)
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in before.items())  # the probe ran in eval mode
+    assert a.training and up1.training  # and left the modes as they were
+    assert [(s[0].in_channels, s[0].out_channels) for s in (stitch12, stitch21)] == [(8, 12), (12, 8)]
+    assert X.pair_stitches(up1, X.split(f.StagedResNet(c=4), 'conv3_x')[0], 16) == (None, None)
+    with pytest.raises(ValueError, match=r"^the up-halves' features differ in more than channels \(8×8×8 and "
+                                         r"24×4×4\); choose cuts of the same height and width$"):
+        X.pair_stitches(up1, X.split(b, 'conv4_x')[0], 16)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(10, (4,))
+    with pytest.raises(ValueError, match=r'^down_2 reads 12×8×8 from up_2 but would get 8×8×8 from up_1; join them '
+                                         r'with pair_stitches\(up1, up2\)$'):
+        X.xml_pair_losses(up1, down1, up2, down2, x, y)
+    with pytest.raises(ValueError, match=r'^down_1 reads 8×8×8 from up_1 but would get 12×8×8 from up_2;'):
+        X.cross_accuracy(up1, down1, up2, down2, [(x, y)], stitch12=stitch12)
+    assert len(X.xml_pair_losses(up1, down1, up2, down2, x, y, stitch12=stitch12, stitch21=stitch21)) == 2
 
 
 def stitched_pair(seed=0, dtype=torch.float64):
@@ -409,7 +499,7 @@ def test_stitches_join_differing_channels_and_refuse_differing_sizes():
     assert [m.in_channels for m in (stitches['1>2@1'][0], stitches['2>1@1'][0])] == [4, 2]
     assert X.num_params(stitches['1>2@1']) == 4 * 2 + 2 * 2 and X.num_params(stitches['2>1@1']) == 2 * 4 + 2 * 4
     assert X.stitches_into(stitches, 1) == [stitches['1>2@1']]
-    with pytest.raises(ValueError, match=r'res18 64×16×16, mbv1 64×32×32'):
+    with pytest.raises(ValueError, match=r'res18 and mbv1 at cut 1 differ in more than channels \(64×16×16 and 64×32×32\)'):
         X.make_stitches([[(64, 16, 16)], [(64, 32, 32)]], ['res18', 'mbv1'])
     models, parts, stitches = stitched_pair(dtype=torch.float32)  # latency_ms times float32 inputs
     costs = X.path_costs(parts, {X.path_name(p): 0.0 for p in X.all_paths(2, 2)}, 16, stitches=stitches)
@@ -499,10 +589,13 @@ def copyable_block():
     return source[start:source.index('\n# ---', start + 1)]
 
 
-def test_the_copyable_block_trains_foreign_nets_in_a_fresh_file_as_xml_ref_does(tmp_path):
+@pytest.mark.parametrize('nets,cuts', [(('CifarStyle(c=6)', 'Residual(c=10)'), ('conv1', 'block')),
+                                       (('StagedResNet(c=4)', 'StagedResNet(c=6)'), ('conv3_x', 'conv3_x'))])
+def test_the_copyable_block_trains_foreign_nets_in_a_fresh_file_as_xml_ref_does(nets, cuts, tmp_path):
     """The block, pasted alone into a fresh file that imports nothing of this project, splits two nets written
-    the way other codebases write them (channels 6 and 10 at the cut), stitches them and trains them for a few
-    steps: the same losses, gradients, weights and cross accuracies as xml_ref's own step and evaluation."""
+    the way other codebases write them (channels that differ at the cut; pytorch-cifar100's blocks, which build a
+    module in forward, split at every stage), stitches them and trains them for a few steps: the same losses,
+    gradients, weights and cross accuracies as xml_ref's own step and evaluation."""
     torch.manual_seed(0)
     data = X.synthetic_data(n_train=48, n_test=40, size=16)
     mean, std = X.channel_stats(data.train_x)
@@ -516,16 +609,23 @@ def test_the_copyable_block_trains_foreign_nets_in_a_fresh_file_as_xml_ref_does(
     (tmp_path / 'user.py').write_text('''
 import sys
 import torch
-from foreign import CifarStyle, Residual
-from xml_block import split, stitch, xml_pair_losses, routed_backward, cross_accuracy
+from foreign import CifarStyle, Residual, StagedResNet
+from xml_block import split, cut_names, pair_stitches, xml_pair_losses, routed_backward, cross_accuracy
 
 assert not any(name in sys.modules for name in ('xml_ref', 'tools'))
 batches = torch.load('batches.pt')
 torch.manual_seed(0)
-net1, net2 = CifarStyle(c=6), Residual(c=10)
-(up1, down1), (up2, down2) = split(net1, 'conv1'), split(net2, 'block')
+net1, net2 = NETS
+x = batches['test'][0][0][:4]
+for net in (net1, net2):  # every cut cut_names lists splits exactly
+    net.eval()
+    for name in cut_names(net, 16):
+        up, down = split(net, name)
+        assert torch.equal(down(up(x)), net(x)), name
+    net.train()
+(up1, down1), (up2, down2) = split(net1, CUT1), split(net2, CUT2)
 torch.manual_seed(1)
-stitch12, stitch21 = stitch(6, 10), stitch(10, 6)  # into down_2 (net 2's), into down_1 (net 1's)
+stitch12, stitch21 = pair_stitches(up1, up2, 16)  # into down_2 (net 2's), into down_1 (net 1's)
 opt1 = torch.optim.SGD([*net1.parameters(), *stitch21.parameters()], lr=0.05, momentum=0.9)
 opt2 = torch.optim.SGD([*net2.parameters(), *stitch12.parameters()], lr=0.05, momentum=0.9)
 losses = []
@@ -539,7 +639,7 @@ torch.save({'losses': losses, 'grads': [p.grad for p in [*opt1.param_groups[0]['
                                                          *opt2.param_groups[0]['params']]],
             'weights': [net1.state_dict(), net2.state_dict(), stitch12.state_dict(), stitch21.state_dict()],
             'cross': cross_accuracy(up1, down1, up2, down2, batches['test'], stitch12, stitch21)}, 'result.pt')
-''')
+'''.replace('NETS', ', '.join(nets)).replace('CUT1', repr(cuts[0])).replace('CUT2', repr(cuts[1])))
     run = subprocess.run([sys.executable, 'user.py'], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**{k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
                               'OMP_NUM_THREADS': '1'})
@@ -548,8 +648,8 @@ torch.save({'losses': losses, 'grads': [p.grad for p in [*opt1.param_groups[0]['
     # the same in xml_ref: its splitter, make_stitches and train_step, and evaluate()
     f = foreign()
     torch.manual_seed(0)
-    nets = [f.CifarStyle(c=6), f.Residual(c=10)]
-    parts = [X.split_parts(m, [c]) for m, c in zip(nets, ('conv1', 'block'))]
+    nets = [eval(n, vars(f)) for n in nets]
+    parts = [X.split_parts(m, [c]) for m, c in zip(nets, cuts)]
     torch.manual_seed(1)
     stitches = X.make_stitches(X.feature_shapes(parts, 16), ['cifar', 'residual'])
     opts = [torch.optim.SGD([*nets[i].parameters(), *(p for s in X.stitches_into(stitches, i)
@@ -567,6 +667,44 @@ torch.save({'losses': losses, 'grads': [p.grad for p in [*opt1.param_groups[0]['
     for a in range(2):
         for b in range(2):
             assert abs(copied['cross'][a][b] - cross[a][b]) <= 100 / 40 + 1e-9, (copied['cross'], cross)
+
+
+def readme_example():
+    """The code block of README.md's 'XML in your own code', as text."""
+    text = (HERE / 'README.md').read_text().split('## XML in your own code')[1]
+    return text.split('```python\n')[1].split('```')[0]
+
+
+def test_the_readme_example_trains_as_written_with_the_pasted_block(tmp_path, monkeypatch):
+    """README.md's example, read from the README and run unchanged against the pasted block, on one batch of 16
+    CIFAR-sized images given 4 times an epoch for 3 epochs: the loss of both nets falls (to about half here), and
+    it prints the four paths' accuracies."""
+    import importlib
+    (tmp_path / 'xml_block.py').write_text(copyable_block())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    block = importlib.import_module('xml_block')
+    seen = []
+
+    def recorded(*args, **kwargs):  # the example's own call, its losses kept
+        losses = recorded.wrapped(*args, **kwargs)
+        seen.append([loss.item() for loss in losses])
+        return losses
+    recorded.wrapped = block.xml_pair_losses
+    monkeypatch.setattr(block, 'xml_pair_losses', recorded)
+    data = X.synthetic_data(n_train=16, n_test=16)
+    mean, std = X.channel_stats(data.train_x)
+    train_loader = [(X.normalize(data.train_x, mean, std), data.train_y)] * 4
+    printed = []
+    torch.manual_seed(0)
+    try:
+        exec(readme_example(), {'train_loader': train_loader, 'epochs': 3, 'print': printed.append,
+                                'test_loader': [(X.normalize(data.test_x, mean, std), data.test_y)]})
+    finally:
+        sys.modules.pop('xml_block', None)
+    assert len(seen) == 12 and seen[0][0] > 0
+    first, last = torch.tensor(seen[:4]).mean(0), torch.tensor(seen[-4:]).mean(0)
+    assert (last < 0.8 * first).all(), seen  # both nets' losses fall, clearly
+    assert len(printed) == 1 and len(printed[0]) == 2 and all(0 <= a <= 100 for row in printed[0] for a in row)
 
 
 def test_cli_trains_torchvision_nets_joined_by_stitches(tmp_path, capsys):
@@ -851,8 +989,8 @@ def test_the_pair_core_copied_alone_computes_what_the_full_step_computes(tmp_pat
     and the gradients of train_step (sum and mean path weights)."""
     import importlib.util
     import inspect
-    source = 'import torch\n\n\n' + inspect.getsource(X.xml_pair_losses) + '\n\n' + \
-        inspect.getsource(X.routed_backward)
+    source = 'import torch\n\n\n' + '\n\n'.join(inspect.getsource(f) for f in (
+        X.shape_text, X.crossed, X.xml_pair_losses, X.routed_backward))
     (tmp_path / 'core.py').write_text(source)
     spec = importlib.util.spec_from_file_location('core', tmp_path / 'core.py')
     core = importlib.util.module_from_spec(spec)
@@ -1702,6 +1840,90 @@ def test_bn_recalib_tool_reproduces_the_runs_shared_and_own_numbers_and_re_estim
         assert len(err) == 1 and 'path 1-2 has' in err[0] and 'use the xml_ref.py that wrote it' in err[0], err
 
 
+@FAST
+@given(labels=st.lists(st.integers(0, 3), max_size=40), n=st.integers(1, 5))
+def test_first_per_class_keeps_the_first_n_images_of_each_class_in_the_data_sets_order(labels, n):
+    y = torch.tensor(labels, dtype=torch.int64)
+    x = torch.arange(len(y), dtype=torch.int64)  # each image its own index
+    data = X.Data(x, y, x[:2], y[:2], ['a', 'b', 'c', 'd'])
+    seen, keep = {}, []
+    for i, c in enumerate(labels):  # by hand: walk the data set, keep what its class still needs
+        seen[c] = seen.get(c, 0) + 1
+        keep += [i] if seen[c] <= n else []
+    if min(seen.get(c, 0) for c in range(4)) < n:
+        with pytest.raises(X.UsageError, match=rf'--train-per-class {n}: class .* has only \d+ training images'):
+            X.first_per_class(data, n)
+        return
+    sub = X.first_per_class(data, n)
+    assert sub.train_x.tolist() == keep and sub.train_y.tolist() == [labels[i] for i in keep]
+    assert sub.test_x is data.test_x and sub.classes == data.classes
+
+
+def test_train_per_class_trains_on_the_subset_is_recorded_and_resume_compares_it(tmp_path, capsys):
+    out = tmp_path / 'r'
+    args = ['--pair', 'res18,mbv1', '--method', 'independent', *TINY, '--out', str(out)]
+    code, cap = run_cli([*args, '--train-per-class', '20'], capsys)
+    assert code == 0, cap.err
+    assert json.loads((out / 'summary.json').read_text())['train_per_class'] == 20
+    ckpt = torch.load(out / 'last.pt', weights_only=True)
+    assert ckpt['data']['train'] == 200 and ckpt['data']['test'] == 256  # 10 classes × 20; the test set whole
+    sub = X.first_per_class(X.synthetic_data(), 20)  # summary['train']: each whole net on those 200 images
+    x = X.normalize(sub.train_x, *X.channel_stats(sub.train_x))
+    for i, name in enumerate(('res18', 'mbv1')):
+        net = X.build(name, 10, 4)
+        net.load_state_dict(ckpt['nets'][i])
+        with torch.no_grad():
+            right = (net.eval()(x).argmax(1) == sub.train_y).sum().item()
+        fit = json.loads((out / 'summary.json').read_text())['train']['accuracy'][i]
+        assert abs(fit - right / 2) <= 0.5 + 1e-9  # within one image (a near tie may fall either way)
+    (out / 'summary.json').unlink()  # an unfinished run, as far as --resume can tell
+    one_line_error(*run_cli([*args, '--train-per-class', '10', '--resume'], capsys), 'train_per_class=20', 'not 10')
+    too_many = tmp_path / 'too_many'
+    one_line_error(*run_cli([*args[:-1], str(too_many), '--train-per-class', '1000'], capsys),
+                   '--train-per-class 1000: class', 'has only', 'give at most')
+    assert not too_many.exists()  # refused before anything was written
+    one_line_error(*run_cli([*args, '--train-per-class', '0'], capsys), '--train-per-class must be positive')
+
+
+def test_eval_every_changes_no_weight_and_best_epoch_is_the_best_evaluated_one(tmp_path, capsys):
+    runs = {}
+    for every in (1, 2):
+        out = tmp_path / f'every{every}'
+        code, cap = run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--epochs', '3', '--eval-every',
+                             str(every), '--out', str(out)], capsys)
+        assert code == 0, cap.err
+        runs[every] = ([json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()],
+                       json.loads((out / 'summary.json').read_text()),
+                       torch.load(out / 'last.pt', weights_only=True)['nets'])
+    (all_, _, nets1), (some, summary, nets2) = runs[1], runs[2]
+    assert [r['loss'] for r in all_] == [r['loss'] for r in some]  # the same training, step for step
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(nets1, nets2) for k in a)
+    assert ['accuracy' in r for r in some] == [False, True, True]  # every 2nd epoch and the last
+    assert all(some[e]['paths'] == all_[e]['paths'] and some[e]['own_bn'] == all_[e]['own_bn'] for e in (1, 2))
+    assert summary['eval_every'] == 2
+    for i in range(2):
+        best = max((r['accuracy'][i], -r['epoch']) for r in some[1:])
+        assert (summary['best_accuracy'][i], -summary['best_epoch'][i]) == best
+        best_own = max((r['own_bn']['accuracy'][i], -r['epoch']) for r in some[1:])
+        assert (summary['own_bn']['best_accuracy'][i], -summary['own_bn']['best_epoch'][i]) == best_own
+
+
+def test_summary_train_block_scores_the_training_images(tmp_path, capsys, monkeypatch):
+    """With the test set equal to the training set, each net's fit of its training images (summary['train'])
+    is its test top-1, with shared and with its own statistics; the loss is the last epoch's."""
+    data = X.synthetic_data()
+    same = X.Data(data.train_x, data.train_y, data.train_x, data.train_y, data.classes)
+    monkeypatch.setattr(X, 'load_data', lambda name, data_dir: same)
+    out = tmp_path / 'r'
+    code, cap = run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--out', str(out)], capsys)
+    assert code == 0, cap.err
+    summary = json.loads((out / 'summary.json').read_text())
+    last = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert summary['train']['accuracy'] == summary['accuracy']
+    assert summary['train']['own_bn_accuracy'] == summary['own_bn']['accuracy']
+    assert summary['train']['loss'] == last['loss']
+
+
 def test_cli_xml_run_writes_summary_with_cross_matrix(tmp_path, capsys):
     out = tmp_path / 'xml'
     code, _ = run_cli(['--pair', 'res18,res34', '--method', 'xml', *TINY, '--out', str(out)], capsys)
@@ -2068,6 +2290,32 @@ def test_report_compares_each_crossed_path_with_the_pure_path_of_its_down_half(t
     assert 'dml: up' not in md  # only xml trains its crossed paths
 
 
+def test_report_states_the_regime_and_plots_each_methods_curve_over_its_seeds(tmp_path):
+    runs = tmp_path / 'runs'
+    for seed, loss, fit in ((0, (0.10, 0.30), (99.0, 90.0)), (1, (0.20, 0.50), (97.0, 86.0))):
+        fake_summary(runs, f'xml_s{seed}', seed=seed, train_per_class=500, own=((70.0, 71.0), (72.0, 73.0)),
+                     train={'loss': list(loss), 'accuracy': [0.0, 0.0], 'own_bn_accuracy': list(fit)})
+        # evaluated epochs 5 and 10 only (--eval-every 5): epoch 7 has no accuracy
+        recs = [{'epoch': e, 'loss': [1.0, 1.0], **({'accuracy': [0.0, 0.0], 'own_bn': {'accuracy': [e + seed, 2.0 * e]}}
+                                                    if e % 5 == 0 else {})} for e in (5, 7, 10)]
+        (runs / f'xml_s{seed}' / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    fake_summary(runs, 'dml_s0', method='dml', train_per_class=500)  # from before 'train': no regime row
+    assert R.curves(runs / 'xml_s1') == ([5, 10], [[6, 10.0], [11, 20.0]])
+    R.report(runs, tmp_path / 'out', name='e200')
+    md = (tmp_path / 'out' / 'e200.md').read_text()
+    assert 'the first 500 training images of each class' in md.split('Shared by these runs:')[1].split('\n')[0]
+    # mean ± sample std over the two seeds: loss to 3 digits, the own-statistics training top-1 to 2
+    assert '| xml | 0.150 ± 0.071 | 98.00 ± 1.41 | 0.400 ± 0.141 | 88.00 ± 2.83 |' in md
+    assert '| dml |' not in md.split('The regime at the end of training')[1].split('\n\n')[1]  # its table
+    try:
+        import matplotlib  # noqa: F401 (optional: the report has no plot without it)
+    except ImportError:
+        assert not list((tmp_path / 'out').glob('*.png'))
+        return
+    assert (tmp_path / 'out' / 'e200_res18-mbv1.png').stat().st_size > 1000
+    assert '[e200_res18-mbv1.png](e200_res18-mbv1.png)' in md
+
+
 def test_report_writes_the_folders_of_this_machine_as_placeholders(tmp_path):
     """--as FOLDER=NAME: no command, path or heading of the report names the folder, the deeper folder first."""
     runs, data = tmp_path / 'runs', tmp_path / 'runs' / 'data'
@@ -2113,6 +2361,49 @@ def test_report_refuses_a_seed_twice_lists_unfinished_runs_and_counts_what_it_av
     assert R.main([str(runs), '--out', str(tmp_path / 'out2')]) == 2
     assert 'xml_s0, xml_s0_again: the same settings and seed more than once' in capsys.readouterr().err
     assert not (tmp_path / 'out2').exists()
+
+
+def markdown_links(text):
+    """The targets of a Markdown text's links and images, outside code blocks and code spans."""
+    import re
+    text = re.sub(r'^(```|~~~).*?^\1', '', text, flags=re.S | re.M)  # fenced code blocks
+    text = re.sub(r'^(?: {4}|\t).*$', '', text, flags=re.M)  # indented code blocks
+    text = re.sub(r'(`+).+?\1', '', text)  # code spans
+    return [m.group(1) for m in re.finditer(r'\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)', text)]
+
+
+def github_anchors(text):
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped, spaces as '-'."""
+    import re
+    anchors, seen = set(), {}
+    for m in re.finditer(r'^#{1,6}\s+(.*?)\s*#*\s*$', re.sub(r'^(```|~~~).*?^\1', '', text, flags=re.S | re.M),
+                         flags=re.M):
+        slug = re.sub(r'[^\w\- ]', '', m.group(1).lower()).replace(' ', '-')
+        anchors.add(slug if slug not in seen else f'{slug}-{seen[slug]}')
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves_to_a_file_of_the_repository():
+    """README.md, docs/ and results/'s README.md and HISTORY.md link to files (and headings) that exist in the repository,
+    never outside it: a moved section or a renamed file breaks no link."""
+    assert markdown_links('[a](x.md) `[b](y.md)` [c](<z.md> "t") ![d](p.png)') == ['x.md', 'z.md', 'p.png']
+    assert github_anchors('## The CPU layout: channels_last\n# Sum or mean over a net\'s paths') == {
+        'the-cpu-layout-channels_last', 'sum-or-mean-over-a-nets-paths'}
+    pages = [HERE / 'README.md', *sorted((HERE / 'docs').glob('*.md')), *(HERE / 'results' / f for f in ('README.md', 'HISTORY.md'))]
+    checked, broken = 0, []
+    for page in pages:
+        for link in markdown_links(page.read_text()):
+            if link.startswith(('http://', 'https://', 'mailto:')):
+                continue
+            path, _, anchor = link.partition('#')
+            target = (page.parent / path).resolve() if path else page
+            if path.startswith('/') or HERE not in (target, *target.parents) or not target.exists():
+                broken.append(f'{page.relative_to(HERE)}: {link}')
+            elif anchor and target.suffix == '.md' and anchor not in github_anchors(target.read_text()):
+                broken.append(f'{page.relative_to(HERE)}: {link} (no such heading)')
+            checked += 1
+    assert checked > 30 and broken == []
 
 
 def test_the_decks_numbers_are_those_docs_method_states():
@@ -2375,8 +2666,8 @@ def test_cli_discriminator_experiments_run(method, tmp_path, capsys):
     assert len(record['loss']) == (3 if method == 'xml+gan' else 2)
     assert (summary['synthesis'] is not None) == (method == 'xml+disc')
     assert len(summary['cross']) == 2 and all(0 <= a <= 100 for a in summary['accuracy'])
-    if method == 'xml+disc':  # README's "Output files" names every key a run writes, the rarer ones included
-        section = (HERE / 'README.md').read_text().split('## Output files')[1].split('\n## ')[0]
+    if method == 'xml+disc':  # docs/RUNS.md's "Output files" names every key a run writes, the rarer ones included
+        section = (HERE / 'docs' / 'RUNS.md').read_text().split('## Output files')[1].split('\n## ')[0]
         record = json.loads((tmp_path / 'r' / 'metrics.jsonl').read_text().splitlines()[-1])
         keys = {*summary, *record, *record['own_bn'], *json.loads(cap.out.strip().splitlines()[-1])}
         assert 'synthesis' in record and 'fallback' in record['own_bn']
@@ -2973,3 +3264,169 @@ def test_every_planted_bug_finds_its_one_line_and_names_tests_that_exist(capsys)
         words = [w for w in k.replace('(', ' ').replace(')', ' ').split() if w not in ('or', 'and', 'not')]
         assert all(any(w in n for n in names) or f"'{w}'" in source for w in words), (name, k)
     assert PB.main(['--list', 'reversed KL']) == 0 and 'reversed KL' in capsys.readouterr().out
+
+
+# --------------------------------------------------------------- the deck's explanation, measured (issue 40)
+def linear_softmax(seed=0, d=5, c=4, n=24):
+    """A linear softmax layer in float64 and three fixed batches of its inputs and labels."""
+    torch.manual_seed(seed)
+    net = torch.nn.Linear(d, c).double()
+    x, y = torch.randn(n, d, dtype=torch.float64), torch.randint(c, (n,))
+    return net, [(x[s:s + n // 3], y[s:s + n // 3]) for s in range(0, n, n // 3)]
+
+
+def test_flatness_power_iteration_finds_the_top_hessian_eigenvalue():
+    """Against Hessians known whole: quadratics ½θᵀAθ (A's eigenvalues 5, 4, 3, −1, 0.5, 0, and −6, 5, 4, 3, 0.5,
+    0, whose largest magnitude is not the largest) and the training cross-entropy of a linear softmax layer, whose
+    Hessian torch.autograd.functional.hessian gives (float64)."""
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    A = q @ torch.diag(torch.tensor([5.0, 4.0, 3.0, -1.0, 0.5, 0.0], dtype=torch.float64)) @ q.T
+    theta, v = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    theta.requires_grad_()
+    quadratic = lambda: [0.5 * theta @ A @ theta]  # noqa: E731
+    assert torch.allclose(FL.hessian_vector_product(quadratic, [theta], [v])[0], A @ v, rtol=1e-12, atol=1e-12)
+    r = FL.top_eigenvalue(quadratic, [theta], torch.Generator().manual_seed(1), max_iter=5000, tol=1e-13)
+    assert r['converged'] and r['iterations'] > 10 and r['eigenvalue'] == pytest.approx(5.0, rel=1e-9)
+    assert r['shift'] is None
+    capped = FL.top_eigenvalue(quadratic, [theta], torch.Generator().manual_seed(1), max_iter=3, tol=1e-13)
+    assert capped['iterations'] == 3 and not capped['converged']
+    # the largest |λ| negative (−6): the largest λ (5) from the Hessian shifted by −6
+    B = q @ torch.diag(torch.tensor([-6.0, 5.0, 4.0, 3.0, 0.5, 0.0], dtype=torch.float64)) @ q.T
+    r = FL.top_eigenvalue(lambda: [0.5 * theta @ B @ theta], [theta], torch.Generator().manual_seed(1), max_iter=5000,
+                          tol=1e-13)
+    assert r['converged'] and r['eigenvalue'] == pytest.approx(5.0, rel=1e-9) and r['shift'] == pytest.approx(-6.0)
+
+    net, batches = linear_softmax()
+    names, params = zip(*net.named_parameters())
+
+    def loss(flat):  # the same cross-entropy as a function of all parameters in one vector
+        split = dict(zip(names, (t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in params]), params))))
+        return sum(F.cross_entropy(torch.func.functional_call(net, split, (x,)), y) for x, y in batches) / len(batches)
+    flat = torch.cat([p.detach().flatten() for p in params])
+    H = torch.autograd.functional.hessian(loss, flat)
+    u = [torch.randn(p.shape, dtype=torch.float64) for p in params]
+    hv = FL.hessian_vector_product(FL.loss_terms(net, batches), list(params), u)
+    assert torch.allclose(torch.cat([h.flatten() for h in hv]), H @ torch.cat([w.flatten() for w in u]),
+                          rtol=1e-10, atol=1e-12)
+    top = torch.linalg.eigvalsh(H)[-1].item()
+    r = FL.top_eigenvalue(FL.loss_terms(net, batches), list(params), torch.Generator().manual_seed(2),
+                          max_iter=5000, tol=1e-12)
+    assert r['converged'] and r['iterations'] > 3 and r['eigenvalue'] == pytest.approx(top, rel=1e-8)
+
+
+def test_flatness_directions_are_filter_normalised_and_leave_1d_parameters_alone():
+    """Li et al. 2018: each filter's direction has that filter's norm (filters of norms 10⁻³ … 10³ here, so that a
+    layer-wide scale would miss all but about one); BatchNorm weights and biases get direction 0."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.randn(7, 3, 3, 3, dtype=torch.float64, generator=g) * torch.logspace(-3, 3, 7).view(7, 1, 1, 1)
+    fc = torch.randn(4, 9, dtype=torch.float64, generator=g) * torch.tensor([0.01, 1.0, 100.0, 5.0]).view(4, 1)
+    bn_weight, bias = torch.ones(7, dtype=torch.float64), torch.randn(4, dtype=torch.float64, generator=g)
+    d = FL.filter_directions([conv, bn_weight, fc, bias], torch.Generator().manual_seed(1))
+    for p, u in ((conv, d[0]), (fc, d[2])):
+        assert u.shape == p.shape
+        assert torch.allclose(u.flatten(1).norm(dim=1), p.flatten(1).norm(dim=1), rtol=1e-12)
+        cos = F.cosine_similarity(u.flatten(1), p.flatten(1), dim=1).abs()
+        assert (cos < 0.99).all()  # a random direction, not the weights themselves
+    assert not d[1].any() and not d[3].any() and d[1].shape == (7,) and d[3].shape == (4,)
+
+
+def test_flatness_rise_is_the_mean_two_sided_change_of_the_loss_zero_at_step_0_and_growing_with_the_step():
+    """A linear softmax layer's cross-entropy is convex, so (L(θ + a·d) + L(θ − a·d))/2 − L(θ) grows with a from
+    0 at a = 0; the tool's numbers are that, by hand, over the same draws."""
+    net, batches = linear_softmax()
+    steps = (0.0, 0.05, 0.1, 0.2)
+    r = FL.flatness(net, batches, torch.Generator().manual_seed(3), draws=4, steps=steps)
+    assert r['0.0'] == {'mean': 0.0, 'se': 0.0}
+    assert 0 < r['0.05']['mean'] < r['0.1']['mean'] < r['0.2']['mean'] and r['0.2']['se'] > 0
+    x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    W, b = net.weight.detach(), net.bias.detach()
+    ce = lambda w: F.cross_entropy(x @ w.T + b, y).item()  # noqa: E731  (equal batches: the mean of the means)
+    assert r['loss'] == pytest.approx(ce(W), rel=1e-12)
+    gen, rises = torch.Generator().manual_seed(3), {a: [] for a in steps}
+    for _ in range(4):
+        dW, db = FL.filter_directions([W, b], gen)
+        assert not db.any()
+        for a in steps:
+            rises[a].append((ce(W + a * dW) + ce(W - a * dW)) / 2 - ce(W))
+    for a in steps[1:]:
+        t = torch.tensor(rises[a], dtype=torch.float64)
+        assert r[str(a)]['mean'] == pytest.approx(t.mean().item(), rel=1e-9)
+        assert r[str(a)]['se'] == pytest.approx(t.std().item() / 2, rel=1e-9)
+
+
+def test_flatness_jacobian_estimate_matches_the_exact_frobenius_norm():
+    """softmax(Wx + b) has the Jacobian (diag p − ppᵀ)W. Each image's estimate of ‖J‖_F² is a mean of 200 draws of
+    vᵀMv (M = JJᵀ), of relative standard deviation √(2 tr M²)/(tr M √200) ≤ √(2/200) = 10 %, at most 5 % for its
+    square root, so at most 0.63 % (1.25 % for ‖J‖_F²) for the mean over 64 images: 3 % (6 %) margins are over 4.5
+    of them. The norms are well below 1, so a missing square root is far off; the standard error is over images."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(6, 5).double()
+    x = torch.randn(64, 6, dtype=torch.float64)
+    with torch.no_grad():
+        p = F.softmax(net(x), 1)
+        exact = ((torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) @ net.weight).flatten(1).norm(dim=1)
+    assert exact.mean() < 0.5
+    r = FL.jacobian_norms(net, [x[:40], x[40:]], torch.Generator().manual_seed(0), projections=200)
+    assert r['images'] == 64 and r['projections'] == 200
+    assert r['frobenius'] == pytest.approx(exact.mean().item(), rel=0.03)
+    assert r['frobenius_sq'] == pytest.approx(exact.pow(2).mean().item(), rel=0.06)
+    assert r['se'] == pytest.approx(exact.std().item() / 8, rel=0.5)
+
+
+def test_flatness_agreement_of_a_net_with_itself_is_total_and_its_kl_zero():
+    """And of two nets: the share of images with the same top-1 and the mean of KL(p_a‖p_b) + KL(p_b‖p_a), by
+    hand with torch.distributions; each net's top-1 and the ensemble's (mean softmax)."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 4).double(), torch.nn.Linear(6, 4).double()
+    x, y = torch.randn(50, 6, dtype=torch.float64), torch.randint(4, (50,))
+    batches = [(x[:30], y[:30]), (x[30:], y[30:])]
+    with torch.no_grad():
+        za, zb = a(x), b(x)
+    acc = [100.0 * (z.argmax(1) == y).double().mean().item() for z in (za, zb)]
+    same = FL.agreement([a, a], batches)
+    assert same['pairs'] == [{'nets': [1, 2], 'top1_agree': 100.0, 'sym_kl': 0.0}]
+    assert same['top1'] == [acc[0], acc[0]] and same['ensemble'] == pytest.approx(acc[0]) and acc[0] < 100
+    r = FL.agreement([a, b], batches)
+    agree = 100.0 * (za.argmax(1) == zb.argmax(1)).double().mean().item()
+    pa, pb = Categorical(logits=za), Categorical(logits=zb)
+    sym_kl = (kl_divergence(pa, pb) + kl_divergence(pb, pa)).mean().item()
+    assert 0 < agree < 100 and agree not in acc
+    assert r['pairs'][0]['top1_agree'] == pytest.approx(agree)
+    assert r['pairs'][0]['sym_kl'] == pytest.approx(sym_kl, rel=1e-9)
+    assert r['top1'] == pytest.approx(acc)
+    assert r['ensemble'] == pytest.approx(100.0 * ((pa.probs + pb.probs).argmax(1) == y).double().mean().item())
+
+
+def test_flatness_tool_measures_both_nets_of_a_run_on_its_own_training_images(tmp_path, capsys):
+    """A run with --train-per-class 4: the tool (and load_run, which it shares with the other tools) takes the
+    run's 40 training images and their mean and std; each net is its pure path with its own statistics, so its
+    test top-1 here is the run's own_bn number."""
+    out = tmp_path / 'xml'
+    args = ['--pair', 'res18,mbv1', '--method', 'xml', '--dataset', 'synthetic', '--width', '4', '--device', 'cpu',
+            '--epochs', '1', '--batch-size', '20', '--train-per-class', '4', '--out', str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    summary = json.loads((out / 'summary.json').read_text())
+    _, _, data, mean, std, *_ = I.load_run(out, 'cpu')
+    sub = X.first_per_class(X.synthetic_data(), 4)
+    assert torch.equal(data.train_x, sub.train_x) and (mean, std) == X.channel_stats(sub.train_x)
+    assert FL.main([str(out), '--device', 'cpu', '--batches', '1', '--max-iter', '2', '--draws', '2',
+                    '--projections', '1', '--test-images', '8']) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / 'flatness.json').read_text())
+    assert r['train_images'] == 40 and r['train_per_class'] == 4 and (r['batches'], r['batch_size']) == (1, 20)
+    assert [(n['net'], n['name'], n['path']) for n in r['per_net']] == [(1, 'res18', '1-1'), (2, 'mbv1', '2-2')]
+    for n, name in zip(r['per_net'], ('res18', 'mbv1')):
+        s = n['sharpness']  # --max-iter 2, twice where the largest |λ| is negative
+        assert s['iterations'] == (2 if s['shift'] is None else 4) and math.isfinite(s['eigenvalue'])
+        assert set(n['flatness']) == {'0.05', '0.1', '0.2'} and all(set(f) == {'mean', 'se'}
+                                                                      for f in n['flatness'].values())
+        assert n['jacobian']['images'] == 8 and math.isfinite(n['jacobian']['frobenius']) and n['train_loss'] > 0
+        assert n['test_top1'] == summary['own_bn']['accuracy'][n['net'] - 1] == n['run_top1']
+        assert not n['fallback'] and name in printed
+    a = r['agreement']
+    assert [p['nets'] for p in a['pairs']] == [[1, 2]] and 0 <= a['pairs'][0]['top1_agree'] <= 100
+    assert a['ensemble'] == a['run_ensemble'] == summary['own_bn']['ensemble']
+    assert a['ensemble_gain'] == pytest.approx(summary['own_bn']['ensemble'] - max(summary['own_bn']['accuracy']))
+    assert FL.main([str(out), '--device', 'cpu', '--batches', '3']) == 2  # 60 images of 40
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'give at most 2' in err

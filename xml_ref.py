@@ -456,29 +456,52 @@ def eval_mode(modules):
 
 
 class CutTracer(torch.fx.Tracer):
-    """torch.fx's tracer, keeping the submodules named in `cuts` whole: each cut is one node."""
+    """torch.fx's tracer, entering only the submodules named in `enter` (None: all but those in
+    `leaves` and torch.nn's own); every other submodule is one node, whatever its forward does (a
+    module built in forward, data-dependent control flow). `inside`: the modules being entered."""
 
-    def __init__(self, cuts):
+    def __init__(self, enter=None, leaves=()):
         super().__init__()
-        self.cuts = set(cuts)
+        self.enter, self.leaves, self.inside = enter, set(leaves), []
 
     def is_leaf_module(self, module, name):
-        return name in self.cuts or super().is_leaf_module(module, name)
+        if self.enter is not None:
+            return name not in self.enter
+        return name in self.leaves or super().is_leaf_module(module, name)
+
+    def call_module(self, module, forward, args, kwargs):
+        self.inside.append(self.path_of_module(module))
+        out = super().call_module(module, forward, args, kwargs)
+        self.inside.pop()  # (left in place by an exception: it names where tracing failed)
+        return out
 
 
-def trace(model, cuts=()):
-    """The torch.fx graph of model.forward, cuts kept whole; a ValueError where fx cannot trace it
-    or where the graph depends on self.training (functional dropout: fx would freeze the traced
-    mode)."""
+class TraceError(ValueError):
+    """torch.fx cannot trace `module` (a submodule's name; '' for the model's own forward)."""
+
+    def __init__(self, message, module):
+        super().__init__(message)
+        self.module = module
+
+
+def trace(model, enter=None, leaves=()):
+    """The torch.fx graph of model.forward, entering the submodules as CutTracer does; a TraceError
+    naming the module fx cannot trace, or a ValueError where the graph depends on self.training
+    (functional dropout: fx would freeze the traced mode)."""
     graphs = []
     with eval_mode([model]):  # which puts every module back in its mode afterwards
-        try:
-            for training in (True, False):
-                model.train(training)
-                graphs.append(CutTracer(cuts).trace(model))
-        except Exception as e:  # data-dependent control flow, an untraceable call
-            raise ValueError(f'torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: '
-                             f'{first_line(e, 120)}); split it by hand into modules') from None
+        for training in (True, False):
+            model.train(training)
+            tracer = CutTracer(enter, leaves)
+            try:
+                graphs.append(tracer.trace(model))
+            except Exception as e:  # data-dependent control flow, an untraceable call
+                where = tracer.inside[-1] if tracer.inside else ''
+                what = (f'{where} ({type(model.get_submodule(where)).__name__}) of ' if where
+                        else '') + type(model).__name__
+                raise TraceError(f'torch.fx cannot trace {what} ({type(e).__name__}: '
+                                 f'{first_line(e, 120)}); cut outside it, or split it by hand into '
+                                 'modules', where) from None
     if str(graphs[0]) != str(graphs[1]):
         raise ValueError(f'{type(model).__name__}.forward depends on self.training (functional '
                          'dropout?), which a traced split would freeze; split it by hand into '
@@ -530,7 +553,7 @@ def writes_input(module):
     """True where module's forward changes its input in place (changed_in_place); False where
     torch.fx cannot trace it (run_paths still notices when it runs)."""
     try:
-        graph = CutTracer(()).trace(module)
+        graph = CutTracer().trace(module)
     except Exception:
         return False
     return changed_in_place(next(n for n in graph.nodes if n.op == 'placeholder'), module)
@@ -589,7 +612,9 @@ def split_parts(model, cuts):
             parts = [nn.Sequential(OrderedDict(children[a:b])) for a, b in zip(bounds, bounds[1:])]
             if not any(writes_input(part) for part in parts[1:]):  # else the trace below says why
                 return parts
-    traced = torch.fx.GraphModule(model, trace(model, cuts))
+    # enter only the cuts' ancestors: whatever the other modules do inside stays inside
+    ancestors = {c.rsplit('.', k)[0] for c in cuts for k in range(1, c.count('.') + 1)}
+    traced = torch.fx.GraphModule(model, trace(model, enter=ancestors))
     nodes, at = list(traced.graph.nodes), []
     for c in cuts:
         found = [n for n in nodes if n.op == 'call_module' and n.target == c]
@@ -612,8 +637,9 @@ def split(model, cut):
 @torch.no_grad()
 def cut_names(model, image_size=32):
     """{name: C×H×W of its output on one image} for every submodule `model` can be cut at (split()
-    works, the cut is a feature map, parameters follow it), in forward's order: one forward with
-    hooks and one trace, not a split per submodule."""
+    works, the cut is a feature map, parameters follow it), in forward's order, each point once (by
+    its outermost name: layer2, not also layer2.1): one forward with hooks and a trace that keeps
+    whole each module fx cannot enter, not a split per submodule."""
     p, shapes, calls = next(model.parameters()), {}, {}
 
     def record(name):
@@ -628,27 +654,79 @@ def cut_names(model, image_size=32):
     finally:
         for h in hooks:
             h.remove()
-    nodes, last, cuts = list(trace(model).nodes), {}, {}
+    leaves = set()
+    while True:  # each module fx cannot enter becomes one node, and the trace starts again
+        try:
+            nodes = list(trace(model, leaves=leaves).nodes)
+            break
+        except TraceError as e:
+            if not e.module or e.module in leaves:  # the model's own forward: nothing to cut
+                raise
+            leaves.add(e.module)
+    last, cuts = {}, {}
     for n in nodes:  # each submodule's output: the last node traced inside it
         for name in n.meta.get('nn_module_stack', {}):
             last[name] = n
     order = {n: k for k, n in enumerate(nodes)}
     for name, n in sorted(last.items(), key=lambda item: (order[item[1]], item[0].count('.'))):
-        if calls.get(name) == 1 and shapes[name] is not None and len(shapes[name]) == 3:
+        if n not in cuts.values() and calls.get(name) == 1 and shapes[name] is not None \
+                and len(shapes[name]) == 3:
             try:
                 part = assign_parts(nodes, [n], [name], model)
             except ValueError:
                 continue
             if any(part[m] == 1 and (m.op == 'get_attr' or m.op == 'call_module' and any(
                     True for _ in model.get_submodule(m.target).parameters())) for m in nodes):
-                cuts[name] = shapes[name]
-    return cuts
+                cuts[name] = n
+    return {name: shapes[name] for name in cuts}
 
 
 def stitch(c_in, c_out):
     """A stitching layer (as in SN-Net) from a feature of c_in channels to the c_out channels a
     down-half reads: 1×1 convolution + BatchNorm. The stitch into down_b belongs to net b."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+def shape_text(shape):
+    return '×'.join(map(str, shape))
+
+
+def stitch_between(shape_a, shape_b, what='the two features'):
+    """stitch(C_a, C_b) from a feature of shape C_a×H×W into a part that reads C_b×H×W, None where
+    the shapes agree; a ValueError naming both shapes where heights or widths differ."""
+    if tuple(shape_a) == tuple(shape_b):
+        return None
+    if len(shape_a) != 3 or tuple(shape_a[1:]) != tuple(shape_b[1:]):
+        raise ValueError(f'{what} differ in more than channels ({shape_text(shape_a)} and '
+                         f'{shape_text(shape_b)}); choose cuts of the same height and width')
+    return stitch(shape_a[0], shape_b[0])
+
+
+@torch.no_grad()
+def pair_stitches(up1, up2, image_size=32):
+    """(stitch12, stitch21) for two up-halves: None where their features agree; from one probe
+    forward of each on a blank image in eval mode (no running statistic changes). stitch12 is
+    net 2's (put it in net 2's optimizer), stitch21 net 1's."""
+    p = next(up1.parameters())
+    x = torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
+    with eval_mode([up1, up2]):
+        s1, s2 = up1(x).shape[1:], up2(x).shape[1:]
+    made = [stitch_between(a, b, "the up-halves' features") for a, b in ((s1, s2), (s2, s1))]
+    return tuple(None if m is None else m.to(device=p.device, dtype=p.dtype) for m in made)
+
+
+def crossed(f1, f2, stitch12=None, stitch21=None):
+    """(up_1's feature as down_2 reads it, up_2's as down_1 reads it): through the stitches where
+    given; a ValueError in one line where a down-half would get another shape than its own up-half
+    gives it."""
+    g12, g21 = (f if s is None else s(f) for s, f in ((stitch12, f1), (stitch21, f2)))
+    for g, f, a, b, s in ((g12, f2, 1, 2, stitch12), (g21, f1, 2, 1, stitch21)):
+        if g.shape[1:] != f.shape[1:]:
+            raise ValueError(f'down_{b} reads {shape_text(f.shape[1:])} from up_{b} but would get '
+                             f'{shape_text(g.shape[1:])} from up_{a}'
+                             + ('' if s is None else f' through stitch{a}{b}')
+                             + '; join them with pair_stitches(up1, up2)')
+    return g12, g21
 
 
 def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch12=None,
@@ -663,14 +741,10 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch
         log_t = torch.log_softmax(target.detach() / T, dim=1)
         return (log_t.exp() * (log_t - torch.log_softmax(z / T, dim=1))).sum(1).mean() * T * T
 
-    def into(s, f):
-        return f if s is None else s(f)
-
     ce = torch.nn.functional.cross_entropy
-    f1 = up1(x)
-    z11, z12 = down1(f1), down2(into(stitch12, f1))
-    f2 = up2(x)
-    z21, z22 = down1(into(stitch21, f2)), down2(f2)
+    f1, f2 = up1(x), up2(x)
+    g12, g21 = crossed(f1, f2, stitch12, stitch21)
+    z11, z12, z21, z22 = down1(f1), down2(g12), down1(g21), down2(f2)
     loss1 = sum(ce(z, labels) + kl(z22, z) for z in (z11, z12, z21))
     loss2 = sum(ce(z, labels) + kl(z11, z) for z in (z12, z21, z22))
     return (loss1 / 3, loss2 / 3) if mean else (loss1, loss2)
@@ -689,22 +763,20 @@ def routed_backward(losses, optimizers):
 
 @torch.no_grad()
 def cross_accuracy(up1, down1, up2, down2, batches, stitch12=None, stitch21=None):
-    """Top-1 (%) of the four paths over `batches` of (images, labels), in eval mode: acc[a][b] for
-    z_(a+1)(b+1). BatchNorm: down_b sees both features in training, so its running statistics mix
-    the two, and a path meets statistics of a feature it is not given (on CIFAR-10 this cost XML up
-    to 28 points). To score a path as it runs alone, keep a (mean, var) per source beside each
-    BatchNorm of down_b, update it in a forward pre-hook while down_b runs on that source
-    (F.batch_norm(input, mean, var, training=True, momentum=bn.momentum)) and swap it into
-    running_mean / running_var for that path: xml_ref.py's OwnBatchNorm."""
-    ups, downs, stitches = (up1, up2), (down1, down2), {(0, 1): stitch12, (1, 0): stitch21}
-    right, n = [[0, 0], [0, 0]], 0
-    with eval_mode([up1, down1, up2, down2] + [s for s in stitches.values() if s is not None]):
+    """Top-1 (%) of the four paths over `batches` of (images, labels), moved to the nets' device,
+    in eval mode: acc[a][b] for z_(a+1)(b+1), with the shared BatchNorm statistics. down_b sees
+    both features in training, so its running statistics mix the two, and a path meets statistics
+    of a feature it is not given (on CIFAR-10 this cost XML up to 28 points): xml_ref.py's
+    OwnBatchNorm (not in this block) keeps each path's own beside them."""
+    dev, right, n = next(up1.parameters()).device, [[0, 0], [0, 0]], 0
+    with eval_mode([m for m in (up1, down1, up2, down2, stitch12, stitch21) if m is not None]):
         for x, y in batches:
-            for a in range(2):
-                f = ups[a](x)
-                for b in range(2):
-                    s = stitches.get((a, b))
-                    right[a][b] += (downs[b](f if s is None else s(f)).argmax(1) == y).sum().item()
+            x, y = x.to(dev), y.to(dev)
+            f1, f2 = up1(x), up2(x)
+            g12, g21 = crossed(f1, f2, stitch12, stitch21)
+            for a, b, z in ((0, 0, down1(f1)), (0, 1, down2(g12)), (1, 0, down1(g21)),
+                            (1, 1, down2(f2))):
+                right[a][b] += (z.argmax(1) == y).sum().item()
             n += len(y)
     return [[100.0 * r / n for r in row] for row in right]
 
@@ -737,14 +809,10 @@ def make_stitches(shapes, names):
     stitches = nn.ModuleDict()
     for c in range(len(shapes[0])):
         for a, b in itertools.permutations(range(len(shapes)), 2):
-            sa, sb = shapes[a][c], shapes[b][c]
-            if sa != sb and (len(sa) != 3 or sa[1:] != sb[1:]):
-                shown = ', '.join(f'{names[i]} {"×".join(map(str, s))}'
-                                  for i, s in ((a, sa), (b, sb)))
-                raise ValueError(f'the features at cut {c + 1} differ in more than channels '
-                                 f'({shown}); choose cuts of the same height and width')
-            if sa != sb:
-                stitches[stitch_key(a, b, c + 1)] = stitch(sa[0], sb[0])
+            made = stitch_between(shapes[a][c], shapes[b][c],
+                                  f'the features of {names[a]} and {names[b]} at cut {c + 1}')
+            if made is not None:
+                stitches[stitch_key(a, b, c + 1)] = made
     return stitches
 
 

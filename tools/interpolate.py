@@ -69,6 +69,8 @@ def load_run(run_dir, device=None, pair_only=False):
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     fast = dev.type == 'cuda' and cfg.fast == 'on'
     data = X.load_data(cfg.dataset, cfg.data_dir)
+    if getattr(cfg, 'train_per_class', None):  # the training images the run used, as set_up takes them
+        data = X.first_per_class(data, cfg.train_per_class)
     mean, std = X.channel_stats(data.train_x)
     models = X.build_nets(cfg, data.num_classes)
     fmt = X.conv_layout(models, dev)  # as set_up trains them
