@@ -84,8 +84,10 @@ class Config:
     width: int = option(64, 'channels of the first stage of res18, res34 and mbv1 (64: the '
                         'published nets)', WHAT)
     update: str = option('simultaneous', 'order of the nets\' updates', HOW, choices=UPDATES)
-    path_weights: str = option('sum', 'the xml family: L_i sums its paths (the deck) or takes '
-                               'their mean', HOW, choices=('sum', 'mean'))
+    path_weights: str = option(None, 'the xml family: L_i sums its paths (the deck) or takes '
+                               'their mean (default: sum for res18, res34 and mbv1; mean with a '
+                               'tv: net, which the sum at lr 0.1 left at chance)', HOW,
+                               choices=('sum', 'mean'))
     paths_per_step: int = option(None, 'xml, xml+l2 with K nets in P parts: train the pure paths '
                                  'and R crossed paths drawn at random each step, not all K^P', HOW,
                                  type=int, metavar='R')
@@ -704,15 +706,16 @@ def stitch_between(shape_a, shape_b, what='the two features'):
 
 @torch.no_grad()
 def pair_stitches(up1, up2, image_size=32):
-    """(stitch12, stitch21) for two up-halves: None where their features agree; from one probe
-    forward of each on a blank image in eval mode (no running statistic changes). stitch12 is
-    net 2's (put it in net 2's optimizer), stitch21 net 1's."""
+    """(stitch12, stitch21) for two up-halves, nn.Identity() where their features agree (so a caller
+    treats both cases alike); from one probe forward of each on a blank image in eval mode (no
+    running statistic changes). stitch12 is net 2's (put it in net 2's optimizer), stitch21 net
+    1's."""
     p = next(up1.parameters())
     x = torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
     with eval_mode([up1, up2]):
         s1, s2 = up1(x).shape[1:], up2(x).shape[1:]
     made = [stitch_between(a, b, "the up-halves' features") for a, b in ((s1, s2), (s2, s1))]
-    return tuple(None if m is None else m.to(device=p.device, dtype=p.dtype) for m in made)
+    return tuple(nn.Identity() if m is None else m.to(device=p.device, dtype=p.dtype) for m in made)
 
 
 def crossed(f1, f2, stitch12=None, stitch21=None):
@@ -2076,6 +2079,8 @@ def derive(cfg):
         fast=cfg.fast if cfg.fast != 'auto' else 'on' if device.startswith('cuda') else 'off',
         processes=(dist.get_world_size() if dist.is_available() and dist.is_initialized()
                    else int(os.environ.get('WORLD_SIZE', 1))),
+        path_weights=cfg.path_weights or ('mean' if any(n.startswith('tv:') for n in nets) else
+                                          'sum'),
         temperature=(cfg.temperature if cfg.temperature is not None
                      else 4.0 if cfg.method in ('kd', 'fitnet') else 1.0),
         hint_epochs=(cfg.hint_epochs if cfg.hint_epochs is not None

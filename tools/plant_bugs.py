@@ -163,6 +163,8 @@ M = [  # (name, file, old, new, -k expression)
  ('cut_names gives up on a block fx cannot enter', 'xml_ref.py', "            leaves.add(e.module)", "            raise", 'ancestors or copyable_block_trains'),
  ('stitch probe in training mode', 'xml_ref.py', "    with eval_mode([up1, up2]):\n        s1, s2 = up1(x).shape[1:], up2(x).shape[1:]", "    if True:\n        s1, s2 = up1(x).shape[1:], up2(x).shape[1:]", 'pair_stitches'),
  ('crossed features unchecked', 'xml_ref.py', "        if g.shape[1:] != f.shape[1:]:", "        if False:", 'pair_stitches'),
+ ('tv pairs default to the sum', 'xml_ref.py', "path_weights=cfg.path_weights or ('mean' if", "path_weights=cfg.path_weights or ('sum' if", 'torchvision_pair_learns'),
+ ('README example without the warm-up', 'README.md', "lambda s: min(1.0, s / len(train_loader))", "lambda s: 1.0", 'readme_example'),
 ]
 
 
