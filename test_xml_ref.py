@@ -3018,6 +3018,264 @@ def test_torchrun_with_two_processes_writes_one_run(tmp_path):
     assert r.stdout.count('"method": "xml"') == 1  # rank 0 alone reports
 
 
+# ------------------------------------------------------------------ every option has its effect
+# Each option of Config and how the suite sees its effect with two values: 'effect' — a test of this section
+# (test_option_effect_<name>); a test's name — that test asserts it; otherwise the reason no training changes.
+OPTION_EFFECTS = {
+    'pair': 'test_cli_xml_run_writes_summary_with_cross_matrix',
+    'nets': 'test_cli_three_nets_three_parts_reports_every_path_with_its_cost',
+    'method': 'test_xml_loss_sum_and_mean_and_kd_and_l2_formulas',
+    'cut': 'test_cli_trains_torchvision_nets_joined_by_stitches',
+    'cuts': 'test_three_nets_three_parts_keep_one_set_per_prefix_and_sampled_paths_update_only_theirs',
+    'list_cuts': 'prints and exits, trains nothing (test_cli_trains_torchvision_nets_joined_by_stitches)',
+    'width': 'effect',
+    'update': 'test_both_update_orders_equal_each_net_stepped_on_its_own_loss',
+    'path_weights': 'effect',
+    'paths_per_step': 'test_the_same_seed_draws_the_same_sampled_paths_and_ends_with_the_same_numbers',
+    'temperature': 'effect',
+    'l2_weight': 'effect',
+    'adv_weight': 'effect',
+    'teacher': 'test_cli_kd_and_fitnet_learn_from_a_teacher_checkpoint',
+    'hint_epochs': 'test_cli_kd_and_fitnet_learn_from_a_teacher_checkpoint',
+    'freeze': 'test_teacher_student_xml_leaves_the_frozen_net_untouched',
+    'init1': 'test_teacher_student_xml_leaves_the_frozen_net_untouched',
+    'init2': 'test_teacher_student_xml_leaves_the_frozen_net_untouched',
+    'epochs': 'test_the_schedule_is_what_the_optimizers_hold_at_every_step',
+    'warmup_epochs': 'test_a_run_resumed_inside_the_warm_up_continues_its_schedule',
+    'batch_size': 'effect',
+    'lr': 'effect',
+    'momentum': 'effect',
+    'weight_decay': 'effect',
+    'seed': 'effect',
+    'rotate': 'effect',
+    'dataset': 'test_folder_data_set_converts_grayscale_and_trains',
+    'train_per_class': 'test_train_per_class_trains_on_the_subset_is_recorded_and_resume_compares_it',
+    'data_dir': 'locates the data (test_folder_data_set_converts_grayscale_and_trains)',
+    'device': 'where it runs: the CUDA tests (skipped without a GPU) and every CPU test',
+    'fast': 'test_fast_step_computes_what_the_plain_step_computes',
+    'sync_bn': 'GPUs under torchrun only: tools/gpu_run.sh',
+    'eval_every': 'test_eval_every_changes_no_weight_and_best_epoch_is_the_best_evaluated_one',
+    'out': 'locates the run',
+    'resume': 'test_cli_resume_continues_to_the_same_result',
+    'force': 'test_cli_refuses_to_overwrite_a_finished_run',
+}
+
+
+def test_every_option_of_config_has_a_row_in_the_effects_table():
+    options = {f.name for f in X.fields(X.Config) if 'help' in f.metadata}
+    assert set(OPTION_EFFECTS) == options, 'a new option needs a row in OPTION_EFFECTS and a test of its effect'
+    for name, how in OPTION_EFFECTS.items():
+        test = f'test_option_effect_{name}' if how == 'effect' else how.split('(')[-1].rstrip(')')
+        assert not test.startswith('test_') or test in globals(), (name, test)
+
+
+def option_run(tmp_path, *args, pair='res18,mbv1', method='xml'):
+    """A set-up run of tiny nets on the synthetic data, nothing trained yet."""
+    return X.set_up(X.parse_args(['--pair', pair, '--method', method, *TINY, *args, '--out', str(tmp_path / 'r')]))
+
+
+def one_step(run, steps=1, lr=None):
+    """The weights of every net after `steps` training steps on the first 64 training images, unaugmented."""
+    x = X.normalize(run.data.train_x[:64], run.mean, run.std)
+    for _ in range(steps):
+        for opt in run.optimizers:
+            X.set_lr(opt, lr if lr is not None else run.cfg.lr)
+        X.train_step(run.parts, run.optimizers, x, run.data.train_y[:64], run.cfg.method, stitches=run.stitches,
+                     own_bn=run.own_bn, **X.loss_options(run.cfg, run.cfg.method))
+    return [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in run.models]
+
+
+def test_option_effect_weight_decay(tmp_path):
+    """One SGD step: w' = w − lr·(g + wd·w), so two decays differ by −lr·(wd_a − wd_b)·w."""
+    w0 = one_step(option_run(tmp_path), steps=0)
+    a, b = (one_step(option_run(tmp_path, '--weight-decay', wd)) for wd in ('0', '0.05'))
+    for w, wa, wb in zip(w0, a, b):
+        torch.testing.assert_close(wb - wa, -0.1 * 0.05 * w, rtol=1e-3, atol=1e-6)  # float32 weights: a few ulps
+
+
+def test_option_effect_momentum(tmp_path):
+    """The first step takes no momentum; the second adds m · the first step: w2(m) − w2(0) = −m·(w0 − w1)."""
+    w0 = one_step(option_run(tmp_path), steps=0)
+    w1 = one_step(option_run(tmp_path, '--momentum', '0.5'))
+    still, moved = (one_step(option_run(tmp_path, '--momentum', m), steps=2) for m in ('0', '0.5'))
+    for a, b, c, d in zip(w0, w1, still, moved):
+        torch.testing.assert_close(d - c, -0.5 * (a - b), rtol=1e-3, atol=1e-6)  # float32 weights: a few ulps
+
+
+def test_option_effect_lr(tmp_path):
+    """One step from the same weights and momentum buffers: the step is proportional to --lr."""
+    w0 = one_step(option_run(tmp_path), steps=0)
+    a, b = (one_step(option_run(tmp_path, '--lr', lr)) for lr in ('0.1', '0.3'))
+    for w, wa, wb in zip(w0, a, b):
+        torch.testing.assert_close(wb - w, 3 * (wa - w), rtol=1e-3, atol=1e-6)  # float32 weights: a few ulps
+
+
+def test_option_effect_width():
+    cfg = ['--pair', 'res18,mbv1', '--dataset', 'synthetic', '--device', 'cpu']
+    for width in (4, 8):
+        nets = X.build_nets(X.parse_args([*cfg, '--width', str(width), '--out', 'x']), 10)
+        assert [next(m.parameters()).shape[0] for m in nets] == [width, width // 2]  # res18's stem, mbv1's 32/64
+
+
+def option_loss(run, **options):
+    """Each net's loss on the first 64 training images from the run's nets as they are, with some options set."""
+    cfg = X.replace(run.cfg, **options)
+    out = X.run_paths(run.parts, X.normalize(run.data.train_x[:64], run.mean, run.std),
+                      X.step_paths(cfg.method, 2, 2), stitches=run.stitches)
+    kw = X.loss_options(cfg, cfg.method, run.discriminator)
+    return torch.stack(list(X.LOSSES[cfg.method](out, run.data.train_y[:64], 2, 2, [0, 1], **kw).values()))
+
+
+@pytest.mark.parametrize('method,option', [('xml+disc', 'adv_weight'), ('xml+gan', 'adv_weight'),
+                                           ('xml+l2', 'l2_weight')])
+def test_option_effect_adv_weight_and_l2_weight(method, option, tmp_path):
+    """Each net's loss is linear in the weight of its extra term: L(w) = L(0) + w·(L(1) − L(0)), with L(1) ≠ L(0)."""
+    run = option_run(tmp_path, method=method)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        at = {w: option_loss(run, **{option: w}) for w in (0.0, 1.0, 0.3)}
+    assert (at[1.0] != at[0.0]).all()
+    torch.testing.assert_close(at[0.3], at[0.0] + 0.3 * (at[1.0] - at[0.0]), rtol=1e-5, atol=1e-6)
+
+
+test_option_effect_adv_weight = test_option_effect_l2_weight = test_option_effect_adv_weight_and_l2_weight
+
+
+@pytest.mark.parametrize('method', ['dml', 'xml'])
+def test_option_effect_temperature(method, tmp_path):
+    """The KL terms at T: the loss minus its cross-entropy terms is T² · the KL of the softened predictions."""
+    run = option_run(tmp_path, method=method)
+    with torch.no_grad():
+        out = X.run_paths(run.parts, X.normalize(run.data.train_x[:64], run.mean, run.std), X.step_paths(method, 2, 2))
+        y = run.data.train_y[:64]
+        for T in (1.0, 3.0):
+            loss = option_loss(run, temperature=T)[0]
+            pure = out[(1, 1)]
+            paths = [(0, 0)] if method == 'dml' else [(0, 0), (0, 1), (1, 0)]
+            ref = sum(F.cross_entropy(out[p], y) + T * T * kl_divergence(
+                Categorical(logits=pure / T), Categorical(logits=out[p] / T)).mean() for p in paths)
+            torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_option_effect_path_weights(tmp_path):
+    """A pair's L_i has three paths: 'mean' is 'sum' / 3."""
+    run = option_run(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(3 * option_loss(run, path_weights='mean'), option_loss(run, path_weights='sum'))
+
+
+class Recorder:
+    """A training step that keeps the batches it is given and trains nothing."""
+
+    def __init__(self):
+        self.loss_sum, self.first_bad, self.batches = {}, {}, []
+
+    def new_epoch(self):
+        pass
+
+    def __call__(self, images, labels):
+        self.batches.append((images.clone(), labels.clone()))
+
+
+def batches_of(tmp_path, *args):
+    run = option_run(tmp_path, *args)
+    step = Recorder()
+    gen = torch.Generator().manual_seed(run.cfg.seed)
+    X.train_epoch(run, step, [], 0, run.data.train_x, run.data.train_y, gen)
+    return step.batches, run
+
+
+def test_option_effect_batch_size(tmp_path):
+    for size in (64, 128):
+        batches, run = batches_of(tmp_path, '--batch-size', str(size))
+        assert [len(y) for _, y in batches] == [size] * (len(run.data.train_x) // size)
+
+
+def test_option_effect_seed(tmp_path):
+    """Another seed: other initial weights and another data order; the same seed: the same."""
+    (a, run_a), (b, run_b), (c, run_c) = (batches_of(tmp_path, '--seed', s) for s in ('0', '0', '1'))
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+    assert not torch.equal(a[0][1], c[0][1])
+    assert X.num_params(run_a.models[0]) == X.num_params(run_c.models[0])
+    w = [torch.cat([p.reshape(-1) for p in r.models[0].parameters()]) for r in (run_a, run_b, run_c)]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+
+
+def test_option_effect_rotate(tmp_path, monkeypatch):
+    """The training images are turned by --rotate: the same crops and flips (drawn first, from the same
+    generator) as without rotation, each then turned by its own angle, uniform within ±DEG; at 0 none is."""
+    flat, _ = batches_of(tmp_path, '--rotate', '0')
+    angles, real = [], X.rotate_images
+    monkeypatch.setattr(X, 'rotate_images', lambda images, a: angles.append(a) or real(images, a))
+    turned, _ = batches_of(tmp_path, '--rotate', '30')
+    assert len(angles) == len(turned) and torch.equal(flat[0][1], turned[0][1])
+    assert torch.equal(turned[0][0], real(flat[0][0], angles[0])) and not torch.equal(turned[0][0], flat[0][0])
+    every = torch.cat(angles)
+    assert every.abs().max() <= 30 and every.min() < -15 and every.max() > 15  # spread over ±30°
+
+
+def test_a_three_part_path_evaluated_alone_with_its_own_sets_scores_what_evaluate_reports(tmp_path):
+    """P = 3: after a few XML steps, each path copied out alone, every part after the first given that path's own
+    set for its prefix (the middle part too), scores on the test set what evaluate() reports for it with the own
+    statistics, to one image."""
+    run = option_run(tmp_path, '--cuts', 'layer2,layer3')
+    x = X.normalize(run.data.train_x[:64], run.mean, run.std)
+    for _ in range(3):
+        X.train_step(run.parts, run.optimizers, x, run.data.train_y[:64], 'xml', own_bn=run.own_bn)
+    images, labels = run.data.test_x, run.data.test_y
+    reported = X.evaluate(run.parts, images, labels, run.mean, run.std, own_bn=run.own_bn)['own_bn']['paths']
+    for path in [(0, 1, 0), (1, 0, 1), (0, 0, 1), (1, 1, 1)]:
+        alone = []
+        for k in range(1, 4):
+            part = copy.deepcopy(run.parts[path[k - 1]][k - 1])
+            if k > 1:
+                assert run.own_bn.updated[path[:k]]
+                for bn, (mean, var) in zip(X.batchnorms(part), run.own_bn.sets[path[:k]]):
+                    bn.running_mean.copy_(mean)
+                    bn.running_var.copy_(var)
+            alone.append(part)
+        with torch.no_grad():
+            z = torch.nn.Sequential(*alone).eval()(X.normalize(images, run.mean, run.std, X.layout(alone[0])))
+        right = (z.argmax(1) == labels).sum().item()
+        assert abs(reported[X.path_name(path)] - 100 * right / len(labels)) <= 100 / len(labels) + 1e-9, path
+
+
+def test_the_combinations_a_method_cannot_train_are_refused_in_one_line(tmp_path, capsys):
+    """Methods that need one feature shape at the cut, each with stitched nets; one cut given twice; a warm-up
+    longer than fitnet's shorter stage: one line, exit 2, nothing written."""
+    stitched = ['--pair', 'res18,mbv1', '--cut', 'stem', '--dataset', 'synthetic', '--width', '4']
+    teacher = tmp_path / 'teacher.pt'
+    torch.save({'config': {'nets': ['res18', 'mbv1']}}, teacher)
+    for extra in (['--method', 'xml+l2'], ['--method', 'xml+gan'], ['--freeze', '1', '--init1', str(teacher)]):
+        one_line_error(*run_cli([*stitched, *extra, '--out', str(tmp_path / 'x')], capsys), 'channels differ')
+    one_line_error(*run_cli(['--pair', 'res18,mbv1', '--cuts', 'layer2,layer2', '--width', '4', '--out',
+                             str(tmp_path / 'x')], capsys), 'layer2', 'twice')
+    one_line_error(*run_cli(['--pair', 'res18,mbv1', '--method', 'fitnet', '--teacher', str(teacher), '--hint-epochs',
+                             '1', '--epochs', '10', '--warmup-epochs', '2', '--width', '4', '--out',
+                             str(tmp_path / 'x')], capsys), '--warmup-epochs must be 0 … 1')
+    assert not (tmp_path / 'x').exists()
+
+
+def test_report_keeps_an_accuracy_of_exactly_zero_in_its_mean(tmp_path):
+    assert R.mean_std([0.0, 2.0]) == (1.0, math.sqrt(2)) and R.mean_std([0.0]) == (0.0, None)
+    runs = tmp_path / 'runs'
+    fake_summary(runs, 'xml_s0', seed=0, cross=((0.0, 40.0), (50.0, 30.0)))
+    fake_summary(runs, 'xml_s1', seed=1, cross=((2.0, 40.0), (50.0, 30.0)))
+    R.report(runs, tmp_path / 'out')
+    assert '| xml | 1.00 ± 1.41 / 2.00 ± 1.41 |' in (tmp_path / 'out' / 'RESULTS.md').read_text()
+
+
+def test_bn_recalibration_draws_with_the_runs_rotation(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'xml'
+    assert run_cli(['--pair', 'res18,mbv1', '--method', 'xml', *TINY, '--rotate', '25', '--out', str(out)],
+                   capsys)[0] == 0
+    seen, real = [], X.augment
+    monkeypatch.setattr(X, 'augment', lambda *a, **kw: seen.append(kw.get('rotate')) or real(*a, **kw))
+    assert BN.main([str(out), '--device', 'cpu', '--batches', '2', '--out', str(tmp_path / 'study')]) == 0
+    assert seen == [25.0, 25.0]
+
+
+
 # ------------------------------------------------------------ properties a user relies on without seeing
 def test_pair_only_methods_and_paths_per_step_are_refused_outside_their_range(tmp_path, capsys):
     """A method defined for a pair cut once is refused for two nets cut twice too; --paths-per-step R must be
@@ -3212,43 +3470,54 @@ def test_the_xml_gan_generator_term_trains_each_up_half_through_the_discriminato
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
-def _two_rank_worker(rank, world, port, out, record):
+def _two_rank_worker(rank, world, port, out, record, extra):
     """One process of a 2-process CLI run (1 epoch) that records the batches it drew and every BatchNorm statistic
-    (shared and own) before and after the end-of-epoch averaging."""
+    it keeps (the nets', the stitches', each path's own sets) just before the end-of-epoch averaging and after."""
     import os
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: two ranks of 2 threads each on 2 cores crawl
     seen, stats, real_set_up, real_reduce, real_augment = [], {}, X.set_up, X.dist.all_reduce, X.augment
 
+    def statistics():
+        run = stats['run']
+        return [b for m in [*run.models, run.stitches] for b in m.buffers() if b.is_floating_point()] + \
+            run.own_bn.tensors([0, 1])
+
     def set_up(cfg):
         stats['run'] = real_set_up(cfg)
         return stats['run']
 
     def all_reduce(t, *a, **k):
-        run = stats['run']
-        bufs = [b for m in run.models for b in m.buffers() if b.is_floating_point()] + run.own_bn.tensors([0, 1])
-        if any(t is b for b in bufs):
-            stats.setdefault('before', []).append(t.clone())
+        if 'before' not in stats and any(t is b for b in statistics()):  # the first statistic averaged
+            stats['before'] = [b.clone() for b in statistics()]
         return real_reduce(t, *a, **k)
     X.set_up, X.dist.all_reduce = set_up, all_reduce
     X.augment = lambda images, **kw: seen.append(images.clone()) or real_augment(images, **kw)
-    assert X.main([*RUN[2:], '--epochs', '1', '--out', out]) == 0
+    assert X.main([*RUN[2:], *extra, '--epochs', '1', '--out', out]) == 0
     run = stats['run']
-    after = [b.clone() for m in run.models for b in m.buffers() if b.is_floating_point()] + \
-        [t.clone() for t in run.own_bn.tensors([0, 1])]
-    torch.save({'seen': seen, 'before': stats['before'], 'after': after}, f'{record}.{rank}')
+    where = [sum(1 for m in run.models for b in m.buffers() if b.is_floating_point()),
+             sum(1 for b in run.stitches.buffers() if b.is_floating_point())]  # the nets', then the stitches'
+    torch.save({'seen': seen, 'before': stats['before'], 'after': [b.clone() for b in statistics()],
+                'where': where}, f'{record}.{rank}')
 
 
-def test_two_ranks_draw_the_same_batches_and_average_their_batchnorm_statistics(tmp_path):
+@pytest.mark.parametrize('setting', ['stitched', 'frozen'])
+def test_two_ranks_draw_the_same_batches_and_average_their_batchnorm_statistics(setting, tmp_path, capsys):
     """Under torchrun every rank draws the same data order (each then trains on its share), and at the end of an
-    epoch every BatchNorm statistic, shared and own, becomes the mean over the ranks: the same on both, not a sum,
-    not left per rank."""
+    epoch every BatchNorm statistic a rank keeps becomes the mean over the ranks (the same on both, not a sum,
+    not left per rank): the nets', the stitches' (stitched: res18 and mbv1 cut after the stem, 4 and 2 channels)
+    and each path's own sets, also where a frozen net feeds a learning one (frozen: --freeze 1)."""
     import socket
+    extra = ['--cut', 'stem']
+    if setting == 'frozen':
+        assert run_cli([*RUN[2:], '--method', 'independent', '--epochs', '1', '--out', str(tmp_path / 'init')],
+                       capsys)[0] == 0
+        extra = ['--freeze', '1', '--init1', str(tmp_path / 'init' / 'last.pt')]
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_two_rank_worker, args=(2, port, str(tmp_path / 'run'), str(tmp_path / 'rec')),
+    torch.multiprocessing.spawn(_two_rank_worker, args=(2, port, str(tmp_path / 'run'), str(tmp_path / 'rec'), extra),
                                 nprocs=2)
     r0, r1 = (torch.load(tmp_path / f'rec.{r}', weights_only=True) for r in range(2))
     assert len(r0['seen']) == 8 and all(torch.equal(a, b) for a, b in zip(r0['seen'], r1['seen']))
@@ -3256,7 +3525,11 @@ def test_two_ranks_draw_the_same_batches_and_average_their_batchnorm_statistics(
     for b0, b1, a0, a1 in zip(r0['before'], r1['before'], r0['after'], r1['after']):
         assert torch.equal(a0, a1)
         torch.testing.assert_close(a0, (b0 + b1) / 2)
-    assert any(not torch.equal(b0, b1) for b0, b1 in zip(r0['before'], r1['before']))  # the shares differed
+    differed = [not torch.equal(b0, b1) for b0, b1 in zip(r0['before'], r1['before'])]
+    nets, stitches = r0['where']
+    assert any(differed[:nets]) and any(differed[nets + stitches:])  # the shares differed: nets', own sets
+    if setting == 'stitched':
+        assert stitches == 4 and any(differed[nets:nets + stitches])  # the stitches' statistics differed too
 
 
 def test_the_road_from_train_to_kl_div_is_at_most_six_calls(tmp_path, monkeypatch):

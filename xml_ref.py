@@ -4,11 +4,9 @@
 Two classifiers are cut where their feature maps have the same shape, net i = down_i ∘ up_i. DML
 trains both nets, each with cross-entropy plus a KL term toward the other's prediction; XML also
 trains the crossed paths z_12 = down_2(up_1(x)) and z_21 = down_1(up_2(x)). docs/METHOD.md states
-the method (formulas, routing, BatchNorm, recipe, the deck's numbers); comments cite it as
-METHOD.md §n.
-The file reads top to bottom: config, data, models, the copyable block (splitter, XML for a pair),
-the losses, K nets × P parts and every method, evaluation, the fast path, cost, the training run,
-the CLI.
+the method (formulas, routing, BatchNorm, recipe, the deck's numbers), cited as METHOD.md §n.
+Top to bottom: config, data, models, the copyable block (splitter, XML for a pair), the losses,
+K nets × P parts and every method, evaluation, the fast path, cost, the training run, the CLI.
 
     python xml_ref.py --pair res18,res34 --method xml        # CIFAR-100 with the standard recipe
     python xml_ref.py --pair res18,mbv1 --method dml --dataset synthetic --epochs 1 --out runs/smoke
@@ -16,6 +14,7 @@ the CLI.
 import argparse
 import contextlib
 import functools
+import inspect
 import itertools
 import json
 import os
@@ -40,8 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # The recipe (METHOD.md §4) is that of weiaicunzai/pytorch-cifar100, whose models the deck's
 # parameter counts match; Config holds its values, lr_at its schedule.
 MILESTONES, LR_DECAY, PAD = (0.3, 0.6, 0.8), 0.2, 4
-# Recorded in checkpoints and summaries; runs without it dropped the lr one epoch after each
-# milestone.
+# In checkpoints and summaries: runs without it dropped the lr one epoch after each milestone
 SCHEDULE = 'pytorch-cifar100'
 METHODS = ('independent', 'kd', 'fitnet', 'dml', 'xml', 'xml+l2', 'xml+disc', 'xml+gan')
 PAIR_ONLY = ('kd', 'fitnet', 'xml+disc', 'xml+gan')  # defined for two nets cut once
@@ -65,12 +63,10 @@ WHAT, HOW, RECIPE, DATA, OUT = ('what is trained', "the method's options",
 
 @dataclass
 class Config:
-    """Every option of a run, declared once (make_parser builds the command line from the fields).
-    A list option's string default is parsed like the command line. derive() fills in the values
-    that depend on others, check() refuses bad ones and changes nothing."""
-    pair: list = option('res18,res34', 'net 1,net 2: res18, res34, mbv1, or tv:ARCH '
-                        '(torchvision\'s model ARCH, untrained, e.g. tv:resnet18)', WHAT,
-                        type=names)
+    """Every option of a run, declared once: make_parser builds the command line from the fields,
+    derive() fills in values that depend on others, check() refuses bad ones (changing nothing)."""
+    pair: list = option('res18,res34', "net 1,net 2: res18, res34, mbv1, or tv:ARCH (torchvision's "
+                        'model ARCH, untrained, e.g. tv:resnet18)', WHAT, type=names)
     nets: list = option(None, 'K ≥ 2 nets instead of a pair, e.g. res18,res34,mbv1 (cut with '
                         '--cuts)', WHAT, type=names)
     method: str = option('xml', 'the loss (docs/METHOD.md §3)', WHAT, choices=METHODS)
@@ -166,8 +162,7 @@ class Data:
 
 
 def synthetic_data(n_train=512, n_test=256, num_classes=10, size=32, seed=0):
-    """A small, learnable stand-in for CIFAR: each class a smooth random colour pattern, each image
-    its class's pattern plus strong pixel noise."""
+    """A learnable CIFAR stand-in: each image its class's smooth colour pattern plus pixel noise."""
     g = torch.Generator().manual_seed(seed)
     patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=(size, size),
                              mode='bilinear', align_corners=False)
@@ -200,8 +195,7 @@ def load_cifar(name, data_dir):
 
 
 def load_folder(root):
-    """ImageFolder layout root/{train,test}/<class>/<image>, any image mode (converted to RGB), all
-    images of one size (a batch needs one)."""
+    """ImageFolder root/{train,test}/<class>/<image>, any mode (made RGB), all of one size."""
     import numpy as np
     import torchvision
     from PIL import Image
@@ -241,18 +235,15 @@ def load_folder(root):
 
 
 def first_per_class(data, n):
-    """`data` with the first n training images of each class, in the data set's order; a
-    UsageError naming a class with fewer."""
+    """`data` with the first n training images of each class (a UsageError if a class has fewer)."""
     counts = torch.bincount(data.train_y, minlength=data.num_classes)
     if counts.min() < n:
         c = int(counts.argmin())
         raise UsageError(f'--train-per-class {n}: class {data.classes[c]!r} has only '
                          f'{int(counts[c])} training images; give at most {int(counts.min())}')
-    # rank of each image within its class: how many of its class come before it
-    order = torch.argsort(data.train_y, stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order)) - (counts.cumsum(0) - counts)[data.train_y[order]]
-    keep = rank < n
+    keep = torch.zeros(len(data.train_y), dtype=torch.bool)
+    for c in range(data.num_classes):
+        keep[(data.train_y == c).nonzero()[:n, 0]] = True
     return replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
 
 
@@ -265,8 +256,7 @@ def load_data(name, data_dir):
 
 
 def channel_stats(images):
-    """Per-channel mean and std of uint8 N×H×W×3 images on the 0..1 scale, exact (256-bin
-    histograms)."""
+    """Exact per-channel mean and std of uint8 N×H×W×3 images on the 0..1 scale (histograms)."""
     levels = torch.arange(256, dtype=torch.float64) / 255
     mean, std = [], []
     for c in range(images.shape[-1]):
@@ -280,8 +270,7 @@ def channel_stats(images):
 def augment(images, pad=PAD, generator=None, rotate=0):
     """torchvision's RandomCrop(size, padding=pad), RandomHorizontalFlip() and, with rotate > 0,
     RandomRotation(rotate), in that order (pytorch-cifar100's), per image of a uint8 N×H×W×C batch
-    on its device (torchvision's transforms draw one crop, flip or angle per call): zero padding,
-    one gather for crop and flip, then rotate_images."""
+    on its device (torchvision's transforms draw one crop, flip or angle per call)."""
     n, h, w, _ = images.shape
     dev = images.device
     padded = F.pad(images, (0, 0, pad, pad, pad, pad))
@@ -299,9 +288,8 @@ def augment(images, pad=PAD, generator=None, rotate=0):
 
 
 def rotate_images(images, angles):
-    """Each image of a uint8 N×H×W×C batch turned by its own angle (degrees, counter-clockwise)
-    about its centre, nearest neighbour, corners 0, size kept: torchvision's rotate() on tensors,
-    with its inverse map, for the whole batch in one grid_sample."""
+    """Each image of a uint8 N×H×W×C batch turned by its angle (degrees, anticlockwise) about its
+    centre: torchvision's tensor rotate() (nearest, corners 0, size kept) in one grid_sample."""
     n, h, w, _ = images.shape
     dev = images.device
     rad = angles.double().deg2rad()  # the map in float64, then float32, as torchvision builds it
@@ -354,8 +342,7 @@ class BasicBlock(nn.Module):
 
 
 def resnet(blocks, num_classes=100, width=64):
-    """CIFAR ResNet with BasicBlocks: stages of width·(1, 2, 4, 8) channels, `blocks` blocks
-    each."""
+    """CIFAR ResNet: stages of width·(1, 2, 4, 8) channels, `blocks` BasicBlocks each."""
     stages = {'stem': nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                     nn.ReLU())}
     c_in = width
@@ -371,16 +358,14 @@ def resnet(blocks, num_classes=100, width=64):
 
 
 def separable(c_in, c_out, stride):
-    """MobileNetV1 block: depthwise 3×3 (no bias) + BN + ReLU, pointwise 1×1 (with bias) + BN +
-    ReLU."""
+    """MobileNetV1 block: depthwise 3×3 (no bias) + BN + ReLU, pointwise 1×1 (bias) + BN + ReLU."""
     return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
                          nn.BatchNorm2d(c_in), nn.ReLU(),
                          nn.Conv2d(c_in, c_out, 1, bias=True), nn.BatchNorm2d(c_out), nn.ReLU())
 
 
 def mobilenet_v1(num_classes=100, width=64):
-    """CIFAR MobileNetV1: 3→32 stem, then 64, 128/2, 128, 256/2, 256, 512/2, 512×5, 1024/2, 1024
-    (width 64 scales all)."""
+    """CIFAR MobileNetV1 (width 64): 32, 64, 128/2, 128, 256/2, 256, 512/2, 512×5, 1024/2, 1024."""
     def c(n):
         return max(1, n * width // 64)
 
@@ -404,9 +389,8 @@ MODELS = {'res18': lambda num_classes, width: resnet((2, 2, 2, 2), num_classes, 
 
 
 def build(name, num_classes=100, width=64):
-    """The net `name`: res18, res34 or mbv1 (width 64: the published size; smaller widths for
-    fast tests), or tv:ARCH, torchvision's classification model ARCH, untrained (width does not
-    apply)."""
+    """The net `name`: res18, res34 or mbv1 (width 64: the published size; smaller widths for fast
+    tests), or tv:ARCH, torchvision's classification model ARCH untrained (no width)."""
     if name.startswith('tv:'):
         import torchvision
         if name[3:] not in torchvision.models.list_models(module=torchvision.models):
@@ -426,9 +410,8 @@ def num_params(module):
 # ------------------------------------------------------- XML for any two nets: the copyable block
 # The method for a pair, needing nothing but torch: copy this section whole into another codebase.
 # split() cuts any net torch.fx can trace, stitch() joins cuts whose channels differ,
-# xml_pair_losses() and routed_backward() are one training step, cross_accuracy() evaluates the four
-# paths. Tests check that the general step below computes what the block computes, and that the
-# block, pasted alone into a fresh file, trains nets written the way other codebases write them.
+# xml_pair_losses() and routed_backward() are one training step, cross_accuracy() evaluates the
+# four paths. Tests check that the block, pasted alone, computes what the general step computes.
 import contextlib  # noqa: E402 (the block's own imports, so that it copies whole)
 import operator  # noqa: E402
 import re  # noqa: E402
@@ -517,8 +500,7 @@ def op_name(node):
 
 
 def written(node, root):
-    """The traced node whose output `node` writes into in place (ReLU(inplace=True), x.add_(y),
-    torch.relu_(x), x += y: their first argument), else None."""
+    """The argument `node` writes in place (x += y, x.add_(y), ReLU(inplace=True)), else None."""
     if node.op == 'call_module':  # one with children is a cut kept whole: look inside
         module = root.get_submodule(node.target)
         in_place = getattr(module, 'inplace', False) is True or bool(module._modules) and writes_input(module)
@@ -552,8 +534,7 @@ def changed_in_place(node, root):
 
 
 def writes_input(module):
-    """True where module's forward changes its input in place (changed_in_place); False where
-    torch.fx cannot trace it (run_paths still notices when it runs)."""
+    """True where module's forward writes into its input (untraceable: False; run_paths checks)."""
     try:
         graph = CutTracer().trace(module)
     except Exception:
@@ -598,13 +579,11 @@ def assign_parts(nodes, at, cuts, root):
 
 def split_parts(model, cuts):
     """The model cut at the outputs of the submodules named in `cuts` (in forward's order): P =
-    len(cuts) + 1 parts, part_P(…part_1(x)) == model(x), sharing the model's modules. A model whose
-    forward is nn.Sequential's, cut at its children, is sliced (traced to say why where a slice
-    changes its input in place); any other is traced by torch.fx, so
-    its forward may flatten or pool functionally and register children in any order. A ValueError
-    says why a cut cannot be made: not a submodule, called twice, out of order, nothing after it, a
-    skip connection across it, its output changed in place after it (changed_in_place), or a
-    forward fx cannot trace."""
+    len(cuts) + 1 parts, part_P(…part_1(x)) == model(x), sharing its modules. A model whose forward
+    is nn.Sequential's, cut at its children, is sliced; any other is traced by torch.fx, so its
+    forward may flatten or pool functionally and register children in any order. A ValueError says
+    why a cut cannot be made: not a submodule, called twice, out of order, nothing after it, a skip
+    connection across it, its output changed in place after it, or a forward fx cannot trace."""
     cuts, children, what = list(cuts), list(model._modules.items()), type(model).__name__
     names = [name for name, _ in children]
     if type(model).forward is nn.Sequential.forward and all(c in names[:-1] for c in cuts):
@@ -632,16 +611,14 @@ def split_parts(model, cuts):
 
 def split(model, cut):
     """(up, down) with down(up(x)) == model(x): split_parts(model, [cut])."""
-    up, down = split_parts(model, [cut])
-    return up, down
+    return tuple(split_parts(model, [cut]))
 
 
 @torch.no_grad()
 def cut_names(model, image_size=32):
-    """{name: C×H×W of its output on one image} for every submodule `model` can be cut at (split()
-    works, the cut is a feature map, parameters follow it), in forward's order, each point once (by
-    its outermost name: layer2, not also layer2.1): one forward with hooks and a trace that keeps
-    whole each module fx cannot enter, not a split per submodule."""
+    """{name: C×H×W of its output on one image} for every submodule `model` can be cut at (split
+    works, a feature map, parameters follow), in forward's order, each point once (its outermost
+    name), from one forward with hooks and a trace keeping whole each module fx cannot enter."""
     p, shapes, calls = next(model.parameters()), {}, {}
 
     def record(name):
@@ -707,9 +684,8 @@ def stitch_between(shape_a, shape_b, what='the two features'):
 @torch.no_grad()
 def pair_stitches(up1, up2, image_size=32):
     """(stitch12, stitch21) for two up-halves, nn.Identity() where their features agree (so a caller
-    treats both cases alike); from one probe forward of each on a blank image in eval mode (no
-    running statistic changes). stitch12 is net 2's (put it in net 2's optimizer), stitch21 net
-    1's."""
+    treats both cases alike), from a probe forward of each on a blank image in eval mode (no running
+    statistic changes). stitch12 is net 2's (put it in net 2's optimizer), stitch21 net 1's."""
     p = next(up1.parameters())
     x = torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
     with eval_mode([up1, up2]):
@@ -719,9 +695,8 @@ def pair_stitches(up1, up2, image_size=32):
 
 
 def crossed(f1, f2, stitch12=None, stitch21=None):
-    """(up_1's feature as down_2 reads it, up_2's as down_1 reads it): through the stitches where
-    given; a ValueError in one line where a down-half would get another shape than its own up-half
-    gives it."""
+    """(up_1's feature as down_2 reads it, up_2's as down_1 reads it), through the stitches where
+    given; a one-line ValueError where a down-half would get another shape than its up-half's."""
     g12, g21 = (f if s is None else s(f) for s, f in ((stitch12, f1), (stitch21, f2)))
     for g, f, a, b, s in ((g12, f2, 1, 2, stitch12), (g21, f1, 2, 1, stitch21)):
         if g.shape[1:] != f.shape[1:]:
@@ -737,9 +712,8 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch
     """XML (METHOD.md §3), z_ab = down_b(up_a(x)): L_1 = Σ_{p ∈ 11, 12, 21} [CE(z_p, y) +
     KL(z_22‖z_p)], L_2 = Σ_{p ∈ 12, 21, 22} [CE(z_p, y) + KL(z_11‖z_p)]; KL at T times T², its
     target detached; mean=True divides by the 3 paths. Where channels differ, stitch12 carries
-    up_1's feature into down_2 (it is net 2's: put it in net 2's optimizer) and stitch21 up_2's
-    into down_1 (net 1's). Each half runs once
-    per distinct input, so its BatchNorm statistics update once per input."""
+    up_1's feature into down_2 (it is net 2's: put it in net 2's optimizer) and stitch21 up_2's into
+    down_1 (net 1's). Each half runs once per distinct input: BatchNorm updates once per input."""
     def kl(target, z):  # T² · batch mean of KL(softmax(target/T) ‖ softmax(z/T))
         log_t = torch.log_softmax(target.detach() / T, dim=1)
         return (log_t.exp() * (log_t - torch.log_softmax(z / T, dim=1))).sum(1).mean() * T * T
@@ -756,8 +730,7 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch
 def routed_backward(losses, optimizers):
     """Gradient routing (METHOD.md §3): L_i is differentiated with respect to optimizers[i]'s
     parameters only, so in z_12 L_1 trains up_1 through a fixed down_2 and L_2 trains down_2 on a
-    fixed up_1 feature (one backward of L_1 + L_2 would train down_2 on L_1 too). Then the caller
-    steps each optimizer."""
+    fixed up_1 feature (one backward of L_1 + L_2 would train down_2 on L_1 too); then step them."""
     for n, (loss, opt) in enumerate(zip(losses, optimizers)):
         opt.zero_grad(set_to_none=True)
         params = [p for group in opt.param_groups for p in group['params']]
@@ -807,8 +780,7 @@ def stitch_key(a, b, c):
 
 
 def make_stitches(shapes, names):
-    """nn.ModuleDict {stitch_key(a, b, c): stitch} for every cut c and nets a ≠ b whose features
-    differ in channels only; a ValueError naming both shapes where heights or widths differ."""
+    """{stitch_key(a, b, c): stitch} for each cut c and nets a ≠ b whose channels differ there."""
     stitches = nn.ModuleDict()
     for c in range(len(shapes[0])):
         for a, b in itertools.permutations(range(len(shapes)), 2):
@@ -828,8 +800,7 @@ def stitches_into(stitches, b):
 # Pure functions of logits and features; every KL target is detached (METHOD.md §1). Under bf16
 # autocast log_softmax, cross_entropy and mse_loss compute in fp32; in fp64 they stay fp64 (tests).
 def kl_div(target_logits, logits, T=1.0):
-    """KL(t‖s) = T² · mean_batch Σ_c softmax(t/T)·(log softmax(t/T) − log softmax(s/T)), t
-    detached."""
+    """KL(t‖s) at T: T²·mean_batch Σ_c softmax(t/T)·log(softmax(t/T)/softmax(s/T)), t detached."""
     log_t = F.log_softmax(target_logits.detach() / T, dim=1)
     log_s = F.log_softmax(logits / T, dim=1)
     return (log_t.exp() * (log_t - log_s)).sum(1).mean() * T * T
@@ -841,14 +812,12 @@ def kd_loss(logits, teacher_logits, labels, T=4.0):
 
 
 def hint_loss(regressed, teacher_feature):
-    """FitNet hint (Romero et al. 2015): mean((r(up_s(x)) − up_t(x))²), the teacher feature
-    detached."""
+    """FitNet hint (Romero et al. 2015): mean((r(up_s(x)) − up_t(x))²), the teacher's detached."""
     return F.mse_loss(regressed, teacher_feature.detach())
 
 
 def dml_loss(logits, others, labels, T=1.0):
-    """Deep Mutual Learning: CE(z_i, y) + mean_j KL(z_j‖z_i) over the other nets' logits
-    `others`."""
+    """Deep Mutual Learning: CE(z_i, y) + mean_j KL(z_j‖z_i), z_j in `others`, the other nets'."""
     return F.cross_entropy(logits, labels) + sum(kl_div(t, logits, T) for t in others) / len(others)
 
 
@@ -880,8 +849,7 @@ def generator_loss(d_on_i, label_of_other):
 
 
 def discriminator(channels):
-    """Experience 2's discriminator on the cut feature: 3×3 conv + ReLU, pool, linear → one
-    logit."""
+    """Experience 2's discriminator on the cut feature: 3×3 conv + ReLU, pool, linear → a logit."""
     return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(channels, 1))
 
@@ -915,17 +883,15 @@ def prefix_modules(parts, q, stitches=None):
 
 
 def all_modules(parts, stitches=None):
-    """Every part of every net, then the stitches: what switches mode or freezes statistics
-    together."""
+    """Every net's parts, then the stitches: what switches mode or freezes statistics together."""
     return [part for net in parts for part in net] + (list(stitches.values()) if stitches else [])
 
 
 def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
-    """out[prefix] for every prefix of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
-    prefix runs once, so each part's BatchNorm statistics update once per distinct input (METHOD.md
-    §3). bn_source(q), if given, is entered around computing out[q] (OwnBatchNorm's track or apply);
-    `out` may hold prefixes already computed. A ValueError where a part changed its input in place
-    (a write split cannot see: an untraced forward): the paths read after it got a changed feature."""
+    """out[q] for every prefix q of every path: out[(a,)] = up_a(x), out[(a, b)] = z_ab. A shared
+    prefix runs once, so BatchNorm statistics update once per distinct input. bn_source(q)
+    (OwnBatchNorm's track or apply), if given, wraps computing out[q]; `out`: prefixes already
+    computed. A ValueError where a part wrote into its input in place (split could not see it)."""
     def version(h):  # bumped by every in-place write, through views too (inference tensors keep none)
         return None if h.is_inference() else h._version
 
@@ -955,12 +921,10 @@ def batchnorms(module):
 
 
 class OwnBatchNorm:
-    """Each path's own BatchNorm running statistics beside the shared ones (METHOD.md §3): sets[q],
-    for a prefix q of at least two nets, holds (mean, var) of every BatchNorm of the modules that
-    compute out[q] from out[q[:−1]] (prefix_modules: part len(q) − 1 of net q[−1], after the stitch
-    from net q[−2] if there is one). Inside track(q) a training forward also updates sets[q] (the
-    layer's own F.batch_norm call in a forward pre-hook, same batch and momentum; gradients and
-    shared statistics untouched); inside apply(q) the part normalises with sets[q] if training
+    """Each path's own BatchNorm running statistics (METHOD.md §3): sets[q], for a prefix q of two
+    or more nets, the (mean, var) of each BatchNorm in prefix_modules(…, q). Inside track(q) a
+    training forward also updates sets[q] (F.batch_norm in a forward pre-hook, same batch and
+    momentum, nothing else changed); inside apply(q) the part normalises with sets[q] if training
     updated it. The first part has one source, the images: its shared statistics are its own."""
 
     def __init__(self, parts, stitches=None):
@@ -984,8 +948,7 @@ class OwnBatchNorm:
 
     @contextlib.contextmanager
     def track(self, q):
-        """Training: the forward of prefix q also updates sets[q] where the part tracks statistics
-        (not a frozen net, not a repeated forward under frozen_bn_stats)."""
+        """Training: prefix q's forward also updates sets[q] where its part tracks statistics."""
         if q not in self.sets:
             yield
             return
@@ -1000,8 +963,7 @@ class OwnBatchNorm:
 
     @contextlib.contextmanager
     def apply(self, q):
-        """Evaluation: the forward of prefix q normalises with sets[q] (shared ones if never
-        updated)."""
+        """Evaluation: prefix q's forward normalises with sets[q] (where training updated them)."""
         if q not in self.sets or not self.updated[q]:
             yield
             return
@@ -1016,8 +978,7 @@ class OwnBatchNorm:
                 bn.running_mean, bn.running_var = mean, var
 
     def fallback(self, path):
-        """True where some part of `path` has no own statistics (training never ran it there, or ran
-        it frozen, in eval mode)."""
+        """True where a part of `path` has no own statistics (never trained there, or frozen)."""
         return any(not self.updated[path[:k]] for k in range(2, len(path) + 1))
 
     def tensors(self, learners):
@@ -1042,9 +1003,8 @@ class OwnBatchNorm:
 
 
 def step_paths(method, K, P, paths_per_step=None, rng=None):
-    """The paths of one training step: the pure nets without crossing, every path for the XML
-    family, or with paths_per_step = R the K pure paths plus R of the K^P − K crossed ones, drawn
-    uniformly without replacement."""
+    """The paths of a training step: the pure nets without crossing, every path for the XML family,
+    or with paths_per_step = R the K pure paths and R crossed ones drawn at random."""
     if not method.startswith('xml'):
         return pure_paths(K, P)
     if paths_per_step is None:
@@ -1109,8 +1069,7 @@ def xml_disc_losses(out, labels, K, P, learners, T=1.0, path_weights='sum', adv_
 def xml_gan_losses(out, labels, K, P, learners, discriminator, T=1.0, path_weights='sum',
                    adv_weight=0.1):
     """The deck's Experience 2 (a pair): XML + adv_weight · generator_loss (up_i makes D take its
-    feature for the other net's); with 'discriminator' among `learners` also D's own loss on the
-    detached features."""
+    feature for the other's); with 'discriminator' in `learners` D's loss on detached features."""
     losses = xml_losses(out, labels, K, P, [i for i in learners if i != 'discriminator'], T,
                         path_weights)
     for i in list(losses):
@@ -1128,8 +1087,7 @@ LOSSES = {'independent': independent_losses, 'kd': kd_losses, 'dml': dml_losses,
 
 @contextlib.contextmanager
 def frozen_bn_stats(modules):
-    """Inside: BatchNorm layers in train mode normalise with batch statistics but leave their
-    running statistics alone (for a repeated forward of inputs they have seen this step)."""
+    """Inside: train-mode BatchNorm normalises with batch statistics, leaving its running ones."""
     bns = [bn for module in modules for bn in batchnorms(module)]
     for m in bns:
         m.track_running_stats = False
@@ -1164,39 +1122,32 @@ def step_optimizers(optimizers):
 def train_step(parts, optimizers, x, labels, method, update='simultaneous', paths=None, *,
                paths_per_step=None, rng=None, disc_optimizer=None, own_bn=None, stitches=None,
                **loss_kw):
-    """One step of every net that learns (optimizers[i]; None for a frozen net; the stitches into
-    net i in it) on `paths` (default: step_paths) with LOSSES[method](…, **loss_kw), and xml+gan's
-    discriminator with disc_optimizer. Returns {i: L_i} (and 'discriminator'). simultaneous: one
-    forward, each L_i routed to net i; sequential (DML's Algorithm 1): net 1 stepped on L_1, the
-    paths run again (BatchNorm statistics not updated again), net 2 stepped on L_2, …. own_bn: an
-    OwnBatchNorm to update."""
+    """One step of each learning net (optimizers[i], with the stitches into net i; None: frozen) on
+    `paths` (default: step_paths) with LOSSES[method](…, **loss_kw), and of xml+gan's discriminator
+    (disc_optimizer); returns {i: L_i} (and 'discriminator'). simultaneous: one forward, each L_i
+    routed to net i; sequential (DML's Algorithm 1): net 1 stepped on L_1, the paths run again
+    (BatchNorm statistics not updated twice), net 2 on L_2, …. own_bn: an OwnBatchNorm to update."""
     K, P = len(parts), len(parts[0])
     paths = paths or step_paths(method, K, P, paths_per_step, rng)
     track = own_bn.track if own_bn is not None else None
     learners = {i: opt for i, opt in enumerate(optimizers) if opt is not None}
     if disc_optimizer is not None:
         learners['discriminator'] = disc_optimizer
-    if update == 'simultaneous':
-        losses = LOSSES[method](run_paths(parts, x, paths, track, stitches=stitches), labels, K, P,
-                                list(learners), **loss_kw)
-        routed_backward([losses[k] for k in learners], list(learners.values()))
-        step_optimizers(learners.values())
-        return {k: losses[k].detach() for k in learners}
+    rounds = [list(learners)] if update == 'simultaneous' else [[k] for k in learners]
     losses = {}
-    for n, (k, opt) in enumerate(learners.items()):
+    for n, keys in enumerate(rounds):
         with frozen_bn_stats(all_modules(parts, stitches)) if n else contextlib.nullcontext():
             out = run_paths(parts, x, paths, track, stitches=stitches)
-        losses[k] = LOSSES[method](out, labels, K, P, [k], **loss_kw)[k]
-        routed_backward([losses[k]], [opt])
-        step_optimizers([opt])
-        losses[k] = losses[k].detach()
+        new = LOSSES[method](out, labels, K, P, keys, **loss_kw)
+        routed_backward([new[k] for k in keys], [learners[k] for k in keys])
+        step_optimizers([learners[k] for k in keys])
+        losses.update({k: new[k].detach() for k in keys})
     return losses
 
 
 def hint_step(student_up, teacher_up, regressor, optimizer, x, labels=None, student=0):
     """FitNet's stage 1: one step of the student's up-half and the regressor (`optimizer`) on
-    hint_loss(regressor(up_s(x)), up_t(x)). Returns {student: loss}; takes x, labels as train_step
-    does (the labels go unused)."""
+    hint_loss(regressor(up_s(x)), up_t(x)); returns {student: loss} (labels: unused)."""
     teacher_feature = teacher_up(x)
     loss = hint_loss(regressor(student_up(x)), teacher_feature)
     routed_backward([loss], [optimizer])
@@ -1211,8 +1162,7 @@ def sgd(params, cfg, fused=False):
 
 
 def set_lr(optimizer, lr):
-    """Set the learning rate, in place where it is a device tensor (read by a captured CUDA
-    graph)."""
+    """Set the lr, in place where it is a device tensor (which a captured CUDA graph reads)."""
     for group in optimizer.param_groups:
         if isinstance(group['lr'], torch.Tensor):
             group['lr'].fill_(lr)
@@ -1227,12 +1177,11 @@ def path_name(path):
 
 
 def conv_layout(models, device):
-    """The memory format to train `models` in: channels_last, the layout cuDNN and oneDNN read fastest
-    (the xml step at width 16, batch 128 on 2 cores ran 1.31x as fast as in NCHW: tools/cpu_layout.py),
-    except on the CPU for nets with a strided 1x1 convolution of fewer than 8 input channels a group:
-    oneDNN's AVX2 kernel for its weight gradient in channels_last writes past its buffer and hangs,
-    crashes or returns wrong numbers (github.com/uxlfoundation/oneDNN/issues/6035, open in torch 2.14;
-    res18 at width 4 has one)."""
+    """The memory format to train `models` in: channels_last, which cuDNN and oneDNN read fastest
+    (the xml step 1.31x as fast as in NCHW: tools/cpu_layout.py), except on the CPU for nets with a
+    strided 1x1 convolution of < 8 input channels a group: oneDNN's AVX2 kernel for its weight
+    gradient in channels_last writes past its buffer and hangs, crashes or returns wrong numbers
+    (github.com/uxlfoundation/oneDNN/issues/6035, open in torch 2.14; res18 at width 4 has one)."""
     hit = any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
               and m.in_channels // m.groups < 8 for model in models for m in model.modules())
     return torch.contiguous_format if hit and device.type == 'cpu' else torch.channels_last
@@ -1256,13 +1205,12 @@ def eval_batches(images, labels, mean, std, batch_size, device, fmt=torch.contig
 @torch.no_grad()
 def evaluate(parts, images, labels, mean, std, batch_size=500, fast=False, classes=None,
              own_bn=None, stitches=None):
-    """On uint8 images N×H×W×3: top-1 (%) of every path (path_table), of the ensemble of the pure
-    nets (mean softmax), and the feature distance, the mean of (f_i − f_j)² over the features of
-    every two nets at every cut where they have one shape (None where none do); with the shared
-    BatchNorm statistics, and with own_bn (OwnBatchNorm) once more under 'own_bn' with each path's
-    own, its 'fallback' listing the paths training never ran. fast: bf16 autocast (CUDA). classes:
-    the number of class logits, where down-halves output more (xml+disc's synthesis score, whose
-    accuracy at telling the own up-half from the other is 'synthesis')."""
+    """On uint8 images N×H×W×3: top-1 (%) of every path, of the pure nets' ensemble (mean softmax),
+    and the feature distance, the mean (f_i − f_j)² of every two nets' features at every cut where
+    they have one shape (else None); with the shared BatchNorm statistics and, with own_bn, again
+    under 'own_bn' with each path's own ('fallback': the paths training never ran). fast: bf16
+    autocast. classes: the number of class logits, where down-halves output more (xml+disc's
+    synthesis score: 'synthesis', its accuracy at telling the own up-half from the other)."""
     K, P = len(parts), len(parts[0])
     paths = all_paths(K, P)
     dev = next(parts[0][0].parameters()).device
@@ -1322,12 +1270,10 @@ def path_table(acc, K, P):
 
 # ------------------------------------------------------------ the fast path: changes how, not what
 class TrainStep:
-    """A training step on a batch of augmented uint8 images: normalise, call fn(x, labels) →
-    {learner: loss} (train_step or hint_step, bound by functools.partial), and sum each loss on the
-    device (loss_sum; first_bad: the first step, 1-based, whose loss was not finite, 0: none), so
-    nothing waits for the host. channels_last (the layout convolutions read fastest, cuDNN's and
-    oneDNN's; normalize() yields it for free), and on the GPU bf16 autocast (losses, BatchNorm
-    statistics and weights stay fp32)."""
+    """Normalise a batch of augmented uint8 images, call fn(x, labels) → {learner: loss} (a partial
+    of train_step or hint_step) and sum each loss on the device (loss_sum; first_bad: the first
+    step, 1-based, whose loss was not finite, 0: none): nothing waits for the host. Optionally
+    channels_last and bf16 autocast (losses, BatchNorm statistics, weights: fp32)."""
 
     def __init__(self, fn, learners, mean, std, device, *, bf16=False, channels_last=False):
         self.fn, self.bf16 = fn, bf16
@@ -1354,14 +1300,12 @@ class TrainStep:
 
 class CudaGraphStep:
     """Around a TrainStep: after `warmup` real steps the whole step (forwards, routed backwards,
-    optimizers, BatchNorm updates) is captured once in a CUDA graph and replayed for every later
-    batch: one launch instead of thousands, whose cost is what bounds these nets at batch 128. Needs
-    the lr in a device tensor (graph_lr), fused optimizers, the same kernels every step (no sampled
-    paths) and every batch of the shape given (the loop drops the last partial batch)."""
+    optimizers, BatchNorm updates) is captured in a CUDA graph and replayed for each later batch:
+    one launch instead of thousands (which bound these nets at batch 128). Needs the lr in a device
+    tensor (graph_lr), fused optimizers, the same kernels each step, batches of one shape."""
 
     def __init__(self, step, batch_shape, device, warmup=3):
         self.step, self.warmup, self.captured, self.calls = step, warmup, None, 0
-        # the captured step's input
         self.images = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
         self.labels = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
 
@@ -1398,8 +1342,7 @@ def graph_lr(optimizers, device):
 # ------------------------------------------------------------------------------------------- cost
 # The deck's "Dynamic Computation" (METHOD.md §5): what each path costs, to pick one by budget.
 def forward_flops(module, x):
-    """(FLOPs of one forward of `module` on x, its output): FlopCounterMode's count, 2 × the
-    multiply-adds of convolutions and matrix products (a test checks a hand count)."""
+    """(FLOPs of a forward of `module` on x, its output): 2 × multiply-adds (FlopCounterMode)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = module(x)
     return counter.get_total_flops(), out
@@ -1407,8 +1350,7 @@ def forward_flops(module, x):
 
 @torch.no_grad()
 def part_flops(parts, paths, image_size=32, stitches=None):
-    """{prefix: forward FLOPs per image of its last part and the stitch before it} for every prefix
-    of `paths`."""
+    """{prefix: forward FLOPs per image of its last part and the stitch before it} for `paths`."""
     p = next(parts[0][0].parameters())
     out, flops = {(): torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)}, {}
     with eval_mode(all_modules(parts, stitches)):
@@ -1421,8 +1363,7 @@ def part_flops(parts, paths, image_size=32, stitches=None):
 @torch.no_grad()
 def latency_ms(modules, batch, image_size=32, fast=False, budget_s=0.1):
     """Median wall time (ms) of one forward of `modules` in order, eval mode, at `batch`."""
-    # by hand: torch.utils.benchmark's Timer took 0.46 s for one such number at batch 1 (CPU, budget
-    # 0.1 s), and a summary times 2 per path
+    # by hand: torch.utils.benchmark's Timer took 0.46 s a number (a summary times 2 per path)
     p = next(modules[0].parameters())
     x = torch.randn(batch, 3, image_size, image_size,
                     device=p.device).contiguous(memory_format=layout(modules[0]))
@@ -1487,8 +1428,7 @@ def lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs=1):
 
 
 def write_atomic(path, write):
-    """write(file) into a temporary file, fsync, rename over `path`: a crash leaves the old file or
-    the new one."""
+    """write(file) to a temporary file, fsync, rename over `path`: a crash leaves old or new."""
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'wb') as f:
         write(f)
@@ -1507,8 +1447,7 @@ def write_json(path, obj):
 
 
 def load_checkpoint(path):
-    """A checkpoint this script wrote (a dict with the run's 'config'), on the CPU; else a
-    UsageError."""
+    """A checkpoint this script wrote (a dict holding 'config'), on the CPU; else a UsageError."""
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # not a torch file, truncated, or objects weights_only refuses
@@ -1527,8 +1466,7 @@ def net_cuts_of(config):
 
 
 def load_net(path, name, model, index=None):
-    """Load into `model` the net called `name` in a checkpoint: the one at `index` if so called,
-    else the first."""
+    """Load into `model` the checkpoint's `name`: the one at `index` if so named, else the first."""
     ckpt = load_checkpoint(path)
     names = ckpt['config'].get('nets', [])
     if name not in names:
@@ -1544,8 +1482,7 @@ def load_net(path, name, model, index=None):
 
 
 def build_nets(cfg, num_classes):
-    """The nets of a run; with xml+disc each has one output more, its down-half's synthesis
-    score."""
+    """The nets of a run; with xml+disc each has one output more, its synthesis score."""
     return [build(n, num_classes + (cfg.method == 'xml+disc'), cfg.width) for n in cfg.nets]
 
 
@@ -1561,8 +1498,7 @@ def format_duration(seconds):
 
 
 def progress_line(rec, total_epochs, seconds_left):
-    """One line per epoch: losses, top-1 of each net and of the cross pairings with shared (and in
-    brackets own) BatchNorm statistics, lr, speed, time left."""
+    """Per epoch: losses, top-1 of nets and crossings (own statistics bracketed), lr, speed, ETA."""
     def both(key, show):
         return show(rec[key]) + (f' ({show(rec["own_bn"][key])})' if 'own_bn' in rec else '')
 
@@ -1657,8 +1593,7 @@ class Run:
 
 
 def start_processes(cfg):
-    """(device, rank, world size): one process, or this one of a torchrun job (NCCL on GPUs, else
-    gloo)."""
+    """(device, rank, world size): this process, alone or in torchrun (NCCL on GPUs, else gloo)."""
     dev, rank, world = torch.device(cfg.device), 0, 1
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
@@ -1687,8 +1622,7 @@ def prepare_out(out, force):
 
 
 def set_up(cfg):
-    """A Run of `cfg` (from parse_args: derived and checked) before its first epoch: processes,
-    data, nets, optimizers."""
+    """A Run of a checked `cfg` before its first epoch: processes, data, nets, optimizers."""
     dev, rank, world = start_processes(cfg)
     data = load_data(cfg.dataset, cfg.data_dir)
     if cfg.train_per_class:
@@ -1729,10 +1663,8 @@ def set_up(cfg):
         p for s in stitches_into(stitches, i) for p in s.parameters())], cfg, fast)
         for i in range(K)]
     run = Run(cfg, dev, rank, world, data, *channel_stats(data.train_x), models, parts, shapes,
-              stitches, frozen, student, optimizers,
+              stitches, frozen, student, optimizers, own_bn=OwnBatchNorm(parts, stitches),
               best={'accuracy': [-1.0] * K, 'epoch': [0] * K, 'mean': -1.0})
-    # from the shared statistics of the nets as loaded
-    run.own_bn = OwnBatchNorm(run.parts, run.stitches)
     if cfg.method == 'xml+gan':
         run.discriminator = discriminator(shapes[0][0][0]).to(dev, memory_format=fmt)
         run.disc_optimizer = sgd(run.discriminator.parameters(), cfg, fast)
@@ -1798,19 +1730,10 @@ def resume(run, gen):
 
 
 def loss_options(cfg, method, discriminator=None):
-    """The keyword arguments of LOSSES[method] from the command line."""
-    if method == 'independent':
-        return {}
-    kw = {'T': cfg.temperature}
-    if method.startswith('xml'):
-        kw['path_weights'] = cfg.path_weights
-    if method == 'xml+l2':
-        kw['l2_weight'] = cfg.l2_weight
-    if method in ('xml+disc', 'xml+gan'):
-        kw['adv_weight'] = cfg.adv_weight
-    if method == 'xml+gan':
-        kw['discriminator'] = discriminator
-    return kw
+    """The keyword arguments of LOSSES[method] from the command line: those it takes."""
+    kw = {'T': cfg.temperature, 'path_weights': cfg.path_weights, 'l2_weight': cfg.l2_weight,
+          'adv_weight': cfg.adv_weight, 'discriminator': discriminator}
+    return {k: v for k, v in kw.items() if k in inspect.signature(LOSSES[method]).parameters}
 
 
 def make_step(run, hint, paths_rng):
@@ -1930,12 +1853,10 @@ def save_checkpoint(run, rec, gen, wall_s):
 
 
 def train(cfg):
-    """Train the nets of `cfg` (from parse_args) with its method, evaluating after every epoch;
-    writes metrics.jsonl, last.pt, best.pt and summary.json into cfg.out and returns the summary.
-    Under torchrun every rank trains on its share of each batch and rank 0 writes."""
+    """Train the nets of a parsed `cfg` with its method; writes metrics.jsonl, last.pt, best.pt and
+    summary.json into cfg.out, returns the summary. Under torchrun each rank trains on its share."""
     run = set_up(cfg)
-    # data order and augmentation, the same on every rank
-    gen = torch.Generator(run.dev).manual_seed(cfg.seed)
+    gen = torch.Generator(run.dev).manual_seed(cfg.seed)  # data order, augmentation: all ranks'
     if cfg.resume:
         resume(run, gen)
     train_x, train_y = run.data.train_x.to(run.dev), run.data.train_y.to(run.dev)
@@ -1947,8 +1868,7 @@ def train(cfg):
             hint = epoch < cfg.hint_epochs
             if hint not in steps:  # one step (one CUDA graph) per stage
                 steps[hint] = make_step(run, hint, paths_rng)
-            # the sampled paths of an epoch, also after a resume
-            paths_rng.seed(cfg.seed * 1_000_003 + epoch)
+            paths_rng.seed(cfg.seed * 1_000_003 + epoch)  # the epoch's paths, after a resume too
             t0 = time.time()
             losses, lr = train_epoch(run, *steps[hint], epoch, train_x, train_y, gen)
             train_s = time.time() - t0
@@ -2114,12 +2034,14 @@ def list_cuts(names, width):
 
 
 def check(cfg):
-    """Refuse (UsageError, one line) any value or combination of a derived Config that would fail
-    later, before anything is loaded or written."""
+    """Refuse (one-line UsageError) what in a derived Config would fail later, before any I/O."""
     check_nets(cfg)
     K, P = len(cfg.nets), len(cfg.net_cuts[0]) + 1
     if cfg.cut and cfg.cuts:
         raise UsageError('give --cut (one cut) or --cuts (several), not both')
+    twice = [c for cuts in cfg.net_cuts for c in cuts if cuts.count(c) > 1]
+    if twice:
+        raise UsageError(f'--cuts names {twice[0]} twice; give each cut once, in forward\'s order')
     if cfg.cut and len(cfg.cut) not in (1, K):
         raise UsageError(f'--cut takes one name, or one per net ({K}); got {",".join(cfg.cut)}')
     if cfg.method in PAIR_ONLY and (K, P) != (2, 2):
@@ -2255,12 +2177,9 @@ def main(argv=None):
                               'own_bn': {k: summary['own_bn'].get(k)
                                          for k in ('accuracy', 'cross', 'ensemble')}}))
         return 0
-    except UsageError as e:
+    except (UsageError, Diverged) as e:
         print(f'xml_ref.py: error: {e}', file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f'xml_ref.py: error: {e}', file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except Stopped as e:
         print(f'xml_ref.py: {e.args[0]}', file=sys.stderr)
         return 128 + e.args[1]
