@@ -82,7 +82,7 @@ class Config:
     update: str = option('simultaneous', 'order of the nets\' updates', HOW, choices=UPDATES)
     path_weights: str = option(None, 'the xml family: L_i sums its paths (the deck) or takes '
                                'their mean (default: sum for res18, res34 and mbv1; mean with a '
-                               'tv: net, which the sum at lr 0.1 left at chance)', HOW,
+                               'tv: net, where the sum diverged: results/README.md)', HOW,
                                choices=('sum', 'mean'))
     paths_per_step: int = option(None, 'xml, xml+l2 with K nets in P parts: train the pure paths '
                                  'and R crossed paths drawn at random each step, not all K^P', HOW,
@@ -409,9 +409,10 @@ def num_params(module):
 
 # ------------------------------------------------------- XML for any two nets: the copyable block
 # The method for a pair, needing nothing but torch: copy this section whole into another codebase.
-# split() cuts any net torch.fx can trace, stitch() joins cuts whose channels differ,
-# xml_pair_losses() and routed_backward() are one training step, cross_accuracy() evaluates the
-# four paths. Tests check that the block, pasted alone, computes what the general step computes.
+# split() cuts a net, tracing (torch.fx) only the modules that hold the cut; pair_stitches() joins
+# cuts whose channels differ; xml_pair_losses() and routed_backward() are one training step;
+# cross_accuracy() scores the four paths. Tests check that the block, pasted alone, computes what
+# the general step computes.
 import contextlib  # noqa: E402 (the block's own imports, so that it copies whole)
 import operator  # noqa: E402
 import re  # noqa: E402
@@ -471,8 +472,8 @@ class TraceError(ValueError):
 
 def trace(model, enter=None, leaves=()):
     """The torch.fx graph of model.forward, entering the submodules as CutTracer does; a TraceError
-    naming the module fx cannot trace, or a ValueError where the graph depends on self.training
-    (functional dropout: fx would freeze the traced mode)."""
+    naming the module fx cannot trace, or whose traced graph depends on self.training (functional
+    dropout: fx would freeze the traced mode)."""
     graphs = []
     with eval_mode([model]):  # which puts every module back in its mode afterwards
         for training in (True, False):
@@ -485,12 +486,17 @@ def trace(model, enter=None, leaves=()):
                 what = (f'{where} ({type(model.get_submodule(where)).__name__}) of ' if where
                         else '') + type(model).__name__
                 raise TraceError(f'torch.fx cannot trace {what} ({type(e).__name__}: '
-                                 f'{first_line(e, 120)}); cut outside it, or split it by hand into '
-                                 'modules', where) from None
-    if str(graphs[0]) != str(graphs[1]):
-        raise ValueError(f'{type(model).__name__}.forward depends on self.training (functional '
-                         'dropout?), which a traced split would freeze; split it by hand into '
-                         'modules')
+                                 f'{first_line(e, 120)}); ' + 'cut outside it, or ' * bool(where)
+                                 + 'split it by hand into modules', where) from None
+    differ = next((a for a, b in zip(graphs[0].nodes, graphs[1].nodes)
+                   if a.format_node() != b.format_node()), None)
+    if differ is not None or len(graphs[0].nodes) != len(graphs[1].nodes):
+        stack = differ.meta.get('nn_module_stack', {}) if differ is not None else {}
+        where = list(stack.values())[-1][0] if stack else ''  # the innermost module that differs
+        raise TraceError(f'{where or type(model).__name__}.forward depends on self.training '
+                         '(functional dropout?), which a traced split would freeze; '
+                         + 'cut outside it, or ' * bool(where) + 'split it by hand into modules',
+                         where)
     return graphs[0]
 
 
@@ -503,20 +509,23 @@ def written(node, root):
     """The argument `node` writes in place (x += y, x.add_(y), ReLU(inplace=True)), else None."""
     if node.op == 'call_module':  # one with children is a cut kept whole: look inside
         module = root.get_submodule(node.target)
-        in_place = getattr(module, 'inplace', False) is True or bool(module._modules) and writes_input(module)
+        in_place = (getattr(module, 'inplace', False) is True
+                    or bool(module._modules) and writes_input(module))
     else:
         name = op_name(node)
         in_place = (name.endswith('_') and not name.endswith('__')
                     or node.kwargs.get('inplace') is True
-                    or node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv))
+                    or node.target in (operator.iadd, operator.isub, operator.imul,
+                                       operator.itruediv))
     return node.args[0] if in_place and node.args else None
 
 
 # what may return its input or share its memory: writing into the result writes into the input
 VIEWS = {'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'permute', 'transpose',
          't', 'squeeze', 'unsqueeze', 'expand', 'expand_as', 'contiguous', 'detach', 'narrow',
-         'select', 'chunk', 'split', 'unbind', 'movedim', 'getitem', 'to', 'type', 'type_as', 'float',
-         'half', 'double', 'bfloat16', 'cpu', 'cuda', 'unfold', 'diagonal', 'as_strided', 'swapaxes',
+         'select', 'chunk', 'split', 'unbind', 'movedim', 'getitem', 'to', 'type', 'type_as',
+         'float', 'half', 'double', 'bfloat16', 'cpu', 'cuda', 'unfold', 'diagonal', 'as_strided',
+         'swapaxes',
          'swapdims', 'dropout'}
 ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
@@ -529,7 +538,8 @@ def changed_in_place(node, root):
         same.append(todo.pop())
         todo += [u for u in same[-1].users if u.args and u.args[0] is same[-1] and (  # not h.shape
                  u.op in ('call_method', 'call_function') and op_name(u) in VIEWS
-                 or u.op == 'call_module' and isinstance(root.get_submodule(u.target), ALIAS_MODULES))]
+                 or u.op == 'call_module'
+                 and isinstance(root.get_submodule(u.target), ALIAS_MODULES))]
     return any(written(u, root) in same for n in same for u in n.users)
 
 
@@ -585,6 +595,12 @@ def split_parts(model, cuts):
     why a cut cannot be made: not a submodule, called twice, out of order, nothing after it, a skip
     connection across it, its output changed in place after it, or a forward fx cannot trace."""
     cuts, children, what = list(cuts), list(model._modules.items()), type(model).__name__
+    inner = [(a, b) for a in cuts for b in cuts
+             if a == b and cuts.count(a) > 1 or b.startswith(a + '.')]
+    if inner:
+        a, b = inner[0]
+        raise ValueError(f'cuts {a} and {b}: ' + ('the same cut twice' if a == b else
+                                                  'one holds the other') + '; cut each point once')
     names = [name for name, _ in children]
     if type(model).forward is nn.Sequential.forward and all(c in names[:-1] for c in cuts):
         ends = [names.index(c) + 1 for c in cuts]
@@ -719,9 +735,15 @@ def xml_pair_losses(up1, down1, up2, down2, x, labels, T=1.0, mean=False, stitch
         return (log_t.exp() * (log_t - torch.log_softmax(z / T, dim=1))).sum(1).mean() * T * T
 
     ce = torch.nn.functional.cross_entropy
-    f1, f2 = up1(x), up2(x)
+    f1 = up1(x)
+    made = f1._version  # bumped by any in-place write, through views too
+    z11, f2 = down1(f1), up2(x)  # (down-halves draw dropout in the order of xml_ref.py's step)
+    made = made, f2._version
     g12, g21 = crossed(f1, f2, stitch12, stitch21)
-    z11, z12, z21, z22 = down1(f1), down2(g12), down1(g21), down2(f2)
+    z12, z21, z22 = down2(g12), down1(g21), down2(f2)
+    if (f1._version, f2._version) != made:
+        raise ValueError('a down-half changed its input in place, so another path read a changed '
+                         'feature; make that operation out of place or cut after it')
     loss1 = sum(ce(z, labels) + kl(z22, z) for z in (z11, z12, z21))
     loss2 = sum(ce(z, labels) + kl(z11, z) for z in (z12, z21, z22))
     return (loss1 / 3, loss2 / 3) if mean else (loss1, loss2)
@@ -892,7 +914,7 @@ def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
     prefix runs once, so BatchNorm statistics update once per distinct input. bn_source(q)
     (OwnBatchNorm's track or apply), if given, wraps computing out[q]; `out`: prefixes already
     computed. A ValueError where a part wrote into its input in place (split could not see it)."""
-    def version(h):  # bumped by every in-place write, through views too (inference tensors keep none)
+    def version(h):  # bumped by every in-place write, through views (inference tensors keep none)
         return None if h.is_inference() else h._version
 
     out = {**(out or {}), (): x}
@@ -909,8 +931,8 @@ def run_paths(parts, x, paths, bn_source=None, out=None, stitches=None):
     changed = [q for q in made if version(out[q]) != made[q]]
     if changed:
         what = f'the output of path {path_name(changed[0])}' if changed[0] else 'the images'
-        raise ValueError(f'a part changed its input ({what}) in place, so other paths read a changed '
-                         'feature; make that operation out of place or cut after it')
+        raise ValueError(f'a part changed its input ({what}) in place, so other paths read a '
+                         'changed feature; make that operation out of place or cut after it')
     return out
 
 
@@ -1701,9 +1723,10 @@ def resume(run, gen):
     ckpt = load_checkpoint(out / 'last.pt')
     was, now = ckpt.get('data', run.data.signature()), run.data.signature()  # (none before it)
     if was != now:
-        differ = '; '.join(f'{k} {was[k] if k != "classes" else len(was[k])} there, '
-                           f'{now[k] if k != "classes" else len(now[k])} here' + (
-                               ' (other names)' if k == 'classes' and len(was[k]) == len(now[k]) else '')
+        def count(v):
+            return len(v) if isinstance(v, list) else v
+        differ = '; '.join(f'{k} {count(was.get(k))} there, {count(now[k])} here'
+                           + ' (other names)' * (count(was.get(k)) == count(now[k]))
                            for k in now if was.get(k) != now[k])
         raise UsageError(f'--resume: {out}/last.pt was trained on other data ({differ}); resume '
                          'with the same --dataset and --data-dir')
@@ -1986,7 +2009,8 @@ def default_device():
 
 def derive(cfg):
     """cfg with the values that depend on other options: the nets (of --nets or --pair), each net's
-    cuts, the temperature, the hint epochs, the device, --fast, the processes and --out."""
+    cuts, the path weights, the temperature, the hint epochs, the device, --fast, the processes
+    and --out."""
     nets = cfg.nets or cfg.pair
     cut = cfg.cut or [default_cut(nets)]
     net_cuts = ([cfg.cuts] * len(nets) if cfg.cuts else
@@ -2039,9 +2063,6 @@ def check(cfg):
     K, P = len(cfg.nets), len(cfg.net_cuts[0]) + 1
     if cfg.cut and cfg.cuts:
         raise UsageError('give --cut (one cut) or --cuts (several), not both')
-    twice = [c for cuts in cfg.net_cuts for c in cuts if cuts.count(c) > 1]
-    if twice:
-        raise UsageError(f'--cuts names {twice[0]} twice; give each cut once, in forward\'s order')
     if cfg.cut and len(cfg.cut) not in (1, K):
         raise UsageError(f'--cut takes one name, or one per net ({K}); got {",".join(cfg.cut)}')
     if cfg.method in PAIR_ONLY and (K, P) != (2, 2):
@@ -2142,7 +2163,8 @@ def check_out(cfg):
             raise UsageError(f'--resume: {out}/last.pt was written by an older xml_ref.py (another '
                              'lr schedule, or no per-path BatchNorm statistics); finish it with '
                              'that version or start over with --force')
-        k = next((k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)), None)
+        k = next((k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k) and not (  # (no paths
+            k == 'path_weights' and not cfg.method.startswith('xml'))), None)  # to weigh)
         if k:
             raise UsageError(f'--resume: {out}/last.pt was written with {k}={saved.get(k)!r}, '
                              f'not {getattr(cfg, k)!r}; resume with the same settings or use '

@@ -85,7 +85,7 @@ def study(run_dir, n_batches=20, device=None):
     result = X.evaluate(parts, test_x, test_y, mean, std, fast=fast, classes=data.num_classes,
                         own_bn=own_bn, stitches=stitches)
     trained, own = result['paths'], result['own_bn']['paths']
-    reported = ckpt['history'][-1]
+    reported = [h for h in ckpt['history'] if 'own_bn' in h][-1]  # the last evaluated epoch
     if any(abs(trained[p] - reported['paths'][p]) > 0.5 or
            abs(own[p] - reported['own_bn']['paths'][p]) > 0.5 for p in trained):
         print(f'{run_dir}: evaluated here {trained}, own {own}, but the run reported '

@@ -66,7 +66,8 @@ def path_model(run_dir, path_text):
             m._forward_pre_hooks.clear()  # behind: plain layers
         copies += modules
     model = PathModel(copies, mean, std, data.num_classes).eval()
-    return model, ckpt['history'][-1], path, data, own_bn.fallback(path)
+    last = [h for h in ckpt['history'] if 'own_bn' in h][-1]  # the last evaluated epoch (--eval-every)
+    return model, last, path, data, own_bn.fallback(path)
 
 
 @torch.no_grad()

@@ -142,14 +142,15 @@ def describe(rec, run_dir):
     never ran, evaluated with the shared statistics); speed."""
     summary, history = read_run(run_dir)
     rec['epochs_done'] = len(history)
+    every, timed = history, history[1:] or history  # epoch 1 also holds cuDNN's autotuning
+    history = [h for h in history if 'accuracy' in h]  # the evaluated epochs (--eval-every)
     if history:
         last = history[-1]
-        timed = history[1:] or history  # epoch 1 also holds cuDNN's autotuning and the capture
         rec.update(last_epoch=last['epoch'], accuracy=last['accuracy'], cross=last.get('cross'),
                    ensemble=last['ensemble'], feature_distance=last['feature_distance'],
                    **best(history, lambda h: h),
                    img_per_s=sum(h['img_per_s'] for h in timed) / len(timed),
-                   epoch_s=sum(h['epoch_s'] for h in history) / len(history))
+                   epoch_s=sum(h['epoch_s'] for h in every) / len(every))
         if 'own_bn' in last:
             own = last['own_bn']
             rec['own_bn'] = {'accuracy': own['accuracy'], 'cross': own.get('cross'),
