@@ -231,7 +231,7 @@ def plot_curves(group, table, nets, out_dir, stem, runs_dir):
     for row in table:
         per_run = [curves(Path(runs_dir) / n) for n in row['runs']]
         epochs = per_run[0][0]
-        if not epochs or any(e != epochs for e, _ in per_run):
+        if len(epochs) < 2 or any(e != epochs for e, _ in per_run):  # a curve needs two points
             continue
         lines[row['label']] = (epochs, [[statistics.fmean(acc[k][i] for _, acc in per_run)
                                          for k in range(len(epochs))] for i in range(len(nets))], len(per_run))
@@ -353,7 +353,8 @@ def report(runs_dir, out_dir, name='RESULTS', names=None):
                 lines.append(f'| {row["label"]} | ' + ' | '.join(
                     f'{cell(mean_std([t["loss"][i] for t in ts]), 3)} | '
                     f'{cell(mean_std([t["own_bn_accuracy"][i] for t in ts]))}' for i in range(len(nets))) + ' |')
-        png = plot_curves(group, table, nets, out_dir, f'{name}_{pair.replace(",", "-")}', runs_dir)
+        stem = name + '_' + re.sub(r'[^\w.+-]', '-', pair)  # tv:resnet18,… → tv-resnet18-…
+        png = plot_curves(group, table, nets, out_dir, stem, runs_dir)
         if png:
             lines += ['', f'Test top-1 against the epoch, each path\'s own statistics: [{png}]({png})']
         for row in table:

@@ -9,7 +9,7 @@
 #
 #   bash tools/run_seeds.sh DATA_DIR RUNS_DIR [CODE_DIR]
 #
-# DATA_DIR: the CIFAR-10 JPEG archive extracted (train/, test/). RUNS_DIR: where the runs go (RUNS_DIR/seeds/NAME,
+# DATA_DIR: the CIFAR-10 JPEG archive extracted (train/, test/). RUNS_DIR: where the runs go (RUNS_DIR/FOLDER/NAME,
 # with checkpoints; keep it outside the repository). CODE_DIR: the checkout whose xml_ref.py trains, default this
 # one; a worktree of a fixed commit (`git worktree add --detach CODE_DIR COMMIT`; results/*/README.md names it)
 # keeps edits to this checkout from changing a run half-way. One run at a time, each --resume: rerun the script
@@ -18,7 +18,7 @@
 # survives the machine once committed; a run already there is skipped.
 set -euo pipefail
 data=$(cd "${1:?usage: tools/run_seeds.sh DATA_DIR RUNS_DIR [CODE_DIR]}" && pwd)
-mkdir -p "${2:?usage: tools/run_seeds.sh DATA_DIR RUNS_DIR [CODE_DIR]}/seeds"
+mkdir -p "${2:?usage: tools/run_seeds.sh DATA_DIR RUNS_DIR [CODE_DIR]}"
 runs=$(cd "$2" && pwd)
 here=$(cd "$(dirname "$0")/.." && pwd)
 code=$(cd "${3:-$here}" && pwd)
@@ -29,14 +29,14 @@ run_and_keep() {  # FOLDER PAIR METHOD SEED NAME [more options of xml_ref.py]
   shift 5
   local keep=$here/results/$folder/$name
   if [ -f "$keep/summary.json" ]; then echo "== $name: kept, skipped"; return; fi
-  if [ ! -f "$runs/seeds/$name/summary.json" ]; then
+  if [ ! -f "$runs/$folder/$name/summary.json" ]; then
     echo "== $name: $(date -u +%FT%TZ)"
     (cd "$code" && "$PY" xml_ref.py --pair "$pair" --method "$method" --seed "$seed" --dataset folder \
-      --data-dir "$data" --width 16 --device cpu --out "$runs/seeds/$name" --resume "$@")
+      --data-dir "$data" --width 16 --device cpu --out "$runs/$folder/$name" --resume "$@")
   fi
   mkdir -p "$keep"
   for f in summary.json metrics.jsonl; do
-    text=$(<"$runs/seeds/$name/$f")
+    text=$(<"$runs/$folder/$name/$f")
     text=${text//"$data"/DATA_DIR}
     printf '%s\n' "${text//"$runs"/RUNS_DIR}" > "$keep/$f"
   done
