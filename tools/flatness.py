@@ -22,6 +22,7 @@ its batch size, drawn with --seed, without augmentation, normalised as in traini
 
     python tools/flatness.py RUN_DIR [--batches N] [--seed S] [--device D] [--out FILE]
                              [--max-iter 100] [--tol 1e-3] [--draws 10] [--projections 10] [--test-images 1000]
+    python tools/flatness.py --collect FOLDER [--out FILE.md]   # the tables of FOLDER/*/flatness.json
 
 Writes FILE (default RUN_DIR/flatness.json) and prints a table. All in fp32 (on a GPU with TF32 off; a run
 trained with --fast on, in bf16, is measured in fp32 too, so its test top-1 here may differ a little from the
@@ -30,6 +31,7 @@ import argparse
 import itertools
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -316,6 +318,59 @@ def table(r):
     return '\n'.join(lines)
 
 
+# ---------------------------------------------------------------------------------------- the runs together
+def mean_std(values):
+    """'mean ± sample std' over the seeds ('mean' alone for one), as tools/report.py writes it."""
+    m = statistics.fmean(values)
+    return f'{m:.4g}' + (f' ± {statistics.stdev(values):.2g}' if len(values) > 1 else '')
+
+
+def collect(folder):
+    """Markdown tables of every FOLDER/RUN/flatness.json: per pair and method, each measure as mean ± sample
+    std over the runs (the training seeds, from RUN/summary.json), n the number of runs."""
+    groups = {}
+    for f in sorted(Path(folder).glob('*/flatness.json')):
+        r = json.loads(f.read_text())
+        summary = f.parent / 'summary.json'
+        r['train_seed'] = json.loads(summary.read_text())['seed'] if summary.exists() else None
+        groups.setdefault((','.join(r['nets']), r['method']), []).append(r)
+    if not groups:
+        raise X.UsageError(f'--collect {folder}: no RUN/flatness.json there; run the tool on each run first')
+    lines = [f'Measured by `python tools/flatness.py RUN_DIR ...` on each run below {Path(folder).name}/ '
+             '(the commands in the flatness.json files); mean ± sample std over the runs of a row, n runs.']
+    for pair in dict.fromkeys(p for p, _ in groups):
+        rows = sorted([(m, rs) for (p, m), rs in groups.items() if p == pair], key=lambda r: X.METHODS.index(r[0]))
+        r0 = rows[0][1][0]
+        lines += ['', f'## {pair}', '', f'Each net alone (its pure path, own statistics), on {r0["batches"]} '
+                  f'training batches of {r0["batch_size"]}; ΔCE: the mean rise of the training cross-entropy '
+                  'along filter-normalised random directions at the step; ‖J‖_F: the softmax\'s input Jacobian '
+                  'on test images.', '',
+                  '| method | net | n | train CE | λ_max | ' + ' | '.join(f'ΔCE at {a}' for a in r0['steps'])
+                  + ' | ‖J‖_F | test top-1 | seeds |',
+                  '|---|---|---|---|---|' + '---|' * len(r0['steps']) + '---|---|---|']
+        for method, rs in rows:
+            for k, net in enumerate(r0['per_net']):
+                ns = [r['per_net'][k] for r in rs]
+                cells = [mean_std([n['train_loss'] for n in ns]),
+                         mean_std([n['sharpness']['eigenvalue'] for n in ns])]
+                cells += [mean_std([n['flatness'][str(a)]['mean'] for n in ns]) for a in r0['steps']]
+                cells += [mean_std([n['jacobian']['frobenius'] for n in ns]),
+                          mean_std([n['test_top1'] for n in ns]),
+                          ', '.join(str(r['train_seed']) for r in rs)]
+                lines.append(f'| {method} | {net["net"]}: {net["name"]} | {len(rs)} | ' + ' | '.join(cells) + ' |')
+        lines += ['', 'The two nets together, on the whole test set: how often their top-1 agree, the mean '
+                  'symmetric KL of their softmax, and the ensemble\'s gain over the better net (the run\'s '
+                  'own numbers).', '', '| method | nets | n | top-1 agree (%) | symmetric KL | ensemble gain |',
+                  '|---|---|---|---|---|---|']
+        for method, rs in rows:
+            for k, pr in enumerate(r0['agreement']['pairs']):
+                ps = [r['agreement']['pairs'][k] for r in rs]
+                lines.append(f'| {method} | {pr["nets"][0]}, {pr["nets"][1]} | {len(rs)} | '
+                             f'{mean_std([q["top1_agree"] for q in ps])} | {mean_std([q["sym_kl"] for q in ps])} | '
+                             f'{mean_std([r["agreement"]["ensemble_gain"] for r in rs])} |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('run_dir', help='the --out folder of a finished training run (its last.pt is used)')
@@ -330,7 +385,19 @@ def main(argv=None):
     p.add_argument('--draws', type=int, default=10, help='random directions for the flatness (10)')
     p.add_argument('--projections', type=int, default=10, help='random projections per image for ‖J‖_F (10)')
     p.add_argument('--test-images', type=int, default=1000, help='the first N test images for ‖J‖_F (1000)')
+    p.add_argument('--collect', action='store_true', help='RUN_DIR is a folder of runs that have their '
+                   'flatness.json: write their tables (markdown) to --out, or print them; nothing measured')
     args = p.parse_args(argv)
+    if args.collect:
+        try:
+            text = collect(args.run_dir)
+        except X.UsageError as e:
+            print(f'flatness.py: error: {e}', file=sys.stderr)
+            return 2
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text, end='')
+        return 0
     command = 'python tools/flatness.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         for flag in ('batches', 'max_iter', 'draws', 'projections', 'test_images'):

@@ -158,6 +158,8 @@ M = [  # (name, file, old, new, -k expression)
  ('flatness: agreement counts images both nets get right', 'tools/flatness.py', "same[s] += (top[a] == top[b]).sum().item()", "same[s] += ((top[a] == y) & (top[b] == y)).sum().item()", 'flatness_agreement'),
  ('flatness: KL one way only', 'tools/flatness.py', "kl[s] += ((logp[a].exp() - logp[b].exp()) * (logp[a] - logp[b])).sum().item()", "kl[s] += (logp[a].exp() * (logp[a] - logp[b])).sum().item()", 'flatness_agreement'),
  ('tools: load_run ignores --train-per-class', 'tools/interpolate.py', "    if getattr(cfg, 'train_per_class', None):", "    if False:", 'flatness_tool'),
+ ('flatness --collect: population std', 'tools/flatness.py', "(f' ± {statistics.stdev(values):.2g}'", "(f' ± {statistics.pstdev(values):.2g}'", 'flatness_collect'),
+ ('flatness --collect: methods pooled', 'tools/flatness.py', "groups.setdefault((','.join(r['nets']), r['method']), [])", "groups.setdefault((','.join(r['nets']), 'xml'), [])", 'flatness_collect'),
  ('splitter enters every module', 'xml_ref.py', "traced = torch.fx.GraphModule(model, trace(model, enter=ancestors))", "traced = torch.fx.GraphModule(model, trace(model))", 'ancestors or copyable_block_trains'),
  ('cut_names lists a point twice', 'xml_ref.py', "        if n not in cuts.values() and calls.get(name) == 1", "        if calls.get(name) == 1", 'ancestors or cut_names_lists'),
  ('cut_names gives up on a block fx cannot enter', 'xml_ref.py', "            leaves.add(e.module)", "            raise", 'ancestors or copyable_block_trains'),
