@@ -1362,7 +1362,7 @@ def graph_lr(optimizers, device):
 
 
 # ------------------------------------------------------------------------------------------- cost
-# The deck's "Dynamic Computation" (METHOD.md §5): what each path costs, to pick one by budget.
+# The deck's "Dynamic Computation" (METHOD.md §6): what each path costs, to pick one by budget.
 def forward_flops(module, x):
     """(FLOPs of a forward of `module` on x, its output): 2 × multiply-adds (FlopCounterMode)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
