@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -3744,31 +3745,51 @@ def test_flatness_tool_measures_both_nets_of_a_run_on_its_own_training_images(tm
 
 def test_flatness_collect_averages_each_measure_over_the_runs_of_a_method_and_keeps_methods_apart(tmp_path,
                                                                                                   capsys):
-    """--collect: one row per method and net, mean ± sample std over that method's runs (here two seeds of
-    xml: mean 3, std √2 of 2 and 4), the independent run alone; a folder without flatness.json: exit 2."""
-    def fake(method, seed, v):
-        net = {'train_loss': v, 'sharpness': {'eigenvalue': 10 * v}, 'jacobian': {'frobenius': v / 10},
-               'flatness': {str(a): {'mean': a * v, 'se': 0.0} for a in (0.05, 0.1, 0.2)}, 'test_top1': 50 + v}
-        run = tmp_path / f'{method}_s{seed}'
+    """--collect: one row per method and net in the order of X.METHODS, mean ± sample std over that method's
+    seeds (here two seeds of xml: mean 3, std √2 of 2 and 4), one seed's value with its draws' standard error;
+    refused in one line: a folder without flatness.json, a run without summary.json, runs measured with other
+    settings, a seed twice, a run measured before its last epoch."""
+    def fake(method, seed, v, folder=None, **measured):
+        net = {'train_loss': v, 'sharpness': {'eigenvalue': 10 * v}, 'jacobian': {'frobenius': v / 10, 'se': 0.5},
+               'flatness': {str(a): {'mean': a * v, 'se': 0.25} for a in (0.05, 0.1, 0.2)}, 'test_top1': 50 + v}
+        run = tmp_path / (folder or f'{method}_s{seed}')
         run.mkdir()
-        (run / 'summary.json').write_text(json.dumps({'seed': seed}))
+        (run / 'summary.json').write_text(json.dumps({
+            'seed': seed, 'method': method, 'pair': 'res18,mbv1', 'nets': ['res18', 'mbv1'], 'cut': 'layer3',
+            'dataset': 'folder', 'epochs': 200, 'width': 16}))
         (run / 'flatness.json').write_text(json.dumps({
-            'nets': ['res18', 'mbv1'], 'method': method, 'batches': 4, 'batch_size': 128,
-            'steps': [0.05, 0.1, 0.2], 'per_net': [{**net, 'net': 1, 'name': 'res18'},
-                                                   {**net, 'net': 2, 'name': 'mbv1'}],
-            'agreement': {'pairs': [{'nets': [1, 2], 'top1_agree': 60 + v, 'sym_kl': v}],
-                          'ensemble_gain': -v}}))
-    fake('xml', 0, 2.0), fake('xml', 1, 4.0), fake('independent', 0, 7.0)
+            'nets': ['res18', 'mbv1'], 'method': method, 'epoch': 200, 'batches': 4, 'batch_size': 128, 'seed': 0,
+            'max_iter': 50, 'tol': 1e-3, 'draws': 10, 'steps': [0.05, 0.1, 0.2], 'projections': 10,
+            'test_images': 1000, **measured,
+            'per_net': [{**net, 'net': 1, 'name': 'res18'}, {**net, 'net': 2, 'name': 'mbv1'}],
+            'agreement': {'pairs': [{'nets': [1, 2], 'top1_agree': 60 + v, 'sym_kl': v}], 'ensemble_gain': -v}}))
+        return run
+    fake('xml', 0, 2.0, folder='a_xml_s0'), fake('xml', 1, 4.0), fake('dml', 0, 7.0)  # folders not in method order
     assert FL.main(['--collect', str(tmp_path), '--out', str(tmp_path / 't.md')]) == 0
     text = (tmp_path / 't.md').read_text()
     assert text == capsys.readouterr().out
-    rows = [line for line in text.splitlines() if line.startswith('| xml') or line.startswith('| independent')]
-    sd = f'{math.sqrt(2):.2g}'  # each table in the order of X.METHODS: independent first
-    assert rows[0] == '| independent | 1: res18 | 1 | 7 | 70 | 0.35 | 0.7 | 1.4 | 0.7 | 57 | 0 |'
+    rows = [line for line in text.splitlines() if line.startswith('| xml') or line.startswith('| dml')]
+    sd = f'{math.sqrt(2):.2g}'
+    assert rows[0] == '| dml | 1: res18 | 1 | 7 | 70 | 0.35 (se 0.25) | 0.7 (se 0.25) | 1.4 (se 0.25) | 0.7 (se 0.5) | 57 | 0 |'
     assert rows[2] == (f'| xml | 1: res18 | 2 | 3 ± {sd} | 30 ± {10 * math.sqrt(2):.2g} | 0.15 ± '
                        f'{0.05 * math.sqrt(2):.2g} | 0.3 ± {0.1 * math.sqrt(2):.2g} | 0.6 ± {0.2 * math.sqrt(2):.2g}'
                        f' | 0.3 ± {0.1 * math.sqrt(2):.2g} | 53 ± {sd} | 0, 1 |')
-    assert rows[1].startswith('| independent | 2: mbv1 | 1 | 7 |') and rows[3].startswith('| xml | 2: mbv1 | 2 |')
-    assert rows[4:] == ['| independent | 1, 2 | 1 | 67 | 7 | -7 |', f'| xml | 1, 2 | 2 | 63 ± {sd} | 3 ± {sd} | -3 ± {sd} |']
-    assert FL.main(['--collect', str(tmp_path / 'xml_s0' / 'nothing')]) == 2
-    assert capsys.readouterr().err.count('\n') == 1
+    assert rows[1].startswith('| dml | 2: mbv1 | 1 | 7 |') and rows[3].startswith('| xml | 2: mbv1 | 2 |')
+    assert rows[4:] == ['| dml | 1, 2 | 1 | 67 | 7 | -7 |', f'| xml | 1, 2 | 2 | 63 ± {sd} | 3 ± {sd} | -3 ± {sd} |']
+
+    def refused(why):
+        assert FL.main(['--collect', str(tmp_path), '--out', str(tmp_path / 't.md')]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and why in err and (tmp_path / 't.md').read_text() == text
+    (tmp_path / 'empty').mkdir()
+    assert FL.main(['--collect', str(tmp_path / 'empty')]) == 2 and 'no RUN/flatness.json' in capsys.readouterr().err
+    run = fake('independent', 0, 1.0, draws=20)
+    refused('--draws')
+    (run / 'summary.json').unlink()
+    refused('without summary.json')
+    shutil.rmtree(run)
+    run = fake('xml', 1, 1.0, folder='xml_s1_again')
+    refused('more than once')
+    shutil.rmtree(run)
+    fake('independent', 0, 1.0, epoch=150)
+    refused('epoch 150 of 200')

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import xml_ref as X  # noqa: E402
 from tools.export_path import path_model  # noqa: E402
 from tools.interpolate import load_run  # noqa: E402
+from tools import report  # noqa: E402
 
 STEPS = (0.05, 0.1, 0.2)
 RULE = ('power iteration on Hessian-vector products from a N(0, I) start, stopped when |λ_k − λ_(k−1)| < '
@@ -275,7 +276,7 @@ def study(run_dir, n_batches=10, seed=0, device='cpu', max_iter=100, tol=1e-3, d
             print(f'{run_dir}: net {r["net"]} scores {top1:.2f} here, {r["run_top1"]:.2f} in the run '
                   f'({runs_own["source"]}; another device or precision?)', file=sys.stderr)
     better = max(runs_own['accuracy'])
-    return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.net_cuts,
+    return {'run': str(run_dir), 'method': cfg.method, 'nets': cfg.nets, 'cuts': cfg.net_cuts, 'train_seed': cfg.seed,
             'epoch': ckpt['epoch'],
             'train_images': len(data.train_x), 'train_per_class': getattr(cfg, 'train_per_class', None),
             'batches': n_batches, 'batch_size': cfg.batch_size, 'seed': seed,
@@ -319,55 +320,79 @@ def table(r):
 
 
 # ---------------------------------------------------------------------------------------- the runs together
-def mean_std(values):
-    """'mean ± sample std' over the seeds ('mean' alone for one), as tools/report.py writes it."""
+# What a flatness.json measured with: the runs compared in one table must share all of it.
+MEASURED_WITH = ('epoch', 'batches', 'batch_size', 'seed', 'max_iter', 'tol', 'draws', 'steps', 'projections',
+                 'test_images')
+
+
+def mean_std(values, se=None):
+    """'mean ± sample std' over the runs; for one run 'mean (se S)', S the standard error over its draws."""
     m = statistics.fmean(values)
-    return f'{m:.4g}' + (f' ± {statistics.stdev(values):.2g}' if len(values) > 1 else '')
+    if len(values) > 1:
+        return f'{m:.4g} ± {statistics.stdev(values):.2g}'
+    return f'{m:.4g}' + (f' (se {se:.2g})' if se is not None else '')
 
 
 def collect(folder):
-    """Markdown tables of every FOLDER/RUN/flatness.json: per pair and method, each measure as mean ± sample
-    std over the runs (the training seeds, from RUN/summary.json), n the number of runs."""
-    groups = {}
+    """Markdown tables of every FOLDER/RUN/flatness.json, RUN a finished run (its summary.json beside it):
+    runs grouped as tools/report.py groups them (pair, cut, data, epochs, width, then every setting but the
+    seed, which must not repeat), each measure as mean ± sample std over a row's seeds."""
+    runs = {}
     for f in sorted(Path(folder).glob('*/flatness.json')):
-        r = json.loads(f.read_text())
-        summary = f.parent / 'summary.json'
-        r['train_seed'] = json.loads(summary.read_text())['seed'] if summary.exists() else None
-        groups.setdefault((','.join(r['nets']), r['method']), []).append(r)
-    if not groups:
+        if not (f.parent / 'summary.json').exists():
+            raise X.UsageError(f'{f.parent.name}: a flatness.json without summary.json; --collect takes '
+                               'finished runs')
+        runs[f.parent.name] = {**json.loads((f.parent / 'summary.json').read_text()),
+                               'flatness': json.loads(f.read_text())}
+    if not runs:
         raise X.UsageError(f'--collect {folder}: no RUN/flatness.json there; run the tool on each run first')
-    lines = [f'Measured by `python tools/flatness.py RUN_DIR ...` on each run below {Path(folder).name}/ '
-             '(the commands in the flatness.json files); mean ± sample std over the runs of a row, n runs.']
-    for pair in dict.fromkeys(p for p, _ in groups):
-        rows = sorted([(m, rs) for (p, m), rs in groups.items() if p == pair], key=lambda r: X.METHODS.index(r[0]))
-        r0 = rows[0][1][0]
-        lines += ['', f'## {pair}', '', f'Each net alone (its pure path, own statistics), on {r0["batches"]} '
-                  f'training batches of {r0["batch_size"]}; ΔCE: the mean rise of the training cross-entropy '
-                  'along filter-normalised random directions at the step; ‖J‖_F: the softmax\'s input Jacobian '
-                  'on test images.', '',
-                  '| method | net | n | train CE | λ_max | ' + ' | '.join(f'ΔCE at {a}' for a in r0['steps'])
-                  + ' | ‖J‖_F | test top-1 | seeds |',
-                  '|---|---|---|---|---|' + '---|' * len(r0['steps']) + '---|---|---|']
-        for method, rs in rows:
-            for k, net in enumerate(r0['per_net']):
+    groups = {}
+    for name, s in runs.items():
+        if s['flatness']['epoch'] != s['epochs']:
+            raise X.UsageError(f'{name}: flatness.json measured epoch {s["flatness"]["epoch"]} of '
+                               f'{s["epochs"]}; measure the finished run again')
+        groups.setdefault((s['pair'], s['cut'], s['dataset'], s['epochs'], s['width']), {})[name] = s
+    lines = [f'Measured by `python tools/flatness.py RUN_DIR ...` on each run below {Path(folder).name}/ (the '
+             'command is in its flatness.json). Over several seeds: mean ± sample std over the seeds; one seed: '
+             'the value, and in brackets the standard error over its random directions or projections.']
+    for (pair, cut, dataset, epochs, width), group in groups.items():
+        first = next(iter(group.values()))['flatness']
+        differ = [k for k in MEASURED_WITH if any(g['flatness'][k] != first[k] for g in group.values())]
+        if differ:
+            raise X.UsageError(f'{pair}, cut {cut}: its runs were measured with other --{differ[0]} '
+                               f'({", ".join(sorted(group))}); measure them alike')
+        table, _ = report.rows_of(group)
+        steps = first['steps']
+        lines += ['', f'## {pair}, cut {cut}, {dataset}, {epochs} epochs, width {width}', '',
+                  f'Each net alone (its pure path, own statistics) after epoch {epochs}, on {first["batches"]} '
+                  f'training batches of {first["batch_size"]} (seed {first["seed"]}); λ_max: the top Hessian '
+                  'eigenvalue of the training cross-entropy; ΔCE: its mean rise along filter-normalised random '
+                  'directions at the step; ‖J‖_F: the softmax\'s input Jacobian on test images.', '',
+                  '| method | net | n | train CE | λ_max | ' + ' | '.join(f'ΔCE at {a}' for a in steps)
+                  + ' | ‖J‖_F | test top-1 | seeds |', '|---|---|---|---|---|' + '---|' * len(steps) + '---|---|---|']
+        for row in table:
+            rs = [group[r]['flatness'] for r in row['runs']]
+            for k, net in enumerate(first['per_net']):
                 ns = [r['per_net'][k] for r in rs]
-                cells = [mean_std([n['train_loss'] for n in ns]),
-                         mean_std([n['sharpness']['eigenvalue'] for n in ns])]
-                cells += [mean_std([n['flatness'][str(a)]['mean'] for n in ns]) for a in r0['steps']]
-                cells += [mean_std([n['jacobian']['frobenius'] for n in ns]),
-                          mean_std([n['test_top1'] for n in ns]),
-                          ', '.join(str(r['train_seed']) for r in rs)]
-                lines.append(f'| {method} | {net["net"]}: {net["name"]} | {len(rs)} | ' + ' | '.join(cells) + ' |')
-        lines += ['', 'The two nets together, on the whole test set: how often their top-1 agree, the mean '
-                  'symmetric KL of their softmax, and the ensemble\'s gain over the better net (the run\'s '
-                  'own numbers).', '', '| method | nets | n | top-1 agree (%) | symmetric KL | ensemble gain |',
-                  '|---|---|---|---|---|---|']
-        for method, rs in rows:
-            for k, pr in enumerate(r0['agreement']['pairs']):
+                cells = [mean_std([n['train_loss'] for n in ns]), mean_std([n['sharpness']['eigenvalue'] for n in ns])]
+                cells += [mean_std([n['flatness'][str(a)]['mean'] for n in ns], ns[0]['flatness'][str(a)]['se'])
+                          for a in steps]
+                cells += [mean_std([n['jacobian']['frobenius'] for n in ns], ns[0]['jacobian']['se']),
+                          mean_std([n['test_top1'] for n in ns]), ', '.join(map(str, row['seeds']))]
+                lines.append(f'| {row["label"]} | {net["net"]}: {net["name"]} | {len(rs)} | ' + ' | '.join(cells)
+                             + ' |')
+        lines += ['', 'The nets together, on the whole test set: how often two nets\' top-1 agree, the mean '
+                  'symmetric KL of their softmax, and the gain (points of top-1) of the ensemble of all the nets '
+                  'over the best of them (the run\'s own numbers).', '',
+                  '| method | nets | n | top-1 agree (%) | symmetric KL | ensemble gain |', '|---|---|---|---|---|---|']
+        for row in table:
+            rs = [group[r]['flatness'] for r in row['runs']]
+            for k, pr in enumerate(first['agreement']['pairs']):
                 ps = [r['agreement']['pairs'][k] for r in rs]
-                lines.append(f'| {method} | {pr["nets"][0]}, {pr["nets"][1]} | {len(rs)} | '
+                gain = mean_std([r['agreement']['ensemble_gain'] for r in rs]) if k == 0 else ''
+                lines.append(f'| {row["label"]} | {pr["nets"][0]}, {pr["nets"][1]} | {len(rs)} | '
                              f'{mean_std([q["top1_agree"] for q in ps])} | {mean_std([q["sym_kl"] for q in ps])} | '
-                             f'{mean_std([r["agreement"]["ensemble_gain"] for r in rs])} |')
+                             f'{gain} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -385,17 +410,21 @@ def main(argv=None):
     p.add_argument('--draws', type=int, default=10, help='random directions for the flatness (10)')
     p.add_argument('--projections', type=int, default=10, help='random projections per image for ‖J‖_F (10)')
     p.add_argument('--test-images', type=int, default=1000, help='the first N test images for ‖J‖_F (1000)')
-    p.add_argument('--collect', action='store_true', help='RUN_DIR is a folder of runs that have their '
-                   'flatness.json: write their tables (markdown) to --out, or print them; nothing measured')
+    p.add_argument('--collect', action='store_true', help='RUN_DIR is a folder of finished runs (summary.json) '
+                   'with their flatness.json: print their tables (markdown; into --out too); nothing measured, '
+                   'the measuring options ignored')
     args = p.parse_args(argv)
     if args.collect:
         try:
+            out = Path(args.out) if args.out else None
+            if out and (not out.resolve().parent.is_dir() or out.is_dir()):
+                raise X.UsageError(f'--out {out}: give a file in an existing directory')
             text = collect(args.run_dir)
         except X.UsageError as e:
             print(f'flatness.py: error: {e}', file=sys.stderr)
             return 2
-        if args.out:
-            Path(args.out).write_text(text)
+        if out:
+            X.write_atomic(out, lambda f: f.write(text.encode()))
         print(text, end='')
         return 0
     command = 'python tools/flatness.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -410,8 +439,10 @@ def main(argv=None):
         out = Path(args.out) if args.out else Path(args.run_dir) / 'flatness.json'  # (no run there: study says)
         if args.out and (not out.resolve().parent.is_dir() or out.is_dir()):
             raise X.UsageError(f'--out {out}: give a file in an existing directory')
+        start = time.time()
         r = study(args.run_dir, args.batches, args.seed, device, args.max_iter, args.tol, args.draws,
                   args.projections, args.test_images)
+        r['wall_s'] = round(time.time() - start, 1)
     except X.UsageError as e:
         print(f'flatness.py: error: {e}', file=sys.stderr)
         return 2
