@@ -354,7 +354,7 @@ def collect(folder):
         groups.setdefault((s['pair'], s['cut'], s['dataset'], s['epochs'], s['width']), {})[name] = s
     lines = [f'Measured by `python tools/flatness.py RUN_DIR ...` on each run below {Path(folder).name}/ (the '
              'command is in its flatness.json). Over several seeds: mean ± sample std over the seeds; one seed: '
-             'the value, and in brackets the standard error over its random directions or projections.']
+             'the value, and in brackets the standard error over its random directions (ΔCE) or test images (‖J‖_F).']
     for (pair, cut, dataset, epochs, width), group in groups.items():
         first = next(iter(group.values()))['flatness']
         differ = [k for k in MEASURED_WITH if any(g['flatness'][k] != first[k] for g in group.values())]
